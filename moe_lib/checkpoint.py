@@ -1,0 +1,99 @@
+"""Checkpoints without pickle: ``model.safetensors`` + ``config.json`` + ``metrics.json``.
+
+Loading rebuilds the model from ``config.json`` and then loads the tensors, so a
+checkpoint never executes code, and a tensor whose shape disagrees with the config is
+reported by name rather than half-loaded. Every file is written to a temporary name and
+moved into place, so an interrupted save never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+from .model import MoETransformer
+
+WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then ``os.replace`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2, sort_keys=True)
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(model: MoETransformer, config: RunConfig, metrics: dict[str, Any] | None, directory: str | Path) -> Path:
+    directory = Path(directory)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if config.model.tie_weights:
+        state.pop("lm_head.weight", None)  # the same tensor as embed.weight; safetensors stores no aliases
+    fd, tmp = tempfile.mkstemp(dir=_mkdir(directory), prefix=f".{WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "library": "moe_lib"})
+        os.replace(tmp, directory / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(directory / CONFIG, config.to_dict())
+    atomic_write_json(directory / METRICS, metrics or {})
+    return directory
+
+
+def _mkdir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[MoETransformer, RunConfig, dict[str, Any]]:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it."""
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS, CONFIG) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {directory} lacks {missing}; expected {WEIGHTS}, {CONFIG} and {METRICS}")
+    config = RunConfig.from_dict(json.loads((directory / CONFIG).read_text()))
+    model = MoETransformer(config.model)
+    state = load_file(directory / WEIGHTS)
+    expected = model.state_dict()
+    if config.model.tie_weights:
+        expected.pop("lm_head.weight", None)
+    problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing_keys = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if problems or missing_keys or unexpected:
+        raise ValueError(
+            f"checkpoint {directory} does not match its config.json: "
+            f"shape mismatches {problems}, missing tensors {missing_keys}, unexpected tensors {unexpected}"
+        )
+    model.load_state_dict(state, strict=not config.model.tie_weights)
+    metrics_path = directory / METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return model.to(device).eval(), config, metrics

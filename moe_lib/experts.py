@@ -1,0 +1,154 @@
+"""Experts and dispatch: how routed tokens reach their experts and come back.
+
+All E experts are SwiGLU feed-forward networks stored as stacked tensors, so the whole set
+is two parameters: ``w_in [E, d, 2h]`` (gate and up projections side by side) and
+``w_out [E, h, d]``. One expert computes ``E_e(x) = (silu(x W_gate) * (x W_up)) W_down``.
+
+The layer output is ``y_n = sum_{j<k} g_{n,j} E_{e_{n,j}}(x_n)``. Two ways to compute it:
+
+* :func:`dispatch_loop` - the reference, as most tutorials (and Hugging Face's Mixtral
+  block) write it: a Python loop over experts, each gathering its tokens.
+* :func:`dispatch_grouped` - loop-free: sort the ``N*k`` token slots by expert, run ONE
+  grouped matmul per projection over the contiguous per-expert segments
+  (``torch._grouped_mm``), and scatter the weighted results back to their tokens.
+
+Capacity (GShard/Switch): with a capacity factor ``cf`` each expert takes at most
+``C = ceil(cf * N * k / E)`` slots, earlier tokens first; the rest are dropped and the token
+keeps only its residual stream. ``capacity_factor=None`` is dropless. Both paths apply the
+same rule, so they agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float | None) -> int | None:
+    """``ceil(cf * N * k / E)`` slots per expert, or ``None`` (dropless)."""
+    if capacity_factor is None:
+        return None
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights ``w_in [E, d, 2h]`` and ``w_out [E, h, d]``."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, out_std: float | None = None):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02 if out_std is None else out_std)
+
+    def params_per_expert(self) -> int:
+        return 3 * self.d_model * self.d_hidden
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}"
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` on the last dimension."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would use for a matmul here (autocast does not cover ``_grouped_mm``)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned rows; on CUDA it needs bf16 on sm90+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if a.device.type == "cuda":
+        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device)[0] < 9:
+            return False
+    elif a.device.type != "cpu":
+        return False
+    align = 16 // a.element_size()
+    return a.shape[-1] % align == 0 and w.shape[-1] % align == 0
+
+
+def grouped_matmul(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Segment e of ``a`` (``counts[e]`` rows, in order) times ``w[e]``: ``[S, d] x [E, d, m] -> [S, m]``.
+
+    One ``torch._grouped_mm`` call where supported, else a loop over the segments.
+    """
+    if _grouped_mm_ok(a, w):
+        return torch._grouped_mm(a, w, offs=offsets)
+    pieces = torch.split(a, counts.tolist())
+    return torch.cat([piece @ w[e] for e, piece in enumerate(pieces)], dim=0)
+
+
+def dispatch_grouped(
+    x: torch.Tensor,
+    expert_indices: torch.Tensor,
+    gate_weights: torch.Tensor,
+    experts: Experts,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort slots by expert -> grouped SwiGLU -> weighted scatter-add. Returns ``(y, dropped_fraction)``."""
+    num_tokens, top_k = expert_indices.shape
+    num_experts = experts.num_experts
+    flat_experts = expert_indices.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)  # slots grouped by expert, token order inside
+    counts = torch.bincount(flat_experts, minlength=num_experts)
+    num_slots = flat_experts.numel()
+    if capacity is not None:
+        segment_start = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(num_slots, device=x.device) - segment_start[flat_experts[order]]
+        order = order[rank_in_expert < capacity]
+        counts = counts.clamp(max=capacity)
+    dropped = 1.0 - order.numel() / num_slots if num_slots else 0.0
+
+    dtype = _matmul_dtype(x)
+    token_of_slot = order // top_k
+    tokens = x[token_of_slot].to(dtype)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    hidden = swiglu(grouped_matmul(tokens, experts.w_in.to(dtype), counts, offsets))
+    out_slots = grouped_matmul(hidden, experts.w_out.to(dtype), counts, offsets)
+    out_slots = out_slots * gate_weights.reshape(-1)[order].unsqueeze(-1).to(out_slots.dtype)
+    y = torch.zeros(num_tokens, x.shape[-1], dtype=out_slots.dtype, device=x.device)
+    y.index_add_(0, token_of_slot, out_slots)
+    return y.to(x.dtype), torch.tensor(dropped, device=x.device)
+
+
+def dispatch_loop(
+    x: torch.Tensor,
+    expert_indices: torch.Tensor,
+    gate_weights: torch.Tensor,
+    experts: Experts,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: for each expert, gather its slots (earliest ``capacity`` first), run it, add back."""
+    top_k = expert_indices.shape[-1]
+    flat_experts = expert_indices.reshape(-1)
+    flat_gates = gate_weights.reshape(-1)
+    y = torch.zeros_like(x)
+    kept = 0
+    for e in range(experts.num_experts):
+        slots = torch.nonzero(flat_experts == e).squeeze(-1)
+        if capacity is not None:
+            slots = slots[:capacity]
+        if slots.numel() == 0:
+            continue
+        kept += slots.numel()
+        token_ids = slots // top_k
+        expert_out = swiglu(x[token_ids] @ experts.w_in[e]) @ experts.w_out[e]
+        y.index_add_(0, token_ids, (expert_out * flat_gates[slots].unsqueeze(-1)).to(y.dtype))
+    num_slots = flat_experts.numel()
+    dropped = 1.0 - kept / num_slots if num_slots else 0.0
+    return y, torch.tensor(dropped, device=x.device)
+
+
+DISPATCHERS = {"grouped": dispatch_grouped, "loop": dispatch_loop}

@@ -1,0 +1,229 @@
+"""A small LLaMA-style decoder whose feed-forward blocks are Mixtures of Experts.
+
+    tokens -> embedding -> n_layers x [ x + Attn(RMSNorm(x)) ; x + FFN(RMSNorm(x)) ] -> RMSNorm -> LM head
+
+* Attention: causal, multi-head, rotary position embeddings, ``F.scaled_dot_product_attention``.
+* FFN: an MoE block (router -> dispatch -> SwiGLU experts) or, for the dense baseline, one
+  SwiGLU of width ``k * d_ff`` so that both spend the same FLOPs per token.
+* Loss: ``L = L_lm + w_lb * mean_layers(L_lb) + w_z * mean_layers(L_z)``, the weights taken
+  from the config and applied here, so a weight of 0 really removes its term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .experts import DISPATCHERS, Experts, expert_capacity, swiglu
+from .routing import RoutingResult, build_router
+
+
+# --------------------------------------------------------------------------- attention
+def rotary_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[T, head_dim/2]`` for angles ``t * theta^(-2i/head_dim)``."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of ``x [B, H, T, D]`` by its position's angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+# --------------------------------------------------------------------------- feed-forward
+class DenseFeedForward(nn.Module):
+    """One SwiGLU ``(silu(x W_gate) * x W_up) W_down``: the dense baseline."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.w_out(swiglu(self.w_in(x))), None
+
+
+class MoEFeedForward(nn.Module):
+    """Router -> dispatch -> experts. Returns the output and the :class:`RoutingResult`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff)
+        self.dispatch = DISPATCHERS[cfg.dispatch]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+        y, dropped = self.dispatch(tokens, routing.expert_indices, routing.gate_weights, self.experts, capacity)
+        routing.dropped_fraction = dropped
+        return y.view(shape), routing
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg) if cfg.is_moe else DenseFeedForward(cfg.d_model, cfg.top_k * cfg.d_ff)
+
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, RoutingResult | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        ffn_out, routing = self.ffn(self.ffn_norm(x))
+        return x + ffn_out, routing
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ModelOutput:
+    """Logits plus every loss term. ``loss`` is what the optimiser sees."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    routing: list[RoutingResult]
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or name.endswith("router.weight"):
+                continue  # norms keep ones; the router keeps its own init
+            is_residual_out = name.endswith(("proj.weight", "w_out", "w_out.weight"))
+            nn.init.normal_(p, std=residual_std if is_residual_out else 0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        seq = idx.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        x = self.embed(idx)
+        routing: list[RoutingResult] = []
+        for block in self.blocks:
+            x, layer_routing = block(x, cos, sin)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+        logits = self.lm_head(self.norm(x))
+
+        zero = logits.new_zeros((), dtype=torch.float32)
+        lb = torch.stack([r.load_balancing_loss for r in routing]).mean() if routing else zero
+        z = torch.stack([r.z_loss for r in routing]).mean() if routing else zero
+        lm_loss = loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = lm_loss
+            if self.cfg.load_balancing_weight > 0:
+                loss = loss + self.cfg.load_balancing_weight * lb
+            if self.cfg.z_loss_weight > 0:
+                loss = loss + self.cfg.z_loss_weight * z
+        return ModelOutput(logits, loss, lm_loss, lb, z, routing)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of ``idx [B, T]``; temperature 0 is greedy."""
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k!r} is invalid: expected None or an integer >= 1")
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.max_seq_len :]).logits[:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat([idx, next_id], dim=1)
+        self.train(was_training)
+        return idx
+
+
+# --------------------------------------------------------------------------- parameter counts
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Total parameters, and the ones a single token actually uses (k of E experts)."""
+
+    total: int
+    active: int
+    embedding: int
+    experts: int
+    active_experts: int
+    router: int
+
+    @property
+    def active_fraction(self) -> float:
+        return self.active / self.total
+
+
+def count_parameters(model: MoETransformer) -> ParameterCounts:
+    """``active = total - n_layers * (E - k) * params_per_expert`` (tied weights counted once)."""
+    cfg = model.cfg
+    total = sum(p.numel() for p in model.parameters())  # .parameters() de-duplicates tied weights
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    router = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    active_experts = experts * cfg.top_k // cfg.num_experts if cfg.is_moe else 0
+    return ParameterCounts(
+        total=total,
+        active=total - experts + active_experts,
+        embedding=model.embed.weight.numel(),
+        experts=experts,
+        active_experts=active_experts,
+        router=router,
+    )

@@ -1,0 +1,245 @@
+"""The model, routers, losses and metrics. Each test guards a bug of the original code or a
+property the course teaches (the numbers refer to the foundation issue's list)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_lib.config import ModelConfig
+from moe_lib.experts import Experts, dispatch_grouped, dispatch_loop
+from moe_lib.losses import load_balancing_loss, router_z_loss
+from moe_lib.metrics import layer_routing_stats, routing_entropy
+from moe_lib.model import MoETransformer, count_parameters
+from moe_lib.routing import RandomRouter, TopKRouter
+
+VOCAB = 97
+
+
+def tiny(**changes) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=16, num_experts=4, top_k=2)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def batch(seed=0, b=3, t=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (b, t), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+# 1 -----------------------------------------------------------------------------------
+def router_grad_norm(gate: str) -> float:
+    cfg = tiny(top_k=1, gate=gate, load_balancing_weight=0.0, z_loss_weight=0.0)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    x, y = batch()
+    model(x, y).loss.backward()
+    grads = [block.ffn.router.weight.grad for block in model.blocks]
+    return sum(0.0 if g is None else g.norm().item() for g in grads)
+
+
+def test_top1_router_learns_from_lm_loss_alone():
+    """Switch gate: g = p_top (softmax over ALL experts), so dL/dlogits != 0."""
+    assert router_grad_norm("softmax") > 1e-4
+    assert router_grad_norm("auto") == router_grad_norm("softmax")  # auto means softmax at k=1
+
+
+def test_renormalized_top1_gate_starves_the_router():
+    """The naive gate p_top / p_top is 1.0: only float round-off reaches the router."""
+    assert router_grad_norm("renormalized") < 1e-6 * router_grad_norm("softmax")
+
+
+# 2 -----------------------------------------------------------------------------------
+def test_load_balancing_weight_is_applied():
+    x, y = batch()
+    losses = {}
+    for w in (0.0, 0.01):
+        torch.manual_seed(0)
+        out = MoETransformer(tiny(load_balancing_weight=w)).eval()(x, y)
+        losses[w] = out
+    assert losses[0.0].loss.item() == pytest.approx(losses[0.0].lm_loss.item(), abs=0)
+    expected = losses[0.01].lm_loss + 0.01 * losses[0.01].load_balancing_loss
+    assert losses[0.01].loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses[0.01].loss.item() != losses[0.0].loss.item()
+
+
+def test_z_loss_weight_is_applied():
+    x, y = batch()
+    torch.manual_seed(0)
+    out = MoETransformer(tiny(load_balancing_weight=0.0, z_loss_weight=0.1)).eval()(x, y)
+    assert out.loss.item() == pytest.approx((out.lm_loss + 0.1 * out.z_loss).item(), rel=1e-6)
+    assert out.z_loss.item() > 0
+
+
+# 3 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_random_router_picks_distinct_experts_with_uniform_entropy(k):
+    router = RandomRouter(num_experts=8, top_k=k)
+    r = router(torch.randn(2000, 16))
+    sorted_idx = r.expert_indices.sort(dim=-1).values
+    assert (sorted_idx[:, 1:] != sorted_idx[:, :-1]).all()
+    assert torch.allclose(r.gate_weights, torch.full_like(r.gate_weights, 1 / k))
+    assert routing_entropy(r.probs).item() == pytest.approx(math.log(8), rel=1e-6)
+    assert layer_routing_stats(r).normalized_entropy == pytest.approx(1.0, rel=1e-6)
+    assert sum(p.numel() for p in router.parameters()) == 0
+    # every expert is used: a real uniform sampler, not a fixed pattern
+    assert torch.bincount(r.expert_indices.flatten(), minlength=8).min() > 0
+
+
+# 4 -----------------------------------------------------------------------------------
+def test_router_noise_only_in_training():
+    torch.manual_seed(0)
+    router = TopKRouter(d_model=16, num_experts=8, top_k=2, noise_std=1.0)
+    x = torch.randn(64, 16)
+    router.eval()
+    a, b = router(x), router(x)
+    assert torch.equal(a.expert_indices, b.expert_indices) and torch.equal(a.probs, b.probs)
+    router.train()
+    c, d = router(x), router(x)
+    assert not torch.equal(c.probs, d.probs)
+    assert torch.equal(c.logits, a.logits)  # noise is on the routing decision, not the clean logits
+
+
+def test_model_eval_is_deterministic_with_noise():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(noise_std=0.5)).eval()
+    x, _ = batch()
+    assert torch.equal(model(x).logits, model(x).logits)
+
+
+# 5 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_grouped_dispatch_matches_reference_loop(k, capacity):
+    torch.manual_seed(k)
+    num_experts, n, d = 6, 40, 16
+    experts = Experts(num_experts, d, 24)
+    x = torch.randn(n, d, requires_grad=True)
+    # experts 4 and 5 get no tokens at all
+    scores = torch.randn(n, num_experts)
+    scores[:, 4:] = -1e9
+    idx = scores.topk(k, dim=-1).indices
+    gates = torch.rand(n, k, requires_grad=True)
+    upstream = torch.randn(n, d)
+
+    results = []
+    for fn in (dispatch_loop, dispatch_grouped):
+        y, dropped = fn(x, idx, gates, experts, capacity)
+        grads = torch.autograd.grad((y * upstream).sum(), [x, gates, experts.w_in, experts.w_out])
+        results.append((y, dropped, grads))
+    (y_ref, drop_ref, g_ref), (y_fast, drop_fast, g_fast) = results
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    assert drop_fast.item() == pytest.approx(drop_ref.item())
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_fast[2][4:].abs().sum() == 0  # empty experts get zero gradient, and no crash
+
+
+def test_dispatch_paths_agree_inside_the_model():
+    x, y = batch()
+    outs = []
+    for dispatch in ("loop", "grouped"):
+        torch.manual_seed(0)
+        outs.append(MoETransformer(tiny(dispatch=dispatch)).eval()(x, y).loss.item())
+    assert outs[0] == pytest.approx(outs[1], rel=1e-5)
+
+
+# 6 -----------------------------------------------------------------------------------
+def test_load_balancing_loss_is_one_when_uniform_and_grows_with_collapse():
+    num_experts, n = 4, 400
+    uniform_probs = torch.full((n, num_experts), 1 / num_experts)
+    round_robin = torch.arange(n).remainder(num_experts).unsqueeze(-1)
+    assert load_balancing_loss(uniform_probs, round_robin).item() == pytest.approx(1.0)
+
+    values = []
+    for skew in (0.0, 1.0, 3.0, 10.0):
+        logits = torch.zeros(n, num_experts)
+        logits[:, 0] = skew
+        probs = logits.softmax(-1)
+        values.append(load_balancing_loss(probs, probs.topk(1, -1).indices).item())
+    assert values == sorted(values) and values[-1] == pytest.approx(num_experts, rel=1e-3)
+
+
+# 7 -----------------------------------------------------------------------------------
+def test_z_loss_matches_hand_computation():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0], [-3.0, 5.0]])
+    lse = [math.log(2.0), math.log(math.e + math.e**2), math.log(math.exp(-3) + math.exp(5))]
+    expected = sum(v * v for v in lse) / 3
+    assert router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    # penalises large logits even when their spread (and hence the softmax) is unchanged
+    assert router_z_loss(logits + 10).item() > router_z_loss(logits).item()
+
+
+# 8 -----------------------------------------------------------------------------------
+def test_same_seed_same_outputs_different_seed_different():
+    x, y = batch()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        model = MoETransformer(tiny(noise_std=0.1)).train()
+        return model(x, y).logits
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+# 9 -----------------------------------------------------------------------------------
+def test_parameter_counts_match_hand_arithmetic():
+    d, h, v, layers, experts, k = 32, 32, VOCAB, 2, 4, 2
+    model = MoETransformer(tiny())
+    attention = 3 * d * d + d * d
+    norms = 2 * d
+    router = experts * d
+    per_expert = 3 * d * h  # gate, up, down
+    per_layer_total = attention + norms + router + experts * per_expert
+    total = v * d + layers * per_layer_total + d  # tied embedding/head + final norm
+    counts = count_parameters(model)
+    assert counts.total == total
+    assert counts.active == total - layers * (experts - k) * per_expert
+    assert counts.router == layers * router
+
+    dense = count_parameters(MoETransformer(tiny(ffn="dense")))
+    assert dense.total == dense.active == v * d + layers * (attention + norms + 3 * d * k * h) + d
+    # same active compute: the dense baseline equals the MoE's active count minus its routers
+    assert dense.active == counts.active - counts.router
+
+    untied = count_parameters(MoETransformer(tiny(tie_weights=False)))
+    assert untied.total == total + v * d
+
+
+# 10 ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 5, "num_experts": 4}, "top_k"),
+        ({"noise_std": -0.1}, "noise_std"),
+        ({"load_balancing_weight": -1.0}, "load_balancing_weight"),
+        ({"z_loss_weight": -0.001}, "z_loss_weight"),
+        ({"d_model": 30, "n_heads": 4}, "d_model"),
+        ({"d_model": 0}, "d_model"),
+        ({"n_layers": -2}, "n_layers"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"vocab_size": 2.5}, "vocab_size"),
+        ({"router": "hash"}, "router"),
+        ({"gate": "sigmoid"}, "gate"),
+        ({"ffn": "sparse"}, "ffn"),
+        ({"dispatch": "magic"}, "dispatch"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+    ],
+)
+def test_invalid_model_config_names_field_value_and_choices(changes, field):
+    with pytest.raises(ValueError) as err:
+        tiny(**changes)
+    message = str(err.value)
+    assert f"ModelConfig.{field}=" in message
+    assert repr(changes[field]) in message
+    assert "expected" in message
+
+
+def test_invalid_router_error_lists_valid_choices():
+    with pytest.raises(ValueError, match=r"\['topk', 'random'\]"):
+        tiny(router="hash")
