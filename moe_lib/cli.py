@@ -1,0 +1,60 @@
+"""Command line: ``python -m moe_lib run <study>`` and ``python -m moe_lib course``.
+
+    python -m moe_lib run noise --profile cpu --seeds 42 43 44
+    python -m moe_lib course                 # execute every notebook, store outputs
+    python -m moe_lib course --only 01 03    # just these notebooks
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .profiles import PROFILE_NAMES, default_profile_name
+from .studies import STUDIES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m moe_lib", description="The MoE course: run studies headless or execute the notebooks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,course}")
+
+    run = sub.add_parser("run", help="train a study's grid, write its CSV and figures, print the summary")
+    run.add_argument("study", choices=sorted(STUDIES), help="which study to run")
+    run.add_argument("--profile", choices=PROFILE_NAMES, default=None, help=f"model/run size (default: $MOE_PROFILE or {default_profile_name()!r})")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: the profile's, 42 43 44)")
+    run.add_argument("--fresh", action="store_true", help="move an existing results CSV aside and start over")
+    run.add_argument("--save-checkpoints", action="store_true", help="save every run to saved_models/<study>/<run_id>/")
+
+    course = sub.add_parser("course", help="execute the notebooks in order, storing their outputs in place")
+    course.add_argument("--profile", choices=PROFILE_NAMES, default=None, help="profile for the notebooks' kernels")
+    course.add_argument("--only", nargs="+", default=None, metavar="NN", help="notebook numbers to run, e.g. 01 03")
+    course.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell (default 3600)")
+    course.add_argument("--notebooks-dir", type=Path, default=None, help="folder of the notebooks (default: <project>/notebooks)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.profile:
+        os.environ["MOE_PROFILE"] = args.profile
+    if args.command == "run":
+        from .studies import report_study, run_study
+
+        result = run_study(args.study, args.profile, seeds=args.seeds, fresh=args.fresh, save_checkpoints=args.save_checkpoints)
+        report = report_study(result, show=False)
+        print(f"\n{result.profile.describe()}\nresults: {result.results_path}")
+        for path in report.figure_paths:
+            print(f"figure:  {path}")
+        print()
+        print(report.summary.to_string())
+        return 0
+    from .course import run_course
+
+    run_course(notebooks_dir=args.notebooks_dir, only=args.only, timeout=args.timeout)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

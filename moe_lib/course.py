@@ -1,0 +1,46 @@
+"""Execute the course notebooks headless, in order, and store their outputs in place.
+
+Each notebook runs in a fresh kernel with its own folder as the working directory and the
+current ``MOE_PROFILE``. A notebook is replaced only after it ran to the end (written to a
+temporary file and moved into place), so a failure never leaves a half-executed notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes
+from .profiles import project_root
+
+
+def notebook_paths(notebooks_dir: Path | None = None, only: list[str] | None = None) -> list[Path]:
+    folder = Path(notebooks_dir) if notebooks_dir else project_root() / "notebooks"
+    paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
+    if only:
+        available = [p.name[:2] for p in paths]
+        unknown = [n for n in only if n not in available]
+        if unknown:
+            raise ValueError(f"--only {unknown}: no such notebooks; valid numbers are {available}")
+        paths = [p for p in paths if p.name[:2] in only]
+    return paths
+
+
+def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None, timeout: int = 3600) -> list[Path]:
+    import nbformat
+    from nbclient import NotebookClient
+
+    paths = notebook_paths(notebooks_dir, only)
+    profile = os.environ.get("MOE_PROFILE", "(auto)")
+    for path in paths:
+        start = time.perf_counter()
+        print(f"[course] {path.name}: executing with MOE_PROFILE={profile} ...", flush=True)
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+        client.execute()
+        atomic_write_bytes(path, nbformat.writes(nb).encode())
+        print(f"[course] {path.name}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return paths
