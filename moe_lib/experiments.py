@@ -1,0 +1,676 @@
+"""Resumable experiment grids and the statistics the course reports on them.
+
+A :class:`Grid` is a list of :class:`Run` s: a condition (a human label and its factor
+levels), a seed and the full :class:`~moe_lib.config.RunConfig`. :func:`run_grid` trains
+every run that is not yet in the grid's results CSV and commits each finished run on its own:
+
+* ``<results_dir>/<grid>.csv`` - one row per finished run: ``run_id, condition, <factors>,
+  seed, config_hash, <metrics...>, finished_at``.
+* ``<results_dir>/<grid>/history/<run_id>.csv`` - that run's per-step log.
+* ``<results_dir>/<grid>/grid.json`` - every run's id, condition, seed, hash and config.
+
+Every file is replaced atomically (temp file in the same folder, fsync, ``os.replace``) and a
+run's history is written before its row, so the row is the commit point: a run killed at any
+moment either has its row or is trained again on the next call, and no CSV is ever half
+written. A run whose config changed since its row was written is refused, never mixed in.
+
+The summaries are pure functions of a results DataFrame: :func:`summarize` (mean, std and a
+Student-t confidence interval per condition) and :func:`paired_comparison` (seed-paired
+differences against a baseline, with a paired t-test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .config import RunConfig
+
+# Columns every results row starts with (the grid's factors go between condition and seed).
+ID_COLUMNS = ("run_id", "condition")
+RUN_COLUMNS = ("seed", "config_hash")
+FINISHED_COLUMN = "finished_at"
+RESERVED_COLUMNS = frozenset((*ID_COLUMNS, *RUN_COLUMNS, FINISHED_COLUMN))
+
+# The original studies' result columns: always present (NaN if the trainer did not report one).
+STUDY_METRICS = (
+    "val_loss",
+    "val_accuracy",
+    "val_perplexity",
+    "training_time_minutes",
+    "peak_memory_gb",
+    "best_val_perplexity",
+    "expert_usage_cv",
+)
+# What summarize() reports when no metrics are named (those present in the table).
+DEFAULT_SUMMARY_METRICS = (
+    "best_val_perplexity",
+    "val_perplexity",
+    "val_loss",
+    "val_accuracy",
+    "test_perplexity",
+    "test_top3_accuracy",
+    "expert_usage_cv",
+    "router_entropy",
+    "training_time_minutes",
+    "ms_per_step",
+    "peak_memory_gb",
+)
+# Settings that change how a run is displayed or cached, not what it computes.
+HASH_IGNORED = {"train": ("progress",), "data": ("cache_dir",)}
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def _slug(text: str) -> str:
+    """Filesystem-safe: anything outside ``[A-Za-z0-9._=+-]`` becomes ``_``."""
+    return _SAFE.sub("_", text).strip("_") or "_"
+
+
+def config_hash(config: RunConfig) -> str:
+    """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config.
+
+    The fields in :data:`HASH_IGNORED` (progress bar, cache folder) are left out, so turning
+    a progress bar off does not make finished runs look changed.
+    """
+    data = config.to_dict()
+    for section, names in HASH_IGNORED.items():
+        for name in names:
+            data[section].pop(name, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- runs and grids
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a condition, its factor levels, a seed and the config to train.
+
+    The seed is the run's: ``config.train.seed`` is set to ``seed`` if it differs, so
+    ``Run("top-2", {}, 43, base)`` trains with seed 43 whatever ``base`` says.
+    """
+
+    condition: str
+    factors: dict[str, Any] = field(hash=False)
+    seed: int
+    config: RunConfig
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.condition, str) or not self.condition:
+            raise ValueError(f"Run.condition={self.condition!r} is invalid: expected a non-empty label")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"Run.seed={self.seed!r} is invalid: expected an integer >= 0")
+        reserved = sorted(RESERVED_COLUMNS.intersection(self.factors))
+        if reserved:
+            raise ValueError(f"Run factors {reserved} clash with the results columns {sorted(RESERVED_COLUMNS)}; rename them")
+        object.__setattr__(self, "factors", dict(self.factors))
+        if self.config.train.seed != self.seed:
+            object.__setattr__(self, "config", self.config.with_train(seed=self.seed))
+
+    @property
+    def run_id(self) -> str:
+        """``factor=level__...__seed=N`` (or the condition label when there are no factors), filesystem-safe."""
+        parts = [f"{k}={v}" for k, v in self.factors.items()] or [self.condition]
+        return "__".join(_slug(p) for p in [*parts, f"seed={self.seed}"])
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    def describe(self) -> dict[str, Any]:
+        """What grid.json stores about the run."""
+        return {
+            "run_id": self.run_id,
+            "condition": self.condition,
+            "factors": self.factors,
+            "seed": self.seed,
+            "config_hash": self.config_hash,
+            "config": self.config.to_dict(),
+        }
+
+
+def apply_levels(config: RunConfig, **levels: Any) -> RunConfig:
+    """Set each named field on whichever of model / train / data config has it."""
+    sections = {name: {f.name for f in dataclasses.fields(getattr(config, name))} for name in ("model", "train", "data")}
+    changes: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for key, value in levels.items():
+        owner = next((name for name, fields in sections.items() if key in fields), None)
+        if owner is None or key == "seed":
+            valid = sorted(set().union(*sections.values()) - {"seed"})
+            raise ValueError(f"unknown config field {key!r} (the seed is set per run); valid fields are {valid}")
+        changes[owner][key] = value
+    return config.with_model(**changes["model"]).with_train(**changes["train"]).with_data(**changes["data"])
+
+
+def _level_label(levels: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in levels.items())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A named set of runs. ``factors`` are the results' factor columns; ``baseline`` a condition label.
+
+    Validated on creation: at least one run, unique run ids and (condition, seed) pairs,
+    every run has exactly the grid's factors, and the baseline is one of the conditions.
+    """
+
+    name: str
+    runs: Sequence[Run]
+    factors: tuple[str, ...] = ()
+    baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runs", tuple(self.runs))
+        object.__setattr__(self, "factors", tuple(self.factors))
+        if not isinstance(self.name, str) or not self.name or _slug(self.name) != self.name:
+            raise ValueError(f"Grid.name={self.name!r} is invalid: expected a non-empty file name of [A-Za-z0-9._=+-]")
+        if not self.runs:
+            raise ValueError(f"Grid {self.name!r} has no runs")
+        for run in self.runs:
+            if set(run.factors) != set(self.factors):
+                raise ValueError(
+                    f"run {run.run_id!r} of grid {self.name!r} has factors {sorted(run.factors)}, "
+                    f"but the grid's factors are {list(self.factors)}"
+                )
+        for what, keys in (("run ids", [r.run_id for r in self.runs]), ("(condition, seed) pairs", [(r.condition, r.seed) for r in self.runs])):
+            duplicates = sorted(str(k) for k, count in Counter(keys).items() if count > 1)
+            if duplicates:
+                raise ValueError(f"grid {self.name!r} has duplicate {what}: {duplicates}")
+        if self.baseline is not None and self.baseline not in self.conditions:
+            raise ValueError(f"Grid {self.name!r}: baseline {self.baseline!r} is not a condition; valid conditions are {self.conditions}")
+
+    @property
+    def conditions(self) -> list[str]:
+        """Condition labels in grid order."""
+        return list(dict.fromkeys(r.condition for r in self.runs))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(r.seed for r in self.runs))
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in self.runs]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "factors": list(self.factors), "baseline": self.baseline, "runs": [r.describe() for r in self.runs]}
+
+    @classmethod
+    def factorial(
+        cls,
+        name: str,
+        base_config: RunConfig,
+        factors: Mapping[str, Sequence[Any]],
+        seeds: Iterable[int],
+        apply: Callable[..., RunConfig] = apply_levels,
+        baseline: str | Mapping[str, Any] | None = None,
+    ) -> "Grid":
+        """Every combination of the factors' levels x every seed.
+
+        ``apply(config, **levels)`` builds a condition's config (default: :func:`apply_levels`).
+        Conditions are labelled ``"name=level, name=level"``; ``baseline`` is such a label or
+        a dict of levels.
+        """
+        names, seeds = list(factors), list(seeds)
+        runs = []
+        for combo in itertools.product(*(factors[n] for n in names)):
+            levels = dict(zip(names, combo))
+            config = apply(base_config, **levels)
+            runs += [Run(_level_label(levels), levels, seed, config) for seed in seeds]
+        if isinstance(baseline, Mapping):
+            baseline = _level_label({n: baseline[n] for n in names})
+        return cls(name, runs, tuple(names), baseline)
+
+    @classmethod
+    def from_conditions(
+        cls,
+        name: str,
+        base_config: RunConfig,
+        conditions: Mapping[str, Mapping[str, Any]],
+        seeds: Iterable[int],
+        baseline: str | None = None,
+    ) -> "Grid":
+        """Named conditions, each a dict of config changes (field names as in :func:`apply_levels`).
+
+        The factors are every field any condition changes; each run's factor levels are read
+        from its config, so a condition that leaves a field alone records the base value.
+        """
+        seeds = list(seeds)
+        names = list(dict.fromkeys(k for changes in conditions.values() for k in changes))
+        runs = []
+        for label, changes in conditions.items():
+            config = apply_levels(base_config, **changes)
+            levels = {n: _field_value(config, n) for n in names}
+            runs += [Run(label, levels, seed, config) for seed in seeds]
+        return cls(name, runs, tuple(names), baseline)
+
+
+def _field_value(config: RunConfig, key: str) -> Any:
+    for section in (config.model, config.train, config.data):
+        if hasattr(section, key):
+            return getattr(section, key)
+    raise ValueError(f"unknown config field {key!r}")
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class GridPaths:
+    """Where a grid's results live under ``results_dir``."""
+
+    results_dir: Path
+    name: str
+
+    @property
+    def csv(self) -> Path:
+        return self.results_dir / f"{self.name}.csv"
+
+    @property
+    def folder(self) -> Path:
+        return self.results_dir / self.name
+
+    @property
+    def grid_json(self) -> Path:
+        return self.folder / "grid.json"
+
+    def history(self, run_id: str) -> Path:
+        return self.folder / "history" / f"{run_id}.csv"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temp file beside ``path``, fsync it, then ``os.replace`` it in.
+
+    Readers see the old file or the new one, never a mix; on any error (Ctrl-C included)
+    the temp file is removed and the old file is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    _atomic_write_text(path, df.to_csv(index=False))
+
+
+# pandas >= 3 parses floats exactly by default (and deprecates the option); pandas 2 needs asking.
+_EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a results/history CSV: labels stay strings, floats round-trip exactly."""
+    if not path.exists():
+        return pd.DataFrame(columns=[*ID_COLUMNS, *RUN_COLUMNS])
+    return pd.read_csv(path, dtype={c: str for c in ("run_id", "condition", "config_hash")}, **_EXACT_FLOATS)
+
+
+def _remove_stale_temps(paths: GridPaths) -> None:
+    """This grid's temp files left by a process killed mid-write (SIGKILL skips the cleanup)."""
+    stale = [
+        *paths.results_dir.glob(f".{paths.csv.name}.*.tmp"),
+        *paths.folder.glob(".*.tmp"),
+        *(paths.folder / "history").glob(".*.tmp"),
+    ]
+    for tmp in stale:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _utc_stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _move_aside(paths: GridPaths) -> list[Path]:
+    """Rename the grid's CSV and folder to ``*.bak-<UTC time>`` (``fresh=True``); nothing is deleted."""
+    stamp, moved = _utc_stamp(), []
+    for path in (paths.csv, paths.folder):
+        if path.exists():
+            target = path.with_name(f"{path.name}.bak-{stamp}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def load_results(grid: Grid | str, results_dir: str | Path) -> pd.DataFrame:
+    """The results CSV of a grid (or grid name): the grid's finished rows in grid order,
+    or every row when given a name. Empty (with the id columns) if nothing ran yet."""
+    name = grid.name if isinstance(grid, Grid) else grid
+    df = _read_csv(GridPaths(Path(results_dir), name).csv)
+    if not isinstance(grid, Grid):
+        return df
+    order = {run_id: i for i, run_id in enumerate(grid.run_ids)}
+    rows = df[df["run_id"].isin(order)]
+    return rows.iloc[np.argsort(rows["run_id"].map(order).to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def load_histories(grid: Grid, results_dir: str | Path) -> pd.DataFrame:
+    """Every finished run's history, stacked (with run_id, condition, factors, seed columns)."""
+    paths = GridPaths(Path(results_dir), grid.name)
+    finished = load_results(grid, results_dir)["run_id"]
+    parts = [_read_csv(paths.history(r)) for r in finished if paths.history(r).exists()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*ID_COLUMNS, *grid.factors, "seed"])
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _run_columns(run: Run) -> dict[str, Any]:
+    return {"run_id": run.run_id, "condition": run.condition, **run.factors, "seed": run.seed}
+
+
+def _result_row(run: Run, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Run columns, then metrics (a metric named like a run column is dropped: the grid's level wins),
+    then the original study's columns if missing, then ``finished_at``."""
+    row = {**_run_columns(run), "config_hash": run.config_hash}
+    row.update((k, v) for k, v in metrics.items() if k not in row and k != FINISHED_COLUMN)
+    for name in STUDY_METRICS:
+        row.setdefault(name, float("nan"))
+    row[FINISHED_COLUMN] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
+def _append_row(csv: Path, row: dict[str, Any]) -> None:
+    """Re-read the CSV, add ``row`` (unless its run_id is already there), write it back atomically."""
+    old = _read_csv(csv)
+    if (old["run_id"] == row["run_id"]).any():
+        return  # another process committed this run first; keep its row
+    old_columns = list(old.columns) if len(old) else []
+    new = pd.concat([old, pd.DataFrame([row])], ignore_index=True) if len(old) else pd.DataFrame([row])
+    columns = [c for c in dict.fromkeys([*old_columns, *row]) if c != FINISHED_COLUMN] + [FINISHED_COLUMN]
+    _write_csv(new[columns], csv)
+
+
+def _check_unchanged(grid: Grid, existing: pd.DataFrame, csv: Path) -> None:
+    """Refuse a grid whose runs' configs differ from the hashes recorded in the CSV."""
+    if "config_hash" not in existing.columns or existing.empty:
+        return
+    recorded = dict(zip(existing["run_id"], existing["config_hash"]))
+    changed = [r for r in grid.runs if r.run_id in recorded and recorded[r.run_id] != r.config_hash]
+    if changed:
+        run = changed[0]
+        raise ValueError(
+            f"run {run.run_id!r} of grid {grid.name!r} already has a row in {csv} with config hash "
+            f"{recorded[run.run_id]}, but its config now hashes to {run.config_hash} "
+            f"({len(changed)} changed run(s) in all). Results of different configs must not mix: "
+            f"use a new results_dir or grid name, or call run_grid(..., fresh=True) to move the old "
+            f"CSV aside to a timestamped backup and start over."
+        )
+
+
+def run_grid(
+    grid: Grid,
+    results_dir: str | Path,
+    train_fn: Callable[..., Any] | None = None,
+    checkpoint_root: str | Path | None = None,
+    progress: bool = True,
+    fresh: bool = False,
+) -> pd.DataFrame:
+    """Train the grid's runs that have no row yet, committing each as it finishes; return the grid's rows.
+
+    ``train_fn(config, *, run_id, checkpoint_dir)`` returns an object with ``.metrics`` (a
+    flat dict) and ``.history`` (a DataFrame); default :func:`moe_lib.train.train_run`.
+    ``checkpoint_root``: each run's checkpoint goes to ``checkpoint_root/<run_id>``.
+    ``progress=False`` silences this function and the per-run progress bars.
+    ``fresh=True`` moves the old CSV and history folder aside (timestamped) first.
+    Interrupting (Ctrl-C) loses only the run in progress; call again to carry on.
+    """
+    if train_fn is None:
+        from .train import train_run as train_fn
+    paths = GridPaths(Path(results_dir), grid.name)
+    say = print if progress else (lambda *a, **k: None)
+    if fresh:
+        for moved in _move_aside(paths):
+            say(f"[{grid.name}] moved the old results aside to {moved}")
+    _remove_stale_temps(paths)
+
+    existing = _read_csv(paths.csv)
+    _check_unchanged(grid, existing, paths.csv)
+    _write_grid_json(grid, paths)
+    done = set(existing["run_id"])
+    todo = [r for r in grid.runs if r.run_id not in done]
+    say(f"[{grid.name}] {len(grid.runs) - len(todo)} of {len(grid.runs)} runs already in {paths.csv}; training {len(todo)}")
+    for i, run in enumerate(todo, 1):
+        say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id}", flush=True)
+        config = run.config if progress else run.config.with_train(progress=False)
+        checkpoint_dir = Path(checkpoint_root) / run.run_id if checkpoint_root is not None else None
+        try:
+            result = train_fn(config, run_id=run.run_id, checkpoint_dir=checkpoint_dir)
+        except KeyboardInterrupt:
+            say(f"[{grid.name}] interrupted during {run.run_id}; finished runs are saved - call run_grid again to resume")
+            raise
+        history = pd.DataFrame(result.history).copy()
+        for position, (key, value) in enumerate(_run_columns(run).items()):
+            if key in history.columns:
+                history = history.drop(columns=key)
+            history.insert(position, key, value)
+        _write_csv(history, paths.history(run.run_id))  # history first: the row is the commit point
+        _append_row(paths.csv, _result_row(run, result.metrics))
+    return load_results(grid, results_dir)
+
+
+def _write_grid_json(grid: Grid, paths: GridPaths) -> None:
+    """Describe the grid; runs recorded by earlier calls but not in this grid are kept."""
+    described = grid.describe()
+    if paths.grid_json.exists():
+        old_runs = json.loads(paths.grid_json.read_text(encoding="utf-8")).get("runs", [])
+        current = set(grid.run_ids)
+        described["runs"] += [r for r in old_runs if r.get("run_id") not in current]
+    _atomic_write_text(paths.grid_json, json.dumps(described, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, int, float, float]:
+    """``(mean, std, n, ci_low, ci_high)`` of the non-NaN values.
+
+    std uses ddof=1; the interval is ``mean +- t_{(1+confidence)/2, n-1} * std / sqrt(n)``
+    (Student's t); std and the interval are NaN when n < 2.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    if n < 2:
+        return mean, float("nan"), n, float("nan"), float("nan")
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return mean, std, n, mean - half, mean + half
+
+
+def factor_columns(df: pd.DataFrame) -> list[str]:
+    """The factor columns of a results table: those between ``condition`` and ``seed``."""
+    cols = list(df.columns)
+    if "condition" in cols and "seed" in cols and cols.index("condition") < cols.index("seed"):
+        return cols[cols.index("condition") + 1 : cols.index("seed")]
+    return []
+
+
+def _as_list(by: str | Sequence[str]) -> list[str]:
+    return [by] if isinstance(by, str) else list(by)
+
+
+def _check_columns(df: pd.DataFrame, names: Iterable[str], what: str) -> None:
+    for name in names:
+        if name not in df.columns:
+            numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])] if what == "metric" else list(df.columns)
+            raise ValueError(f"unknown {what} {name!r}: valid choices are {numeric}")
+
+
+_STATS = ("mean", "std", "n", "ci_low", "ci_high")  # the order mean_ci returns them in
+
+
+def summarize(
+    df: pd.DataFrame,
+    by: str | Sequence[str] = "condition",
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """One row per group (first-appearance order, i.e. grid order), wide format.
+
+    Columns: the ``by`` columns, the factor columns that are constant within every group,
+    then for each metric ``<m>_mean``, ``<m>_std`` (ddof=1), ``<m>_n`` (non-NaN runs),
+    ``<m>_ci_low``, ``<m>_ci_high`` (Student-t interval, see :func:`mean_ci`; NaN if n < 2).
+    ``metrics=None`` takes those of :data:`DEFAULT_SUMMARY_METRICS` with a value in ``df``.
+    Show it with :func:`summary_table` for "mean ± std" strings.
+    """
+    by = _as_list(by)
+    _check_columns(df, by, "grouping column")
+    if metrics is None:
+        metrics = [m for m in DEFAULT_SUMMARY_METRICS if m in df.columns and df[m].notna().any()]
+    _check_columns(df, metrics, "metric")
+    groups = df.groupby(by, sort=False, dropna=False)
+    carried = [c for c in factor_columns(df) if c not in by and (groups[c].nunique(dropna=False) <= 1).all()]
+    rows = []
+    for key, part in groups:
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row.update({c: part[c].iloc[0] for c in carried})
+        for m in metrics:
+            row.update(zip((f"{m}_{s}" for s in _STATS), mean_ci(part[m], confidence)))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
+    """``"130.23 ± 0.94"``; just the mean when std is NaN (one run), ``"–"`` when there is no mean."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_table(summary: pd.DataFrame, metrics: Sequence[str] | None = None, digits: int = 2) -> pd.DataFrame:
+    """A display table from :func:`summarize`: its group and factor columns, ``"mean ± std"`` per metric,
+    and ``n`` (the first metric's run count)."""
+    summarized = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    metrics = summarized if metrics is None else list(metrics)
+    stat_columns = {f"{m}_{s}" for m in summarized for s in _STATS}
+    out = summary[[c for c in summary.columns if c not in stat_columns]].copy()
+    for m in metrics:
+        out[m] = [format_mean_std(a, s, digits) for a, s in zip(summary[f"{m}_mean"], summary[f"{m}_std"])]
+    if metrics:
+        out["n"] = summary[f"{metrics[0]}_n"].to_numpy()
+    return out
+
+
+def paired_differences(
+    df: pd.DataFrame,
+    baseline: str,
+    metric: str,
+    pair_on: str = "seed",
+    lower_is_better: bool = True,
+    by: str = "condition",
+) -> pd.DataFrame:
+    """Long table of every pair: one row per (non-baseline condition, shared ``pair_on`` value).
+
+    Columns: ``by``, ``pair_on``, ``baseline``, ``treatment``, ``difference = treatment - baseline``
+    and ``improvement_pct``: ``100 * (baseline - treatment) / baseline`` when lower is better,
+    ``100 * (treatment - baseline) / baseline`` otherwise, so positive always means better.
+    Runs whose ``pair_on`` value (or metric) is missing on the other side are left out;
+    :func:`paired_comparison` counts them.
+    """
+    _check_columns(df, [by, pair_on], "column")
+    _check_columns(df, [metric], "metric")
+    conditions = list(dict.fromkeys(df[by]))
+    if baseline not in conditions:
+        raise ValueError(f"unknown baseline {baseline!r}: valid conditions are {conditions}")
+    duplicated = df[df.duplicated([by, pair_on], keep=False)]
+    if not duplicated.empty:
+        raise ValueError(f"several runs share ({by}, {pair_on}) = {duplicated[[by, pair_on]].drop_duplicates().values.tolist()}; pairing is ambiguous")
+    wide = df.dropna(subset=[metric]).pivot(index=pair_on, columns=by, values=metric).astype(float)
+    rows = []
+    for cond in conditions:
+        if cond == baseline or cond not in wide.columns or baseline not in wide.columns:
+            continue
+        for key, (b, t) in wide[[baseline, cond]].dropna().iterrows():
+            gain = (b - t) if lower_is_better else (t - b)
+            rows.append({by: cond, pair_on: key, "baseline": b, "treatment": t, "difference": t - b, "improvement_pct": 100 * gain / b})
+    return pd.DataFrame(rows, columns=[by, pair_on, "baseline", "treatment", "difference", "improvement_pct"])
+
+
+def paired_comparison(
+    df: pd.DataFrame,
+    baseline: str,
+    metric: str,
+    pair_on: str = "seed",
+    lower_is_better: bool = True,
+    confidence: float = 0.95,
+    by: str = "condition",
+) -> pd.DataFrame:
+    """Each non-baseline condition against ``baseline``, paired on ``pair_on`` (same seed).
+
+    One row per condition (grid order): ``n_pairs``; ``n_unpaired`` (runs of either side
+    whose partner is missing, excluded); ``baseline_mean`` and ``treatment_mean`` over the
+    pairs; ``mean_difference`` (treatment - baseline) with its t interval ``difference_ci_low``
+    / ``difference_ci_high``; ``improvement_pct`` (mean over pairs of the per-pair % from
+    :func:`paired_differences`) with ``improvement_pct_ci_low`` / ``_ci_high``; and the paired
+    t-test ``p_value`` (``scipy.stats.ttest_rel``, two-sided; NaN if fewer than 2 pairs).
+    """
+    pairs = paired_differences(df, baseline, metric, pair_on, lower_is_better, by)
+    present = df.dropna(subset=[metric])
+    base_keys = set(present.loc[present[by] == baseline, pair_on])
+    rows = []
+    for cond in dict.fromkeys(df[by]):
+        if cond == baseline:
+            continue
+        part = pairs[pairs[by] == cond]
+        treat_keys = set(present.loc[present[by] == cond, pair_on])
+        diff = mean_ci(part["difference"], confidence)
+        gain = mean_ci(part["improvement_pct"], confidence)
+        p_value = float("nan")
+        if len(part) >= 2:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                p_value = float(stats.ttest_rel(part["treatment"], part["baseline"]).pvalue)
+        rows.append(
+            {
+                by: cond,
+                "n_pairs": len(part),
+                "n_unpaired": len(base_keys ^ treat_keys),
+                "baseline_mean": float(part["baseline"].mean()) if len(part) else float("nan"),
+                "treatment_mean": float(part["treatment"].mean()) if len(part) else float("nan"),
+                "mean_difference": diff[0],
+                "difference_ci_low": diff[3],
+                "difference_ci_high": diff[4],
+                "improvement_pct": gain[0],
+                "improvement_pct_ci_low": gain[3],
+                "improvement_pct_ci_high": gain[4],
+                "p_value": p_value,
+            }
+        )
+    return pd.DataFrame(rows)
