@@ -223,6 +223,7 @@ class TrainConfig(_ConfigBase):
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 20
+    final_eval_batches: int | None = None  # None = the whole validation and test splits
     log_every: int = 10
     device: str = "auto"
     precision: PrecisionKind = "auto"
@@ -233,6 +234,8 @@ class TrainConfig(_ConfigBase):
         owner = "TrainConfig"
         for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "eval_every", "eval_batches", "log_every"):
             check_positive(owner, name, getattr(self, name))
+        if self.final_eval_batches is not None:
+            check_positive(owner, "final_eval_batches", self.final_eval_batches)
         check_choice(owner, "optimizer", self.optimizer, OPTIMIZER_KINDS)
         check_choice(owner, "precision", self.precision, PRECISION_KINDS)
         check_choice(owner, "device", self.device, DEVICE_KINDS)

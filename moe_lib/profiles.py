@@ -63,7 +63,9 @@ def _smoke() -> Profile:
         base=RunConfig(
             model=ModelConfig(vocab_size=512, d_model=32, n_heads=2, n_layers=2, d_ff=32, max_seq_len=32, num_experts=4, top_k=2),
             data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=512, max_documents=60, val_fraction=0.1, test_fraction=0.1),
-            train=TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=2, log_every=1, progress=False),
+            train=TrainConfig(
+                steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=2, final_eval_batches=8, log_every=1, progress=False
+            ),
         ),
         seeds=(42, 43),
         zloss_steps=6,

@@ -304,8 +304,9 @@ def train_run(
     bar.close()
     train_seconds = time.perf_counter() - train_start
 
-    final_val = evaluate(model, val_batches(None), device, tcfg.precision)
-    test = evaluate(model, eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size), device, tcfg.precision)
+    final_val = evaluate(model, val_batches(tcfg.final_eval_batches), device, tcfg.precision)
+    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
+    test = evaluate(model, test_batches, device, tcfg.precision)
     best_val = min(best_val, final_val.loss)
     history = pd.DataFrame(rows)
     steady = step_times[1:] or step_times  # the first step pays one-off warm-up costs

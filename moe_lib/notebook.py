@@ -1,0 +1,31 @@
+"""The first cell of every notebook: choose the profile and corpus, and say what is in use."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from .profiles import Profile, get_profile
+from .train import library_versions, resolve_device
+
+
+def setup(corpus: str = "shakespeare", tokenizer: str | None = None, profile: str | None = None) -> Profile:
+    """Return the active profile on ``corpus`` and print profile, device, corpus and versions.
+
+    ``corpus="shakespeare"`` is embedded and works offline; ``"tinystories"`` and
+    ``"smollm"`` need the Hugging Face hub.
+    """
+    prof = get_profile(profile)
+    if corpus != prof.base.data.corpus or tokenizer:
+        prof = prof.with_corpus(corpus, tokenizer)
+    device = resolve_device(prof.base.train.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
+    print(f"profile : {prof.name} ({prof.description}); MOE_PROFILE={os.environ.get('MOE_PROFILE', '(unset)')}")
+    print(f"device  : {device.type} ({hardware})")
+    print(f"data    : corpus={prof.base.data.corpus}, tokenizer={prof.base.data.tokenizer}")
+    print(f"model   : {prof.describe().split(' | ', 2)[2]}")
+    print(f"versions: {versions}")
+    return prof
