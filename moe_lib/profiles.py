@@ -94,7 +94,7 @@ def _gpu() -> Profile:
             model=ModelConfig(vocab_size=50257, d_model=384, n_heads=8, n_layers=6, d_ff=1536, max_seq_len=512, num_experts=8, top_k=2),
             data=DataConfig(corpus="shakespeare", tokenizer="gpt2"),
             train=TrainConfig(
-                steps=400, batch_size=24, seq_len=512, optimizer="muon", lr=3e-3, muon_lr=3e-3,
+                steps=400, batch_size=24, seq_len=512, optimizer="muon", lr=3e-3,
                 warmup_steps=40, eval_every=100, eval_batches=20, log_every=10, precision="auto",
             ),
         ),

@@ -216,9 +216,10 @@ def _check_finite(step: int, out) -> None:
 
 
 def _progress_bar(cfg: TrainConfig, desc: str):
-    from tqdm.auto import tqdm
+    """A text tqdm bar: redraws in place in terminals and notebooks alike, at most once a second."""
+    from tqdm.std import tqdm
 
-    return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0, dynamic_ncols=True)
 
 
 def train_run(
