@@ -12,6 +12,12 @@ The layer output is ``y_n = sum_{j<k} g_{n,j} E_{e_{n,j}}(x_n)``. Two ways to co
   grouped matmul per projection over the contiguous per-expert segments
   (``torch._grouped_mm``), and scatter the weighted results back to their tokens.
 
+Where the time goes (``benchmarks/bench_moe.py``): with fine-grained experts the matmuls are
+small, so everything around them - the gather, the activation, the gate multiply, the
+scatter, and their backward passes - moves as many bytes as the matmuls do useful work.
+The fast path therefore avoids every pass over ``[N*k, .]`` tensors that it can; each trick
+is explained where it is used.
+
 Capacity (GShard/Switch): with a capacity factor ``cf`` each expert takes at most
 ``C = ceil(cf * N * k / E)`` slots, earlier tokens first; the rest are dropped and the token
 keeps only its residual stream. ``capacity_factor=None`` is dropless. Both paths apply the
@@ -32,6 +38,23 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     if capacity_factor is None:
         return None
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(expert_indices: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
+    """``[N, k]`` booleans: which routed slots an expert with ``capacity`` slots accepts.
+
+    Slots queue at their expert in token order (slot ``(n, j)`` is number ``n k + j``); the
+    first ``capacity`` in each queue are kept, the rest dropped. ``None`` keeps every slot.
+    This is the rule both dispatchers apply; here it is spelled out for teaching and tests::
+
+        rank(n, j) = #{(m, i) before (n, j) : e_{m,i} = e_{n,j}}      keep  <=>  rank < C
+    """
+    if capacity is None:
+        return torch.ones_like(expert_indices, dtype=torch.bool)
+    flat = expert_indices.reshape(-1)
+    queue = F.one_hot(flat, num_experts).cumsum(0) - 1  # [N k, E]: slots before this one, per expert
+    rank = queue.gather(1, flat.unsqueeze(1)).squeeze(1)
+    return (rank < capacity).view_as(expert_indices)
 
 
 class Experts(nn.Module):
@@ -56,6 +79,49 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``h = [gate | up]`` on the last dimension."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """:func:`swiglu` with a hand-written backward that writes ``[d gate | d up]`` into ONE buffer.
+
+    Autograd's own backward of ``h.chunk(2)`` -> ``silu`` -> ``*`` produces the two halves of
+    the gradient as separate tensors and then concatenates them (a full extra read and write of
+    ``[rows, 2h]``), and it recomputes nothing it could have kept. Here the forward keeps
+    ``silu(gate)``, and the backward fills the two halves of a single ``[rows, 2h]`` tensor in
+    place, which the grouped matmul's backward then reads as one contiguous operand::
+
+        d up   = g * silu(gate)
+        d gate = silu'(gate) * (g * up)      # aten.silu_backward, written in place
+
+    The arithmetic is exactly autograd's, so the results are bit-identical to :func:`swiglu`.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        ctx.save_for_backward(h, silu_gate)
+        return silu_gate * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        h, silu_gate = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty(h.shape, dtype=grad.dtype, device=grad.device)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(grad, silu_gate, out=d_up)
+        torch.mul(grad, up, out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        return dh
+
+
+def swiglu_fused(h: torch.Tensor) -> torch.Tensor:
+    """Same values and gradients as :func:`swiglu`, fewer memory passes (see :class:`SwiGLUFunction`)."""
+    if not torch.is_grad_enabled() or not h.requires_grad:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)  # inference: one temporary instead of two
+    return SwiGLUFunction.apply(h)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,7 +163,19 @@ def dispatch_grouped(
     experts: Experts,
     capacity: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort slots by expert -> grouped SwiGLU -> weighted scatter-add. Returns ``(y, dropped_fraction)``."""
+    """Sort slots by expert -> grouped SwiGLU -> weighted scatter-add. Returns ``(y, dropped_fraction)``.
+
+    The speed tricks, each measured in ``benchmarks/bench_moe.py`` (``benchmarks/README.md``):
+
+    * Gathers use ``index_select``, never ``x[idx]``: both copy the same rows forward, but the
+      backward of advanced indexing is an accumulating ``index_put_`` (serial on CPU, about
+      7x slower here), while ``index_select``'s backward is an ``index_add_``.
+    * Cast to the matmul dtype BEFORE gathering, so the cast touches ``N`` rows, not ``N*k``.
+    * The activation is :func:`swiglu_fused`: its backward writes ``[d gate | d up]`` into
+      one buffer instead of two halves plus a concatenation.
+    * The scatter stays ``index_add_`` of the gate-weighted rows: on CPU it is a single pass,
+      and un-permuting (``out[inverse]``) then a k-way sum or ``bmm`` measured slower.
+    """
     num_tokens, top_k = expert_indices.shape
     num_experts = experts.num_experts
     flat_experts = expert_indices.reshape(-1)
@@ -113,11 +191,12 @@ def dispatch_grouped(
 
     dtype = _matmul_dtype(x)
     token_of_slot = order // top_k
-    tokens = x[token_of_slot].to(dtype)
+    tokens = x.to(dtype).index_select(0, token_of_slot)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    hidden = swiglu(grouped_matmul(tokens, experts.w_in.to(dtype), counts, offsets))
+    hidden = swiglu_fused(grouped_matmul(tokens, experts.w_in.to(dtype), counts, offsets))
     out_slots = grouped_matmul(hidden, experts.w_out.to(dtype), counts, offsets)
-    out_slots = out_slots * gate_weights.reshape(-1)[order].unsqueeze(-1).to(out_slots.dtype)
+    slot_gates = gate_weights.reshape(-1).index_select(0, order)
+    out_slots = out_slots * slot_gates.unsqueeze(-1).to(out_slots.dtype)
     y = torch.zeros(num_tokens, x.shape[-1], dtype=out_slots.dtype, device=x.device)
     y.index_add_(0, token_of_slot, out_slots)
     return y.to(x.dtype), torch.tensor(dropped, device=x.device)

@@ -8,6 +8,9 @@ Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
 * utilization ``u_i = count_i / (N k)``: the share of routed slots each expert received;
   ``std(u)`` (population) and the coefficient of variation ``CV = std(u) / mean(u) = E std(u)``.
 * logit magnitude: ``mean_n logsumexp(logits_n)`` (what z-loss squares) and ``max |logit|``.
+* dropped fraction: the share of the ``N k`` routed slots that a capacity limit turned away
+  (``ModelConfig.capacity_factor``; 0 when dropless). A dropped slot adds no expert output,
+  so its token keeps only the residual stream for that slot.
 
 Language model: cross-entropy, perplexity ``exp(loss)`` and top-k accuracy, ignoring
 targets of -100 (padding).
@@ -91,12 +94,14 @@ class RoutingAccumulator:
 
     Used for validation-set statistics: the CV of the pooled counts over the whole set, as
     the original noise study computed it at the end, is less noisy than a per-batch CV.
+    Dropped fractions are pooled by slots: ``sum_b dropped_b N_b k / sum_b N_b k``.
     """
 
     def __init__(self) -> None:
         self.counts: list[torch.Tensor] = []
         self.entropy_sum: list[float] = []
         self.lse_sum: list[float] = []
+        self.dropped_sum: list[float] = []
         self.tokens: list[int] = []
 
     @torch.no_grad()
@@ -105,6 +110,7 @@ class RoutingAccumulator:
             self.counts = [torch.zeros(r.num_experts, dtype=torch.long) for r in routing]
             self.entropy_sum = [0.0] * len(routing)
             self.lse_sum = [0.0] * len(routing)
+            self.dropped_sum = [0.0] * len(routing)
             self.tokens = [0] * len(routing)
         for layer, r in enumerate(routing):
             n = r.probs.shape[0]
@@ -112,6 +118,7 @@ class RoutingAccumulator:
             self.entropy_sum[layer] += routing_entropy(r.probs).item() * n
             lse = float("nan") if r.logits is None else torch.logsumexp(r.logits.float(), -1).mean().item()
             self.lse_sum[layer] += lse * n
+            self.dropped_sum[layer] += float(r.dropped_fraction) * n  # every batch routes N*k slots, k fixed
             self.tokens[layer] += n
 
     def utilization(self) -> list[list[float]]:
@@ -125,3 +132,7 @@ class RoutingAccumulator:
 
     def logsumexp_per_layer(self) -> list[float]:
         return [s / n for s, n in zip(self.lse_sum, self.tokens)]
+
+    def dropped_per_layer(self) -> list[float]:
+        """Share of routed slots dropped by the capacity limit, per layer, pooled over batches."""
+        return [s / n for s, n in zip(self.dropped_sum, self.tokens)]

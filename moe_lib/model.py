@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .experts import DISPATCHERS, Experts, expert_capacity, swiglu
+from .experts import DISPATCHERS, Experts, expert_capacity, swiglu_fused
 from .routing import RoutingResult, build_router
 
 
@@ -64,7 +64,7 @@ class DenseFeedForward(nn.Module):
         self.w_out = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.w_out(swiglu(self.w_in(x))), None
+        return self.w_out(swiglu_fused(self.w_in(x))), None
 
 
 class MoEFeedForward(nn.Module):

@@ -1,4 +1,5 @@
-"""Figures for the notebooks: training curves, routing per layer, expert usage, grid summaries.
+"""Figures for the notebooks: training curves, routing per layer, expert usage, grid summaries,
+and the specialization and capacity figures of notebook 05.
 
 Every function takes tidy pandas data (histories with ``condition``, ``seed`` and ``step``
 columns, or a results table with one row per run), draws on matplotlib axes with seaborn
@@ -128,6 +129,117 @@ def plot_metric_by_condition(results: pd.DataFrame, metric: str, ylabel: str, ti
     sns.stripplot(data=results, x="condition", y=metric, order=order, ax=ax, color="black", size=5)
     ax.set(xlabel="", ylabel=ylabel, title=title)
     ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- specialization (notebook 05)
+def _layer_panels(n_layers: int, width: float = 3.4, height: float = 3.2):
+    fig, axes = plt.subplots(1, n_layers, figsize=(width * n_layers, height), squeeze=False)
+    return fig, axes[0]
+
+
+def plot_label_expert_heatmap(table: pd.DataFrame, label: str, value: str = "share", title: str = "") -> plt.Figure:
+    """One heatmap per layer: rows the values of ``label`` (e.g. genre), columns the experts.
+
+    ``table`` is :func:`moe_lib.specialization.label_utilization`'s long format. ``value="share"``
+    colours each row's share of slots per expert around the uniform ``1/E``; ``"lift"`` colours the
+    ratio to the expert's overall share around 1. One colour scale for all layers.
+    """
+    layers = sorted(table["layer"].unique())
+    num_experts = table["expert"].nunique()
+    center = 1.0 / num_experts if value == "share" else 1.0
+    spread = float(np.nanmax(np.abs(table[value].to_numpy(dtype=float) - center))) or 1e-9
+    n_rows = table[label].nunique()
+    fig, axes = _layer_panels(len(layers), width=0.55 * num_experts + 1.4, height=0.5 * n_rows + 1.9)
+    for ax, layer in zip(axes, layers):
+        grid = table[table.layer == layer].pivot(index=label, columns="expert", values=value)
+        annot = (100 * grid).round(0).astype(int).astype(str) if value == "share" else grid.round(2).astype(str)
+        sns.heatmap(grid, ax=ax, cmap="vlag", center=center, vmin=center - spread, vmax=center + spread, annot=annot, fmt="",
+                    annot_kws={"fontsize": 7}, cbar=ax is axes[-1], linewidths=0.3,
+                    cbar_kws={"label": "share of slots" if value == "share" else "lift"} if ax is axes[-1] else None)
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel=label if ax is axes[0] else "")
+        ax.tick_params(axis="y", labelrotation=0)
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    unit = "share of the row's slots (%), centre = uniform 1/E" if value == "share" else "lift: share / expert's overall share"
+    fig.suptitle(f"{title}  ({unit})" if title else unit)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mi_by_layer(mi: pd.DataFrame, title: str = "Mutual information between expert choice and label", floor: float = 1e-6) -> plt.Figure:
+    """``mi`` has one row per (condition, seed, variable, layer) with ``mi_bits``: one panel per
+    variable, one line per condition, the seed mean with its 95% t-interval, seeds as dots.
+
+    The y axis is logarithmic, because a random router's MI is orders of magnitude below a
+    learned one's; an interval that reaches 0 or below is cut at ``floor``.
+    """
+    from .experiments import mean_ci
+
+    variables = list(dict.fromkeys(mi["variable"]))
+    fig, axes = plt.subplots(1, len(variables), figsize=(5.2 * len(variables), 3.8), squeeze=False)
+    for ax, variable in zip(axes[0], variables):
+        part = mi[mi.variable == variable]
+        for i, (condition, rows) in enumerate(part.groupby("condition", sort=False)):
+            layers = sorted(rows.layer.unique())
+            stats_ = [mean_ci(rows[rows.layer == l].mi_bits) for l in layers]
+            mean = np.maximum(np.array([s[0] for s in stats_]), floor)
+            low_end = np.array([s[3] for s in stats_])
+            high_end = np.array([s[4] for s in stats_])
+            low = np.nan_to_num(mean - np.clip(low_end, floor, None))
+            high = np.nan_to_num(np.maximum(high_end, floor) - mean)
+            x = np.array(layers) + (i - 0.5) * 0.08
+            ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=4, label=condition, color=f"C{i}")
+            ax.scatter(rows.layer + (i - 0.5) * 0.08, np.maximum(rows.mi_bits, floor), s=10, color=f"C{i}", alpha=0.4)
+        ax.set(title=variable, xlabel="layer", ylabel="I(expert; label) (bits, log scale)", xticks=sorted(part.layer.unique()))
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title} (mean and 95% CI over seeds; dots: seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activation") -> plt.Figure:
+    """One heatmap per layer of the pair lift ``C_ij / expected_ij`` (1 = as usage predicts)."""
+    lifts = [np.asarray(l, dtype=float) for l in lifts]
+    num_experts = lifts[0].shape[0]
+    finite = np.concatenate([l[np.isfinite(l)] for l in lifts]) if lifts else np.array([1.0])
+    spread = float(np.max(np.abs(np.log2(np.clip(finite, 1e-3, None))))) if finite.size else 1.0
+    fig, axes = _layer_panels(len(lifts), width=0.5 * num_experts + 1.3, height=0.5 * num_experts + 0.9)
+    for layer, (ax, lift) in enumerate(zip(axes, lifts)):
+        sns.heatmap(np.log2(np.clip(lift, 1e-3, None)), ax=ax, cmap="vlag", center=0, vmin=-spread, vmax=spread,
+                    annot=np.round(lift, 1), fmt="", annot_kws={"fontsize": 6}, cbar=ax is axes[-1], square=True,
+                    mask=~np.isfinite(lift), cbar_kws={"label": "log2 lift"} if ax is axes[-1] else None)
+        ax.set(title=f"layer {layer}", xlabel="expert", ylabel="expert" if ax is axes[0] else "")
+    fig.suptitle(f"{title}: lift of each top-2 pair over what usage predicts (annotated; 1 = chance)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor sweep") -> plt.Figure:
+    """Validation dropped fraction (left) and validation perplexity (right) against the capacity
+    factor (dropless last), one line per load-balancing weight; several seeds give mean and 95% CI."""
+    from .experiments import mean_ci
+    from .studies import capacity_label
+
+    finite = sorted(results.capacity_factor.dropna().unique())
+    order = [capacity_label(c) for c in finite] + (["dropless"] if results.capacity_factor.isna().any() else [])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, ylabel, scale) in zip(
+        axes, [("dropped_fraction", "dropped slots (% of routed, validation)", 100.0), ("val_perplexity", "validation perplexity", 1.0)]
+    ):
+        for i, (lb, part) in enumerate(results.groupby("load_balancing_weight", sort=False)):
+            labels = part.capacity_factor.map(capacity_label)
+            stats_ = [mean_ci(scale * part.loc[labels == o, metric]) for o in order]
+            mean = np.array([s[0] for s in stats_])
+            low = np.nan_to_num(mean - np.array([s[3] for s in stats_]))
+            high = np.nan_to_num(np.array([s[4] for s in stats_]) - mean)
+            ax.errorbar(range(len(order)), mean, yerr=[low, high], marker="o", capsize=4, label=f"lb weight {lb}", color=f"C{i}")
+        ax.set_xticks(range(len(order)), order)
+        ax.set(xlabel="capacity factor (C = ceil(cf N k / E))", ylabel=ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

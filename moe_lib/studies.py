@@ -6,6 +6,10 @@
   (the routing-noise factorial; 6 conditions x seeds 42, 43, 44 = 18 runs).
 * ``zloss`` - baseline, z-loss 0.001, z-loss 0.001 without router noise, z-loss 0.01
   (the z-loss tutorial; the original ran one seed, we run several).
+* ``specialization`` - learned vs random top-2 routing (load balancing 0.01, dropless) on the
+  profile's seeds, checkpoints kept: the models notebook 05 opens to see what experts learn.
+* ``capacity`` - capacity factor {0.5, 1.0, 1.25, 2.0, dropless} x load balancing {0.01, 0}
+  on one seed (42): 10 runs, the token-dropping trade-off of GShard and Switch.
 
 :func:`run_study` trains what is missing, appends each finished run to
 ``results/<profile>/<study>.csv`` and returns the results with their histories.
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 
 from .config import RunConfig
@@ -78,7 +84,59 @@ def zloss_grid(profile: Profile, seeds=None) -> Grid:
     return Grid(name="zloss", runs=_runs(conditions, seeds or profile.seeds), factors=("z_loss_weight", "noise_std"), baseline="baseline")
 
 
-STUDIES: dict[str, Callable[..., Grid]] = {"routing": routing_grid, "noise": noise_grid, "zloss": zloss_grid}
+SPECIALIZATION_ROUTERS = {"learned top-2": "topk", "random top-2": "random"}
+
+
+def specialization_grid(profile: Profile, seeds=None) -> Grid:
+    """Learned vs random top-2 routing, load balancing 0.01, no noise, dropless, on the profile's seeds.
+
+    The random router is the control: whatever "specialization" it shows is chance. The
+    analysis needs the trained models, so :func:`run_study` always saves this grid's checkpoints.
+    """
+    base = profile.base.with_model(top_k=2, noise_std=0.0, load_balancing_weight=0.01, z_loss_weight=0.0, capacity_factor=None)
+    conditions = {label: ({"router": router}, base.with_model(router=router)) for label, router in SPECIALIZATION_ROUTERS.items()}
+    return Grid(name="specialization", runs=_runs(conditions, seeds or profile.seeds), factors=("router",), baseline="random top-2")
+
+
+CAPACITY_FACTORS: tuple[float | None, ...] = (0.5, 1.0, 1.25, 2.0, None)  # None = dropless
+CAPACITY_SEED = 42
+
+
+def capacity_label(cf: float | None) -> str:
+    """``"0.5"``, ``"1.25"``, ... or ``"dropless"`` for a capacity factor of None (NaN once read back from a CSV)."""
+    return "dropless" if cf is None or (isinstance(cf, float) and math.isnan(cf)) else str(float(cf))
+
+
+def capacity_grid(profile: Profile, seeds=None) -> Grid:
+    """capacity_factor x load_balancing_weight, learned top-2, on ONE seed (42) unless seeds are given.
+
+    Ten runs at about a minute each on the cpu profile; a single seed keeps the sweep affordable,
+    so its perplexity differences come without a confidence interval.
+    """
+    base = profile.base.with_model(top_k=2, router="topk", noise_std=0.0, z_loss_weight=0.0)
+    conditions = {}
+    for lb, cf in itertools.product(LB_WEIGHTS, CAPACITY_FACTORS):
+        conditions[f"cf={capacity_label(cf)}, lb={lb}"] = (
+            {"capacity_factor": cf, "load_balancing_weight": lb},
+            base.with_model(capacity_factor=cf, load_balancing_weight=lb),
+        )
+    return Grid(
+        name="capacity",
+        runs=_runs(conditions, seeds or (CAPACITY_SEED,)),
+        factors=("capacity_factor", "load_balancing_weight"),
+        baseline="cf=dropless, lb=0.01",
+    )
+
+
+STUDIES: dict[str, Callable[..., Grid]] = {
+    "routing": routing_grid,
+    "noise": noise_grid,
+    "zloss": zloss_grid,
+    "specialization": specialization_grid,
+    "capacity": capacity_grid,
+}
+# Studies whose analysis opens the trained models: run_study always keeps their checkpoints.
+CHECKPOINTED_STUDIES = frozenset({"specialization"})
 
 
 @dataclass
@@ -107,9 +165,14 @@ def run_study(
     save_checkpoints: bool = False,
     progress: bool = True,
 ) -> StudyResult:
-    """Run (or resume) a study; finished runs already in its CSV are not trained again."""
+    """Run (or resume) a study; finished runs already in its CSV are not trained again.
+
+    Checkpoints go to ``saved_models/<grid>/<run_id>/`` when ``save_checkpoints`` is set, and
+    always for the studies in :data:`CHECKPOINTED_STUDIES`.
+    """
     from .train import train_run
 
+    save_checkpoints = save_checkpoints or study in CHECKPOINTED_STUDIES
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     grid = build_grid(study, profile, seeds)
     paths = output_paths(profile)
@@ -166,12 +229,22 @@ def best_condition(study: StudyResult, metric: str = "test_loss") -> str:
     return study.results.groupby("condition")[metric].mean().idxmin()
 
 
-def checkpoint_dir(study: StudyResult, condition: str) -> Path:
-    """The saved checkpoint of ``condition``'s first seed (the study must run with save_checkpoints=True)."""
-    run = next(r for r in study.grid.runs if r.condition == condition)
-    path = output_paths(study.profile).saved_models / study.grid.name / run.run_id
+def checkpoint_dir(study: StudyResult, condition: str, seed: int | None = None) -> Path:
+    """The saved checkpoint of ``condition`` for ``seed`` (default: its first seed).
+
+    The study must have run with ``save_checkpoints=True`` (always so for the studies in
+    :data:`CHECKPOINTED_STUDIES`).
+    """
+    runs = [r for r in study.grid.runs if r.condition == condition and (seed is None or r.seed == seed)]
+    if not runs:
+        valid = sorted({(r.condition, r.seed) for r in study.grid.runs})
+        raise ValueError(f"no run with condition={condition!r} and seed={seed!r} in grid {study.grid.name!r}; valid: {valid}")
+    path = output_paths(study.profile).saved_models / study.grid.name / runs[0].run_id
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: run the study with save_checkpoints=True")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: run the study with save_checkpoints=True "
+            f"(a run already in the results CSV is not retrained; use fresh=True to retrain and save it)"
+        )
     return path
 
 
@@ -330,6 +403,249 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- specialization (notebook 05)
+@dataclass
+class SpecializationAnalysis:
+    """Every run of the specialization study traced over one split.
+
+    ``traces[(condition, seed)]`` is a :class:`~moe_lib.specialization.RoutingTrace`;
+    ``mi`` has one row per (condition, seed, variable, layer) with the columns of
+    :func:`~moe_lib.specialization.mi_by_layer`.
+    """
+
+    study: StudyResult
+    split: str
+    annotation: Any
+    traces: dict[tuple[str, int], Any]
+    mi: pd.DataFrame
+
+    def trace(self, condition: str, seed: int | None = None):
+        """The trace of ``condition`` for ``seed`` (default: its first seed)."""
+        keys = [k for k in self.traces if k[0] == condition and (seed is None or k[1] == seed)]
+        if not keys:
+            raise ValueError(f"no trace for condition={condition!r}, seed={seed!r}; traced: {sorted(self.traces)}")
+        return self.traces[keys[0]]
+
+    def traces_of(self, condition: str) -> list:
+        return [t for (c, _), t in self.traces.items() if c == condition]
+
+
+def analyze_specialization(
+    study: StudyResult, split: str = "test", variables: tuple[str, ...] = ("genre", "token_class"), batch_size: int = 32
+) -> SpecializationAnalysis:
+    """Load every finished run's checkpoint, trace ``split`` through it and measure ``I(expert; label)`` per layer.
+
+    A document field the corpus does not have (``genre`` outside Shakespeare) is left out of ``variables``.
+    """
+    from . import specialization as spec
+    from .checkpoint import load_checkpoint
+    from .train import load_data, resolve_device
+
+    finished = set(study.results["run_id"])
+    runs = [r for r in study.grid.runs if r.run_id in finished]
+    if not runs:
+        raise ValueError(f"grid {study.grid.name!r} has no finished runs to analyse")
+    data = load_data(runs[0].config.data)
+    tokens = getattr(data, split)
+    annotation = spec.annotate_split(tokens, data.tokenizer)
+    fields = {k for doc in annotation.documents for k, v in doc.items() if v is not None}
+    variables = tuple(v for v in variables if v in ("token_class", "token") or v in fields)
+    device = resolve_device(study.profile.base.train.device)
+    traces, frames = {}, []
+    for run in runs:
+        model, config, _ = load_checkpoint(checkpoint_dir(study, run.condition, run.seed), device=device)
+        trace = spec.trace_routing(
+            model, tokens, annotation=annotation, seq_len=config.train.seq_len, batch_size=batch_size, seed=run.seed,
+            name=f"{run.condition}, seed {run.seed}",
+        )
+        traces[(run.condition, run.seed)] = trace
+        frame = spec.mi_by_layer(trace, variables)
+        frame.insert(0, "seed", run.seed)
+        frame.insert(0, "condition", run.condition)
+        frames.append(frame)
+    return SpecializationAnalysis(study, split, annotation, traces, pd.concat(frames, ignore_index=True))
+
+
+def _interval(mean: float, low: float, high: float, digits: int = 4) -> str:
+    if pd.isna(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def mi_comparison(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> pd.DataFrame:
+    """Per (variable, layer): learned and random-router MI (seed mean and 95% CI), their ratio, and the
+    seed-paired difference with its 95% CI and paired t-test p-value (numbers, for verdicts)."""
+    from .experiments import mean_ci, paired_comparison
+
+    rows = []
+    for (variable, layer), part in analysis.mi.groupby(["variable", "layer"], sort=False):
+        a, b = mean_ci(part[part.condition == learned].mi_bits), mean_ci(part[part.condition == control].mi_bits)
+        cmp = paired_comparison(part, baseline=control, metric="mi_bits", lower_is_better=False).set_index("condition").loc[learned]
+        rows.append({
+            "variable": variable, "layer": layer,
+            "learned_mean": a[0], "learned_ci_low": a[3], "learned_ci_high": a[4],
+            "random_mean": b[0], "random_ci_low": b[3], "random_ci_high": b[4],
+            "ratio": a[0] / b[0] if b[0] > 0 else float("inf"),
+            "difference": cmp.mean_difference, "difference_ci_low": cmp.difference_ci_low, "difference_ci_high": cmp.difference_ci_high,
+            "p_value": cmp.p_value, "n_pairs": int(cmp.n_pairs),
+            "learned_fraction": part[part.condition == learned].mi_fraction.mean(),
+            "label_entropy_bits": part.label_entropy_bits.iloc[0],
+            "miller_madow_bits": part.miller_madow_bits.iloc[0],
+        })
+    return pd.DataFrame(rows)
+
+
+def mi_table(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> pd.DataFrame:
+    """:func:`mi_comparison` for display: MI in bits as "mean [95% CI]" over seeds."""
+    c = mi_comparison(analysis, learned, control)
+    table = pd.DataFrame({
+        "variable": c.variable,
+        "layer": c.layer,
+        f"{learned} (bits)": [_interval(m, lo, hi) for m, lo, hi in zip(c.learned_mean, c.learned_ci_low, c.learned_ci_high)],
+        f"{control} (bits)": [_interval(m, lo, hi) for m, lo, hi in zip(c.random_mean, c.random_ci_low, c.random_ci_high)],
+        "x chance": [f"{r:.1f}" for r in c.ratio],
+        "paired difference [95% CI]": [_interval(m, lo, hi) for m, lo, hi in zip(c.difference, c.difference_ci_low, c.difference_ci_high)],
+        "p (paired t)": [f"{p:.3f}" if pd.notna(p) else "–" for p in c.p_value],
+        "share of H(label)": [f"{100 * f:.2f}%" for f in c.learned_fraction],
+        "Miller-Madow bias": [f"{b:.5f}" for b in c.miller_madow_bits],
+    })
+    return table.set_index(["variable", "layer"])
+
+
+def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> list[str]:
+    """Plain-language findings computed from the traces: MI beyond chance, the strongest
+    class preferences and co-activations, each against the random router's chance level."""
+    from . import specialization as spec
+
+    c = mi_comparison(analysis, learned, control)
+    n_seeds = int(c.n_pairs.max()) if len(c) else 0
+    lines = []
+    for variable, part in c.groupby("variable", sort=False):
+        beyond = part[part.difference_ci_low > 0]
+        best = part.loc[part.difference.idxmax()]
+        lines.append(
+            f"I(expert; {variable}): the learned router beats the random-router control in {len(beyond)} of {len(part)} layers "
+            f"(counting a layer when the seed-paired 95% CI of the difference, {n_seeds} seeds, lies above 0). "
+            f"Largest difference at layer {int(best.layer)}: {best.learned_mean:.4f} bits "
+            f"vs {best.random_mean:.4f} by chance ({best.ratio:.1f}x), i.e. {100 * best.learned_fraction:.2f}% of "
+            f"H({variable}) = {best.label_entropy_bits:.3f} bits; {_significance(best.difference_ci_low, best.difference_ci_high)}."
+        )
+    mm = c.miller_madow_bits.mean()
+    rnd = c.random_mean.mean()
+    lines.append(
+        f"Estimator bias: the random router's plug-in MI averages {rnd:.5f} bits against a Miller-Madow expectation of {mm:.5f} "
+        f"bits for independent variables ({rnd / mm:.1f}x): {'the control MI is' if rnd / mm < 3 else 'the control MI is NOT'} "
+        f"of the size sampling noise alone predicts."
+    )
+    # Chance threshold: the largest value the random router produced over all its layers, experts
+    # (or pairs) and seeds, the maximum statistic of the control.
+    for label, kind in (("token_class", "token class"), ("genre", "genre")):
+        if label not in set(analysis.mi.variable):
+            continue
+        best = {}
+        for condition in (learned, control):
+            rows = []
+            for trace in analysis.traces_of(condition):
+                table = spec.label_utilization(trace, trace.labels(label), label)
+                rows.append(table.loc[table.lift.idxmax()])
+            best[condition] = rows
+        top = max(best[learned], key=lambda r: r.lift)
+        chance = max(r.lift for r in best[control])
+        lines.append(
+            f"Strongest {kind} preference (learned, any seed): layer {int(top.layer)} expert {int(top.expert)} takes "
+            f"{100 * top.share:.1f}% of the {top[label]} slots, {top.lift:.2f}x its overall share. The random router's largest "
+            f"such lift (any layer, expert, seed) is {chance:.2f}x, so this is "
+            f"{'beyond' if top.lift > chance else 'within'} what chance produced."
+        )
+    if analysis.trace(learned).top_k >= 2:
+        maxima = {}
+        for condition in (learned, control):
+            maxima[condition] = [float(np.nanmax(lift)) for trace in analysis.traces_of(condition) for lift in spec.coactivation(trace)[1]]
+        chance = max(maxima[control])
+        above = sum(m > chance for m in maxima[learned])
+        lines.append(
+            f"Co-activation: the most over-represented expert pair of a layer has lift {np.mean(maxima[learned]):.2f} on average "
+            f"for the learned router (over layers and seeds) and at most {chance:.2f} for the random router; "
+            f"{above} of {len(maxima[learned])} learned layer-seed maxima exceed that chance maximum."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- capacity (notebook 05)
+def capacity_table(study: StudyResult) -> pd.DataFrame:
+    """Per condition: dropped slots (validation, mean over layers and per layer), the floor ``1 - cf``
+    that any routing must drop when cf < 1, validation perplexity and its change vs dropless at the same lb."""
+    r = study.results.copy()
+    rows = []
+    for condition in _conditions(study):
+        part = r[r.condition == condition]
+        cf, lb = part.capacity_factor.iloc[0], part.load_balancing_weight.iloc[0]
+        dropless = r[(r.capacity_factor.isna()) & (r.load_balancing_weight == lb)]
+        layer_cols = sorted((c for c in r.columns if c.startswith("val_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
+        rows.append({
+            "capacity factor": capacity_label(cf),
+            "lb weight": lb,
+            "seeds": len(part),
+            "dropped (%)": f"{100 * part.dropped_fraction.mean():.2f}",
+            "dropped per layer (%)": " ".join(f"{100 * part[c].mean():.1f}" for c in layer_cols),
+            "floor 1 - cf (%)": f"{100 * max(0.0, 1 - cf):.0f}" if pd.notna(cf) else "0",
+            "val PPL": _mean_std(part.val_perplexity, 2),
+            "vs dropless": f"{100 * (part.val_perplexity.mean() / dropless.val_perplexity.mean() - 1):+.1f}%" if len(dropless) else "–",
+            "ms/step": f"{part.ms_per_step.mean():.0f}",
+        })
+    return pd.DataFrame(rows).set_index(["capacity factor", "lb weight"])
+
+
+def capacity_verdicts(study: StudyResult, seed_std: float | None = None, threshold: float = 0.01) -> list[str]:
+    """Findings computed from the capacity sweep. ``seed_std``: the seed-to-seed std of validation
+    perplexity for the dropless lb 0.01 configuration (from a multi-seed study), the yardstick for
+    whether a one-seed difference is more than noise."""
+    r = study.results
+    lines = []
+    below_one = r[r.capacity_factor < 1]
+    for _, row in below_one.iterrows():
+        floor = 1 - row.capacity_factor
+        lines.append(
+            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.dropped_fraction:.1f}% of slots dropped; "
+            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
+            f"{100 * floor:.0f}% must drop: {'consistent' if row.dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+        )
+    for lb, part in r.groupby("load_balancing_weight", sort=False):
+        finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
+        ok = finite[finite.dropped_fraction < threshold]
+        first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
+        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
+    for cf in (1.0, 1.25):
+        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].dropped_fraction.mean()
+        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].dropped_fraction.mean()
+        if pd.notna(on) and pd.notna(off):
+            lines.append(
+                f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "
+                + (f"the auxiliary loss cuts drops {off / on:.1f}x." if on > 0 and off > on else "load balancing does not reduce drops here." if off <= on else "no drops with load balancing.")
+            )
+    for lb, part in r.groupby("load_balancing_weight", sort=False):
+        base = part[part.capacity_factor.isna()].val_perplexity.mean()
+        if pd.isna(base):
+            continue
+        for _, row in part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor").iterrows():
+            diff = row.val_perplexity - base
+            noise = ""
+            if seed_std is not None and pd.notna(seed_std):
+                noise = f"; {'more' if abs(diff) > 2 * seed_std else 'less'} than 2 seed-std ({2 * seed_std:.2f} PPL) of the dropless model"
+            lines.append(
+                f"lb={lb}, cf={capacity_label(row.capacity_factor)}: val PPL {row.val_perplexity:.2f} vs dropless {base:.2f} "
+                f"({diff:+.2f}, {100 * diff / base:+.1f}%{noise})."
+            )
+    fast = r[r.capacity_factor == r.capacity_factor.min()].ms_per_step.mean()
+    slow = r[r.capacity_factor.isna()].ms_per_step.mean()
+    if pd.notna(fast) and pd.notna(slow):
+        lines.append(
+            f"Time per step: {fast:.0f} ms at cf={capacity_label(r.capacity_factor.min())} vs {slow:.0f} ms dropless "
+            "(wall-clock on this machine; on shared CPUs a rough guide only)."
+        )
+    return lines
+
+
 @dataclass
 class StudyReport:
     summary: pd.DataFrame
@@ -359,6 +675,9 @@ def report_study(study: StudyResult, show: bool = False) -> StudyReport:
     elif name == "zloss":
         summary = zloss_table(study)
         figures[f"{name}_logit_magnitude"] = plots.plot_layer_metric(h, "logsumexp", "mean logsumexp", "Router logit magnitude")
+    elif name == "capacity":
+        summary = capacity_table(study)
+        figures[f"{name}_sweep"] = plots.plot_capacity_sweep(study.results, title="Capacity factor: dropped slots and validation perplexity")
     else:
         summary = routing_table(study)
     paths = [plots.save_figure(f, n, study.profile) for n, f in figures.items()]  # a temp folder under smoke

@@ -1,0 +1,115 @@
+"""Capacity factor and token dropping (GShard/Switch): ``C = ceil(cf * N * k / E)`` slots per expert.
+
+The hand-computed case is the one notebook 05 walks through: 6 tokens, top-2, 3 experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lib.config import ModelConfig
+from moe_lib.experts import Experts, capacity_keep_mask, dispatch_grouped, dispatch_loop, expert_capacity
+from moe_lib.metrics import RoutingAccumulator
+from moe_lib.model import MoETransformer
+
+DISPATCH = [dispatch_grouped, dispatch_loop]
+# token n chose experts HAND[n]; slots per expert: e0 = 5, e1 = 4, e2 = 3 (N k = 12)
+HAND = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [2, 1], [0, 2]])
+
+
+def layer_inputs(seed: int = 0, n: int = 6, d: int = 8, num_experts: int = 3):
+    torch.manual_seed(seed)
+    return Experts(num_experts, d, 16), torch.randn(n, d), torch.rand(n, 2)
+
+
+def test_capacity_formula():
+    assert expert_capacity(6, 2, 3, None) is None
+    assert expert_capacity(6, 2, 3, 1.0) == 4  # ceil(1.0 * 12 / 3)
+    assert expert_capacity(6, 2, 3, 0.5) == 2
+    assert expert_capacity(6, 2, 3, 1.25) == 5  # ceil(5.0)
+    assert expert_capacity(10, 1, 4, 1.0) == 3  # ceil(2.5)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+def test_dropless_equals_the_uncapped_path_and_drops_nothing(dispatch):
+    experts, x, gates = layer_inputs()
+    y_none, drop_none = dispatch(x, HAND, gates, experts, None)
+    # a capacity the busiest expert (5 slots) fits into behaves exactly like dropless
+    y_big, drop_big = dispatch(x, HAND, gates, experts, expert_capacity(6, 2, 3, 2.0))
+    assert drop_none.item() == 0.0 and drop_big.item() == 0.0
+    assert torch.equal(y_none, y_big)
+
+
+def test_dropless_model_equals_a_model_whose_capacity_never_binds():
+    base = dict(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=16, num_experts=4, top_k=2)
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for cf in (None, 4.0):  # cf = E guarantees C >= N k: no expert can overflow
+        torch.manual_seed(0)
+        model = MoETransformer(ModelConfig(**base, capacity_factor=cf)).eval()
+        outputs.append(model(x))
+    assert torch.equal(outputs[0].logits, outputs[1].logits)
+    assert all(float(r.dropped_fraction) == 0.0 for out in outputs for r in out.routing)
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+def test_nothing_is_dropped_exactly_when_no_expert_overflows(dispatch):
+    torch.manual_seed(1)
+    n, k, num_experts = 40, 2, 6
+    experts, x, _ = layer_inputs(seed=1, n=n, d=8, num_experts=num_experts)
+    idx = torch.randn(n, num_experts).topk(k, dim=-1).indices
+    gates = torch.rand(n, k)
+    busiest = int(torch.bincount(idx.flatten(), minlength=num_experts).max())
+    cf_fits = busiest * num_experts / (n * k)  # ceil(cf N k / E) = busiest: the smallest cf with no overflow
+    assert expert_capacity(n, k, num_experts, cf_fits) == busiest
+    y_ref, _ = dispatch(x, idx, gates, experts, None)
+    y, dropped = dispatch(x, idx, gates, experts, busiest)
+    assert dropped.item() == 0.0 and torch.equal(y, y_ref)
+    _, dropped = dispatch(x, idx, gates, experts, busiest - 1)
+    assert dropped.item() > 0.0  # one slot fewer and the busiest expert overflows
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
+@pytest.mark.parametrize(
+    "cf, capacity, dropped_slots",
+    [
+        (1.0, 4, [(5, 0)]),  # expert 0 has 5 slots, keeps the first 4: token 5's first slot goes
+        (0.5, 2, [(2, 0), (3, 1), (5, 0), (3, 0), (4, 1), (5, 1)]),  # e0 drops 3, e1 drops 2, e2 drops 1
+        (1.25, 5, []),
+    ],
+)
+def test_dropped_slots_match_the_hand_computed_case(dispatch, cf, capacity, dropped_slots):
+    assert expert_capacity(6, 2, 3, cf) == capacity
+    keep = capacity_keep_mask(HAND, 3, capacity)
+    expected = torch.ones(6, 2, dtype=torch.bool)
+    for n, j in dropped_slots:
+        expected[n, j] = False
+    assert torch.equal(keep, expected)
+
+    experts, x, gates = layer_inputs()
+    y, dropped = dispatch(x, HAND, gates, experts, capacity)
+    assert dropped.item() == pytest.approx(len(dropped_slots) / 12)
+    # a dropped slot contributes nothing: the output is the uncapped one with those gates zeroed
+    y_masked, _ = dispatch(x, HAND, gates * keep, experts, None)
+    torch.testing.assert_close(y, y_masked, rtol=1e-6, atol=1e-6)
+
+
+def test_dropped_fraction_reaches_the_model_and_the_accumulator():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=16, num_experts=4, top_k=2,
+                      capacity_factor=0.5)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    acc = RoutingAccumulator()
+    per_batch = []
+    for seed, rows in ((0, 2), (1, 4)):
+        x = torch.randint(0, 50, (rows, 16), generator=torch.Generator().manual_seed(seed))
+        routing = model(x).routing
+        per_batch.append([float(r.dropped_fraction) for r in routing])
+        acc.add(routing)
+    # cf = 0.5 keeps at most half of the slots, so at least half are dropped in every layer
+    assert all(d >= 0.5 for batch in per_batch for d in batch)
+    # pooled by slots: batch 2 routes twice as many tokens as batch 1
+    for layer, pooled in enumerate(acc.dropped_per_layer()):
+        assert pooled == pytest.approx((2 * per_batch[0][layer] + 4 * per_batch[1][layer]) / 6)
+

@@ -1,0 +1,116 @@
+"""moe_lib.specialization: information measures against hand values, the play-layout rules,
+co-activation counts, and routing traces of a real (small) model on the embedded plays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moe_lib import specialization as spec
+from moe_lib.config import DataConfig, ModelConfig
+from moe_lib.data import prepare_data
+from moe_lib.model import MoETransformer
+
+
+# --------------------------------------------------------------------------- information
+def test_entropy_and_mutual_information_match_hand_values():
+    assert spec.entropy_bits(["a", "a", "b", "b"]) == pytest.approx(1.0)
+    assert spec.entropy_bits([0, 0, 0, 1]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert spec.mutual_information([0, 0, 1, 1], ["x", "x", "y", "y"]) == pytest.approx(1.0)  # y determines x
+    assert spec.mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0)  # independent, balanced
+    # p(x,y): (0,0)=1/2, (1,0)=1/4, (1,1)=1/4 -> I = H(X) + H(Y) - H(X,Y) = 1 + 0.811 - 1.5
+    h_y = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert spec.mutual_information([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(1 + h_y - 1.5)
+    with pytest.raises(ValueError, match="equally long"):
+        spec.mutual_information([0, 1], [0])
+
+
+def test_plug_in_mi_of_independent_labels_is_about_the_miller_madow_bias():
+    rng = np.random.default_rng(0)
+    m, nx, ny = 20_000, 8, 6
+    estimates = [spec.mutual_information(rng.integers(0, nx, m), rng.integers(0, ny, m)) for _ in range(20)]
+    bias = spec.miller_madow_bias(m, nx, ny)
+    assert bias == pytest.approx(35 / (2 * m * math.log(2)))
+    assert 0.6 * bias < np.mean(estimates) < 1.4 * bias  # positive, and of the predicted size
+
+
+# --------------------------------------------------------------------------- play layout
+def test_line_roles_read_speakers_and_stage_directions_from_the_layout():
+    text = "SCENE II. A hall.\n\nEnter HAMLET\n\nHAMLET\nSo much for this, sir.\n[Aside] Thou dost remember?\n\nThey fight\n\nExeunt"
+    assert spec.line_roles(text) == [
+        "direction", "blank", "direction", "blank", "speaker", "speech", "speech", "blank", "direction", "blank", "direction",
+    ]
+    classes = spec.character_classes(text)
+    names = np.asarray(spec.TOKEN_CLASSES)
+    start = text.index("HAMLET\nSo")
+    assert set(names[classes[start : start + 6]]) == {"speaker name"}
+    assert names[classes[text.index("much")]] == "other word"
+    assert names[classes[text.index("for this")]] == "function word"
+    assert names[classes[text.index(", sir")]] == "punctuation"
+    assert names[classes[text.index("[Aside]") + 1]] == "stage direction"
+
+
+# --------------------------------------------------------------------------- co-activation
+def test_coactivation_counts_and_lift():
+    counts = spec.coactivation_counts(np.array([[0, 1], [1, 0], [1, 2], [3, 2]]), 4)
+    expected = np.zeros((4, 4), dtype=int)
+    expected[0, 1] = expected[1, 0] = 2
+    expected[1, 2] = expected[2, 1] = 1
+    expected[2, 3] = expected[3, 2] = 1
+    assert np.array_equal(counts, expected)
+    # every pair equally often: the usage-predicted count is met exactly, lift 1 off the diagonal
+    pairs = np.array([[i, j] for i in range(4) for j in range(4) if i < j])
+    lift = spec.coactivation_lift(spec.coactivation_counts(pairs, 4))
+    off_diagonal = lift[~np.eye(4, dtype=bool)]
+    assert np.allclose(off_diagonal, 1.0) and np.isnan(np.diag(lift)).all()
+
+
+# --------------------------------------------------------------------------- traces of a real model
+@pytest.fixture(scope="module")
+def plays(tmp_path_factory):
+    cfg = DataConfig(max_documents=40, tokenizer="char", val_fraction=0.1, test_fraction=0.2, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return prepare_data(cfg)
+
+
+def tiny_model(vocab_size: int, router: str = "topk") -> MoETransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=64, num_experts=4, top_k=2, router=router)
+    return MoETransformer(cfg)
+
+
+def test_trace_routes_every_token_within_its_document(plays):
+    model = tiny_model(plays.vocab_size)
+    annotation = spec.annotate_split(plays.test, plays.tokenizer)
+    trace = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32)
+    assert trace.experts.shape == (2, len(plays.test), 2)
+    assert len(annotation.token_text) == len(plays.test) == len(annotation.token_class)
+    assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # k distinct experts per token
+    # the second document's first window, run on its own, routes exactly as in the trace
+    start = int(plays.test.doc_offsets[1])
+    window = plays.test.tokens[start : start + 32].unsqueeze(0)
+    with torch.no_grad():
+        routing = model.eval()(window).routing
+    for layer, r in enumerate(routing):
+        assert np.array_equal(r.expert_indices.numpy(), trace.experts[layer, start : start + 32])
+    genres = set(trace.labels("genre"))
+    assert genres <= {"comedy", "tragedy", "history"} and len(genres) >= 2
+    table = spec.label_utilization(trace, trace.labels("genre"), "genre")
+    assert np.allclose(table.groupby(["layer", "genre"]).share.sum(), 1.0)
+    with pytest.raises(ValueError, match="unknown label 'mood'"):
+        trace.labels("mood")
+
+
+def test_random_router_trace_is_reproducible_and_near_chance(plays):
+    model = tiny_model(plays.vocab_size, router="random")
+    annotation = spec.annotate_split(plays.test, plays.tokenizer)
+    a = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
+    b = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
+    c = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=8)
+    assert np.array_equal(a.experts, b.experts) and not np.array_equal(a.experts, c.experts)
+    assert np.abs(a.utilization() - 0.25).max() < 0.02
+    mi = spec.mi_by_layer(a, ("token_class",))
+    # the random router's MI with the token class is of the size of the estimator's bias, not more
+    assert (mi.mi_bits < 5 * mi.miller_madow_bits).all()
