@@ -3,6 +3,9 @@
 Each notebook runs in a fresh kernel with its own folder as the working directory and the
 current ``MOE_PROFILE``. A notebook is replaced only after it ran to the end (written to a
 temporary file and moved into place), so a failure never leaves a half-executed notebook.
+Progress bars are stored as their final state: consecutive stream outputs are merged and
+carriage-return overwrites applied (nbconvert's ``CoalesceStreamsPreprocessor``), as a live
+notebook shows them.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def notebook_paths(notebooks_dir: Path | None = None, only: list[str] | None = N
 def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None, timeout: int = 3600) -> list[Path]:
     import nbformat
     from nbclient import NotebookClient
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     paths = notebook_paths(notebooks_dir, only)
     profile = os.environ.get("MOE_PROFILE", "(auto)")
@@ -41,6 +45,7 @@ def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None,
         nb = nbformat.read(path, as_version=4)
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
         client.execute()
+        nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
         atomic_write_bytes(path, nbformat.writes(nb).encode())
         print(f"[course] {path.name}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return paths

@@ -244,6 +244,37 @@ def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor swe
     return fig
 
 
+# --------------------------------------------------------------------------- dispatch speed (notebook 06)
+def plot_dispatch_benchmark(layer: pd.DataFrame, tokens: int, title: str = "MoE layer, forward + backward, fp32") -> plt.Figure:
+    """One panel per layer shape: achieved GFLOP/s of each implementation at ``tokens`` tokens,
+    with the machine's measured fp32 matmul peak (same run) as a dashed line.
+
+    ``layer`` is :func:`moe_lib.perf.benchmark_layer_frame`'s table.
+    """
+    part = layer[layer.tokens == tokens]
+    if part.empty:
+        raise ValueError(f"no benchmark rows at {tokens} tokens; measured: {sorted(layer.tokens.unique())}")
+    shapes = list(dict.fromkeys(part["shape"]))
+    implementations = list(dict.fromkeys(part["implementation"]))
+    colors = dict(zip(implementations, sns.color_palette("deep", len(implementations))))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.6 * len(shapes), 0.42 * len(implementations) + 1.8), sharey=True, squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = part[part["shape"] == shape].set_index("implementation").reindex(implementations)
+        ax.barh(range(len(implementations)), rows.gflops, color=[colors[i] for i in implementations])
+        for y, (g, pct) in enumerate(zip(rows.gflops, rows.pct_peak)):
+            if pd.notna(g):
+                ax.text(g, y, f" {g:.0f} ({pct:.0f}%)", va="center", fontsize=8)
+        peak = rows.peak_gflops.dropna().iloc[0]
+        ax.axvline(peak, color="black", linestyle="--", linewidth=1)
+        ax.text(peak, len(implementations) - 0.4, " fp32 peak", fontsize=8, va="top")
+        ax.set(title=f"{rows.label.dropna().iloc[0]}\n{shape}", xlabel="GFLOP/s (% of peak)", xlim=(0, peak * 1.35))
+        ax.set_yticks(range(len(implementations)), implementations)
+        ax.invert_yaxis()
+    fig.suptitle(f"{title}, {tokens} tokens")
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: plt.Figure, name: str, profile: Profile) -> Path:
     """Save ``fig`` as ``<images>/<name>.png`` (a temp folder under the smoke profile)."""
     path = output_paths(profile).images / f"{name}.png"

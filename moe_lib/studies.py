@@ -128,12 +128,24 @@ def capacity_grid(profile: Profile, seeds=None) -> Grid:
     )
 
 
+DISPATCH_SEED = 42
+
+
+def dispatch_grid(profile: Profile, seeds=None) -> Grid:
+    """The same model trained twice, with the sort + grouped-GEMM dispatch and with the reference
+    loop over experts, on one seed (42) unless seeds are given: same maths, different speed."""
+    base = profile.base.with_model(top_k=2, noise_std=0.0, load_balancing_weight=0.01, z_loss_weight=0.0)
+    conditions = {label: ({"dispatch": d}, base.with_model(dispatch=d)) for label, d in (("grouped", "grouped"), ("loop", "loop"))}
+    return Grid(name="dispatch", runs=_runs(conditions, seeds or (DISPATCH_SEED,)), factors=("dispatch",), baseline="loop")
+
+
 STUDIES: dict[str, Callable[..., Grid]] = {
     "routing": routing_grid,
     "noise": noise_grid,
     "zloss": zloss_grid,
     "specialization": specialization_grid,
     "capacity": capacity_grid,
+    "dispatch": dispatch_grid,
 }
 # Studies whose analysis opens the trained models: run_study always keeps their checkpoints.
 CHECKPOINTED_STUDIES = frozenset({"specialization"})
@@ -264,6 +276,17 @@ def _significance(low: float, high: float) -> str:
     return "the CI excludes 0" if low > 0 or high < 0 else "the CI includes 0, so this is within seed noise"
 
 
+def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float) -> str:
+    """``subject`` vs its baseline for a lower-is-better metric, claiming a winner only when the CI excludes 0."""
+    if pd.isna(low) or pd.isna(high):
+        return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean ({_significance(low, high)})"
+    if high < 0:
+        return f"{subject} is better (the CI excludes 0)"
+    if low > 0:
+        return f"{subject} is worse (the CI excludes 0)"
+    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0, so the difference is within seed noise"
+
+
 def routing_verdicts(study: StudyResult) -> list[str]:
     """Plain-language comparisons computed from the routing study's results."""
     means = study.results.groupby("condition").test_loss.mean()
@@ -271,17 +294,16 @@ def routing_verdicts(study: StudyResult) -> list[str]:
     for k in (1, 2):
         learned, random = f"top-{k}", f"top-{k} random"
         cmp = _paired(study, "test_loss", random).loc[learned]
-        better = cmp.mean_difference < 0
         lines.append(
             f"Learned top-{k} vs random top-{k}: test loss {means[learned]:.3f} vs {means[random]:.3f}; "
             f"paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-            f"{'learned routing is better' if better else 'learned routing is NOT better'} "
-            f"({_significance(cmp.difference_ci_low, cmp.difference_ci_high)}). The original found learned better (2.46/2.42 vs 2.53)."
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+            "The original found learned better (2.46/2.42 vs 2.53), on one seed."
         )
     cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
         f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-        f"top-2 {'wins' if cmp.mean_difference < 0 else 'does not win'} ({_significance(cmp.difference_ci_low, cmp.difference_ci_high)}). "
+        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
         "The original found top-2 best (2.42 vs 2.46), on one seed."
     )
     best = best_condition(study)
@@ -646,6 +668,31 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
     return lines
 
 
+# --------------------------------------------------------------------------- dispatch (notebook 06)
+def dispatch_table(study: StudyResult) -> pd.DataFrame:
+    """Per dispatch: ms/step, tokens/s, test loss, and the largest gap in logged training loss to
+    the other dispatch on the same seed (the two compute the same function; float rounding differs)."""
+    h = study.histories
+    rows = []
+    for condition in _conditions(study):
+        part = study.results[study.results.condition == condition]
+        gaps = []
+        for seed in part.seed:
+            mine = h[(h.condition == condition) & (h.seed == seed)].set_index("step").lm_loss
+            other = h[(h.condition != condition) & (h.seed == seed)].set_index("step").lm_loss
+            if len(other):
+                gaps.append((mine - other).abs().max())
+        rows.append({
+            "dispatch": condition,
+            "seeds": len(part),
+            "ms/step": f"{part.ms_per_step.mean():.0f}",
+            "tokens/s": f"{part.tokens_per_second.mean():,.0f}",
+            "test loss": f"{part.test_loss.mean():.4f}",
+            "max |train loss gap|": f"{max(gaps):.2e}" if gaps else "–",
+        })
+    return pd.DataFrame(rows).set_index("dispatch")
+
+
 @dataclass
 class StudyReport:
     summary: pd.DataFrame
@@ -675,6 +722,8 @@ def report_study(study: StudyResult, show: bool = False) -> StudyReport:
     elif name == "zloss":
         summary = zloss_table(study)
         figures[f"{name}_logit_magnitude"] = plots.plot_layer_metric(h, "logsumexp", "mean logsumexp", "Router logit magnitude")
+    elif name == "dispatch":
+        summary = dispatch_table(study)
     elif name == "capacity":
         summary = capacity_table(study)
         figures[f"{name}_sweep"] = plots.plot_capacity_sweep(study.results, title="Capacity factor: dropped slots and validation perplexity")
