@@ -11,12 +11,24 @@ from .profiles import Profile, get_profile
 from .train import library_versions, resolve_device
 
 
+def _inline_figures() -> None:
+    """Show figures inline in a Jupyter kernel even when ``MPLBACKEND`` says otherwise (CI sets Agg)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with Jupyter
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        shell.run_line_magic("matplotlib", "inline")
+
+
 def setup(corpus: str = "shakespeare", tokenizer: str | None = None, profile: str | None = None) -> Profile:
     """Return the active profile on ``corpus`` and print profile, device, corpus and versions.
 
     ``corpus="shakespeare"`` is embedded and works offline; ``"tinystories"`` and
     ``"smollm"`` need the Hugging Face hub.
     """
+    _inline_figures()
     prof = get_profile(profile)
     if corpus != prof.base.data.corpus or tokenizer:
         prof = prof.with_corpus(corpus, tokenizer)
