@@ -830,6 +830,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true", help="skip the training-step tables")
     p.add_argument("--skip-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--course", action="store_true", help="also time the smoke nbval suite and one cpu-profile run per study (several minutes)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of the existing --out results (.json) that this run skips, e.g. "
+                        "`--course --skip-layer --skip-train --skip-profile --merge` adds the course cost to the last full run")
     p.add_argument("--no-allocator-tuning", action="store_true", help="keep glibc's default malloc thresholds (to measure their cost)")
     args = p.parse_args(argv)
     q = args.quick
@@ -906,6 +909,14 @@ def main(argv=None) -> dict[str, Any]:
 
     res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res["wall_s"] = time.perf_counter() - start
+    if args.merge and args.out and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        for section in ("layer", "train", "profile", "course"):
+            if section not in res and section in previous:
+                res[section] = previous[section]
+        res["command"] = f"{previous.get('command', '?')}` ({previous.get('date', '?')}, {previous.get('wall_s', 0) / 60:.1f} min) and `{res['command']}"
+        for key in ("peaks", "machine", "args", "check_seed", "correctness"):  # what the merged tables were measured with
+            res[key] = previous.get(key, res.get(key))
     text = render(res)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
