@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_study(args.study, args.profile, seeds=args.seeds, fresh=args.fresh, save_checkpoints=args.save_checkpoints)
         report = report_study(result, show=False)
-        print(f"\n{result.profile.describe()}\nresults: {result.results_path}")
+        print(f"\n{result.describe()}\nresults: {result.results_path}")
         for path in report.figure_paths:
             print(f"figure:  {path}")
         print()

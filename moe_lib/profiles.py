@@ -49,12 +49,17 @@ class Profile:
         return replace(self, base=replace(self.base, data=data))
 
     def describe(self) -> str:
-        m, t, d = self.base.model, self.base.train, self.base.data
-        return (
-            f"profile={self.name} | corpus={d.corpus} tokenizer={d.tokenizer} | d_model={m.d_model} "
-            f"layers={m.n_layers} heads={m.n_heads} experts={m.num_experts} top_k={m.top_k} d_ff={m.d_ff} | "
-            f"seq={t.seq_len} batch={t.batch_size} steps={t.steps} optimizer={t.optimizer} precision={t.precision}"
-        )
+        return f"profile={self.name} | {describe_config(self.base)}"
+
+
+def describe_config(config: RunConfig) -> str:
+    """One line with the settings that size a run: corpus, model shape, batch, steps, optimizer."""
+    m, t, d = config.model, config.train, config.data
+    return (
+        f"corpus={d.corpus} tokenizer={d.tokenizer} | d_model={m.d_model} "
+        f"layers={m.n_layers} heads={m.n_heads} experts={m.num_experts} top_k={m.top_k} d_ff={m.d_ff} | "
+        f"seq={t.seq_len} batch={t.batch_size} steps={t.steps} optimizer={t.optimizer} precision={t.precision}"
+    )
 
 
 def _smoke() -> Profile:

@@ -161,6 +161,14 @@ class StudyResult:
     histories: pd.DataFrame
     results_path: Path
 
+    def describe(self) -> str:
+        """The profile and the settings shared by the grid's runs (from its first run), and what varies."""
+        from .profiles import describe_config
+
+        first = self.grid.runs[0]
+        return (f"profile={self.profile.name} | {describe_config(first.config)} | "
+                f"varied: {', '.join(self.grid.factors)} (values of the first condition, {first.condition!r}, shown)")
+
 
 def build_grid(study: str, profile: Profile | str | None = None, seeds=None) -> Grid:
     if study not in STUDIES:
@@ -402,6 +410,15 @@ def zloss_table(study: StudyResult) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("condition")
 
 
+def _versus_reported(inside: bool, below: bool, improvement: float) -> str:
+    if inside:
+        return ": our runs are consistent with it."
+    if not below:
+        return ": at this scale z=0.01 helped more than reported."
+    mean = f"mean improvement {improvement:+.2f}%" if improvement > 0 else f"mean {-improvement:.2f}% worse than the baseline"
+    return f": at this scale z=0.01 helped less than reported ({mean})."
+
+
 def zloss_verdicts(study: StudyResult) -> list[str]:
     paired = _paired(study, "test_perplexity", study.grid.baseline)
     r = study.results
@@ -411,16 +428,18 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
     for condition, c in paired.iterrows():
         part = r[r.condition == condition]
         lines.append(
-            f"{condition}: {c.improvement_pct:+.2f}% test PPL vs baseline "
-            f"({_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, p = {c.p_value:.3f}, {int(c.n_pairs)} paired seeds): "
+            f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
+            f"(improvement {c.improvement_pct:+.2f}%, {_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
+            f"p = {c.p_value:.3f}, {int(c.n_pairs)} paired seeds): "
             f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high)}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
     c = paired.loc["z=0.01"]
     inside = c.improvement_pct_ci_low <= 5.7 <= c.improvement_pct_ci_high
     lines.append(
-        f"The original's -5.7% PPL at z=0.01 (i.e. +5.7% improvement) is {'inside' if inside else 'outside'} our 95% CI "
-        f"[{c.improvement_pct_ci_low:+.2f}%, {c.improvement_pct_ci_high:+.2f}%] for the improvement."
+        f"The original reported a 5.7% lower test PPL at z=0.01 (improvement +5.7%, one seed). That is {'inside' if inside else 'outside'} "
+        f"our 95% CI for the improvement, [{c.improvement_pct_ci_low:+.2f}%, {c.improvement_pct_ci_high:+.2f}%]"
+        + _versus_reported(inside, c.improvement_pct_ci_high < 5.7, c.improvement_pct)
     )
     return lines
 
