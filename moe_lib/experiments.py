@@ -403,10 +403,13 @@ def _result_row(run: Run, metrics: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _append_row(csv: Path, row: dict[str, Any]) -> None:
-    """Re-read the CSV, add ``row`` (unless its run_id is already there), write it back atomically."""
+def _append_row(csv: Path, row: dict[str, Any], replace: bool = False) -> None:
+    """Re-read the CSV, add ``row`` (unless its run_id is already there), write it back atomically.
+    ``replace=True`` drops an existing row of the same run_id instead (a retrained run)."""
     old = _read_csv(csv)
-    if (old["run_id"] == row["run_id"]).any():
+    if replace:
+        old = old[old["run_id"] != row["run_id"]].reset_index(drop=True)
+    elif (old["run_id"] == row["run_id"]).any():
         return  # another process committed this run first; keep its row
     old_columns = list(old.columns) if len(old) else []
     new = pd.concat([old, pd.DataFrame([row])], ignore_index=True) if len(old) else pd.DataFrame([row])
@@ -465,21 +468,46 @@ def run_grid(
     say(f"[{grid.name}] {len(grid.runs) - len(todo)} of {len(grid.runs)} runs already in {paths.csv}; training {len(todo)}")
     for i, run in enumerate(todo, 1):
         say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id}", flush=True)
-        config = run.config if progress else run.config.with_train(progress=False)
-        checkpoint_dir = Path(checkpoint_root) / run.run_id if checkpoint_root is not None else None
-        try:
-            result = train_fn(config, run_id=run.run_id, checkpoint_dir=checkpoint_dir)
-        except KeyboardInterrupt:
-            say(f"[{grid.name}] interrupted during {run.run_id}; finished runs are saved - call run_grid again to resume")
-            raise
-        history = pd.DataFrame(result.history).copy()
-        for position, (key, value) in enumerate(_run_columns(run).items()):
-            if key in history.columns:
-                history = history.drop(columns=key)
-            history.insert(position, key, value)
-        _write_csv(history, paths.history(run.run_id))  # history first: the row is the commit point
-        _append_row(paths.csv, _result_row(run, result.metrics))
+        _train_and_commit(grid, run, paths, train_fn, checkpoint_root, progress, say)
     return load_results(grid, results_dir)
+
+
+def _train_and_commit(grid: Grid, run: Run, paths: GridPaths, train_fn, checkpoint_root, progress: bool, say, replace: bool = False) -> None:
+    config = run.config if progress else run.config.with_train(progress=False)
+    checkpoint_dir = Path(checkpoint_root) / run.run_id if checkpoint_root is not None else None
+    try:
+        result = train_fn(config, run_id=run.run_id, checkpoint_dir=checkpoint_dir)
+    except KeyboardInterrupt:
+        say(f"[{grid.name}] interrupted during {run.run_id}; finished runs are saved - call run_grid again to resume")
+        raise
+    history = pd.DataFrame(result.history).copy()
+    for position, (key, value) in enumerate(_run_columns(run).items()):
+        if key in history.columns:
+            history = history.drop(columns=key)
+        history.insert(position, key, value)
+    _write_csv(history, paths.history(run.run_id))  # history first: the row is the commit point
+    _append_row(paths.csv, _result_row(run, result.metrics), replace=replace)
+
+
+def retrain_run(
+    grid: Grid, run_id: str, results_dir: str | Path, checkpoint_root: str | Path,
+    train_fn: Callable[..., Any] | None = None, progress: bool = True,
+) -> None:
+    """Train one run of ``grid`` again and save its checkpoint, replacing its results row and history.
+
+    For a run whose row exists but whose checkpoint does not (checkpoints are large and often
+    not kept). Same config and seed: on CPU the metrics come out the same, timings aside.
+    """
+    if train_fn is None:
+        from .train import train_run as train_fn
+    runs = {r.run_id: r for r in grid.runs}
+    if run_id not in runs:
+        raise ValueError(f"no run {run_id!r} in grid {grid.name!r}; valid: {sorted(runs)}")
+    paths = GridPaths(Path(results_dir), grid.name)
+    _check_unchanged(grid, _read_csv(paths.csv), paths.csv)
+    say = print if progress else (lambda *a, **k: None)
+    say(f"[{grid.name}] retraining {run_id} to save its checkpoint (its results row is replaced)", flush=True)
+    _train_and_commit(grid, runs[run_id], paths, train_fn, checkpoint_root, progress, say, replace=True)
 
 
 def _write_grid_json(grid: Grid, paths: GridPaths) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .config import RunConfig
-from .experiments import Grid, Run, load_histories, run_grid
+from .experiments import Grid, Run, load_histories, load_results, run_grid
 from .profiles import Profile, get_profile, output_paths
 
 
@@ -249,22 +249,29 @@ def best_condition(study: StudyResult, metric: str = "test_loss") -> str:
     return study.results.groupby("condition")[metric].mean().idxmin()
 
 
-def checkpoint_dir(study: StudyResult, condition: str, seed: int | None = None) -> Path:
+def checkpoint_dir(study: StudyResult, condition: str, seed: int | None = None, train_if_missing: bool = True) -> Path:
     """The saved checkpoint of ``condition`` for ``seed`` (default: its first seed).
 
-    The study must have run with ``save_checkpoints=True`` (always so for the studies in
-    :data:`CHECKPOINTED_STUDIES`).
+    Checkpoints are large, so a clone of the course has results rows without most of them.
+    A missing one is trained again (same config and seed; its results row is replaced) unless
+    ``train_if_missing=False``, which raises instead.
     """
+    from .experiments import retrain_run
+
     runs = [r for r in study.grid.runs if r.condition == condition and (seed is None or r.seed == seed)]
     if not runs:
         valid = sorted({(r.condition, r.seed) for r in study.grid.runs})
         raise ValueError(f"no run with condition={condition!r} and seed={seed!r} in grid {study.grid.name!r}; valid: {valid}")
-    path = output_paths(study.profile).saved_models / study.grid.name / runs[0].run_id
+    root = output_paths(study.profile).saved_models / study.grid.name
+    path = root / runs[0].run_id
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: run the study with save_checkpoints=True "
-            f"(a run already in the results CSV is not retrained; use fresh=True to retrain and save it)"
-        )
+        if not train_if_missing:
+            raise FileNotFoundError(f"no checkpoint at {path}; checkpoint_dir(..., train_if_missing=True) trains it")
+        from .train import train_run
+
+        retrain_run(study.grid, runs[0].run_id, study.results_path.parent, root,
+                    train_fn=functools.partial(train_run, profile=study.profile.name))
+        study.results = load_results(study.grid, study.results_path.parent)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -173,3 +174,30 @@ def test_real_grid_interrupted_and_resumed_equals_uninterrupted(smoke, tmp_path)
         resumed.drop(columns=TIMING_COLUMNS).reset_index(drop=True),
         whole.drop(columns=TIMING_COLUMNS).reset_index(drop=True),
     )
+
+
+def test_missing_checkpoint_is_retrained_and_its_row_replaced(smoke, tmp_path, monkeypatch):
+    from moe_lib import studies
+
+    monkeypatch.setattr(studies, "output_paths", lambda profile: type("P", (), {"saved_models": tmp_path / "models", "results": tmp_path / "results"})())
+    grid = studies.build_grid("routing", smoke, seeds=[42])
+    train = functools.partial(train_run, profile="smoke")
+    from moe_lib.experiments import load_histories, run_grid
+
+    results = run_grid(grid, tmp_path / "results", train_fn=train, checkpoint_root=tmp_path / "models" / grid.name, progress=False)
+    study = studies.StudyResult(grid, smoke, results, load_histories(grid, tmp_path / "results"), tmp_path / "results" / f"{grid.name}.csv")
+    target = studies.checkpoint_dir(study, "top-2")  # present: returned as is
+    (target / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="train_if_missing"):
+        studies.checkpoint_dir(study, "top-2", train_if_missing=False)
+
+    assert studies.checkpoint_dir(study, "top-2") == target
+    assert (target / "model.safetensors").is_file()
+    on_disk = pd.read_csv(study.results_path)
+    assert len(on_disk) == len(grid.runs) and on_disk.run_id.is_unique  # replaced, not appended
+    pd.testing.assert_frame_equal(  # same config and seed: the same numbers on CPU
+        study.results.drop(columns=TIMING_COLUMNS).reset_index(drop=True),
+        results.drop(columns=TIMING_COLUMNS).reset_index(drop=True),
+    )
+    with pytest.raises(ValueError, match="valid"):
+        studies.checkpoint_dir(study, "top-3")
