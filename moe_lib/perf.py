@@ -26,6 +26,7 @@ _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _GLIBC_DEFAULT = 128 * 1024
 _KEEP = 2**31 - 1  # mallopt takes an int: about 2 GiB, far above any activation we allocate
+_NEVER_TRIM = -1
 
 _state = {"tuned": False}
 
@@ -50,8 +51,11 @@ def configure_cpu_allocator(enable: bool = True) -> bool:
     libc = _libc()
     if libc is None:
         return False
-    value = _KEEP if enable else _GLIBC_DEFAULT
-    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, value)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, value))
+    mmap_threshold = _KEEP if enable else _GLIBC_DEFAULT
+    # -1 disables trimming completely (mallopt(3)); a finite threshold still hands back the top of
+    # the heap whenever more than that is free there, which a large model's step exceeds
+    trim_threshold = _NEVER_TRIM if enable else _GLIBC_DEFAULT
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     _state["tuned"] = enable and ok
     if not enable:
         libc.malloc_trim(0)

@@ -243,3 +243,22 @@ def test_invalid_model_config_names_field_value_and_choices(changes, field):
 def test_invalid_router_error_lists_valid_choices():
     with pytest.raises(ValueError, match=r"\['topk', 'random'\]"):
         tiny(router="hash")
+
+
+def test_padded_grouped_matmul_equals_per_segment_matmuls_in_bf16():
+    from moe_lib.experts import grouped_matmul
+
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 130, 1, 64])  # an empty segment and one longer than a pad block
+    a = torch.randn(int(counts.sum()), 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(5, 16, 24, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(a.shape[0], 24, dtype=torch.bfloat16)
+    out = grouped_matmul(a, w, counts, torch.cumsum(counts, 0).to(torch.int32))
+    grads = torch.autograd.grad((out * upstream).float().sum(), [a, w])
+    pieces = torch.split(a, counts.tolist())
+    ref = torch.cat([p @ w[e] for e, p in enumerate(pieces)])
+    ref_grads = torch.autograd.grad((ref * upstream).float().sum(), [a, w])
+    torch.testing.assert_close(out, ref)  # bf16 tolerances
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    assert grads[1][1].abs().sum() == 0  # the empty segment's expert gets no gradient
