@@ -11,6 +11,8 @@ The layer output is ``y_n = sum_{j<k} g_{n,j} E_{e_{n,j}}(x_n)``. Two ways to co
 * :func:`dispatch_grouped` - loop-free: sort the ``N*k`` token slots by expert, run ONE
   grouped matmul per projection over the contiguous per-expert segments
   (``torch._grouped_mm``), and scatter the weighted results back to their tokens.
+  In bf16 on CPU the segments are padded to a few fixed sizes and multiplied with one
+  ``bmm`` instead (:func:`padded_grouped_matmul`).
 
 Where the time goes (``benchmarks/bench_moe.py``): with fine-grained experts the matmuls are
 small, so everything around them - the gather, the activation, the gate multiply, the
