@@ -5,7 +5,7 @@ fp32 and bf16 autocast) exactly as ``bench_moe.py`` does, and reports the step t
 minor page faults per step (``getrusage``). A minor fault is a first touch of a fresh page: the
 kernel maps and zeroes 4 KiB. A step that reuses its memory has none.
 
-    python benchmarks/page_faults.py              # writes benchmarks/PAGE_FAULTS.md (about 2 minutes)
+    python benchmarks/page_faults.py              # writes benchmarks/PAGE_FAULTS.md (about 3 minutes)
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "PAGE_FAULTS.md")
     args = parser.parse_args(argv)
