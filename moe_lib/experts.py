@@ -147,6 +147,13 @@ def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     return a.shape[-1] % align == 0 and w.shape[-1] % align == 0
 
 
+def rank_in_segment(sorted_experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Position of each row inside its expert's segment, for rows sorted by expert:
+    ``rank_r = r - start(e_r)`` with ``start(e) = sum_{e' < e} counts[e']``."""
+    segment_start = torch.cumsum(counts, 0) - counts
+    return torch.arange(sorted_experts.numel(), device=sorted_experts.device) - segment_start[sorted_experts]
+
+
 PAD_BLOCK = 128
 
 
@@ -164,8 +171,7 @@ def padded_grouped_matmul(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor
     num_experts = w.shape[0]
     capacity = max(block, -(-int(counts.max()) // block) * block)
     expert = torch.repeat_interleave(torch.arange(num_experts, device=a.device), counts)
-    rank = torch.arange(a.shape[0], device=a.device) - (torch.cumsum(counts, 0) - counts)[expert]
-    slot = expert * capacity + rank
+    slot = expert * capacity + rank_in_segment(expert, counts)
     padded = a.new_zeros(num_experts * capacity, a.shape[-1]).index_copy(0, slot, a)
     out = torch.bmm(padded.view(num_experts, capacity, -1), w)
     return out.view(num_experts * capacity, -1).index_select(0, slot)
@@ -212,9 +218,7 @@ def dispatch_grouped(
     counts = torch.bincount(flat_experts, minlength=num_experts)
     num_slots = flat_experts.numel()
     if capacity is not None:
-        segment_start = torch.cumsum(counts, 0) - counts
-        rank_in_expert = torch.arange(num_slots, device=x.device) - segment_start[flat_experts[order]]
-        order = order[rank_in_expert < capacity]
+        order = order[rank_in_segment(flat_experts[order], counts) < capacity]
         counts = counts.clamp(max=capacity)
     dropped = 1.0 - order.numel() / num_slots if num_slots else 0.0
 

@@ -20,7 +20,9 @@ Cost: the process keeps its peak heap size until it exits (memory is reused, not
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -68,7 +70,7 @@ def cpu_allocator_tuned() -> bool:
 
 
 # --------------------------------------------------------------------------- benchmark results
-def benchmark_results_path() -> "Path":
+def benchmark_results_path() -> Path:
     from .profiles import project_root
 
     return project_root() / "benchmarks" / "RESULTS.json"
@@ -76,9 +78,6 @@ def benchmark_results_path() -> "Path":
 
 def load_benchmark_results(path=None) -> dict:
     """The raw results of the last full ``benchmarks/bench_moe.py`` run (``RESULTS.json``)."""
-    import json
-    from pathlib import Path
-
     path = Path(path) if path else benchmark_results_path()
     if not path.is_file():
         raise FileNotFoundError(f"no benchmark results at {path}: run `python benchmarks/bench_moe.py` to create them")

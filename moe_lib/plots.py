@@ -133,6 +133,21 @@ def plot_metric_by_condition(results: pd.DataFrame, metric: str, ylabel: str, ti
     return fig
 
 
+def _mean_and_ci_bars(samples: Sequence, floor: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Means of ``samples`` (one array of seed values per point) and their 95% t-interval as
+    ``errorbar`` ``yerr``; a missing interval (one seed) draws no bar. ``floor`` (log axes) lifts
+    means and interval ends below it up to it."""
+    from .experiments import mean_ci
+
+    stats_ = [mean_ci(values) for values in samples]
+    mean = np.array([s[0] for s in stats_])
+    low_end = np.array([s[3] for s in stats_])
+    high_end = np.array([s[4] for s in stats_])
+    if floor is not None:
+        mean, low_end, high_end = np.maximum(mean, floor), np.clip(low_end, floor, None), np.maximum(high_end, floor)
+    return mean, [np.nan_to_num(mean - low_end), np.nan_to_num(high_end - mean)]
+
+
 # --------------------------------------------------------------------------- specialization (notebook 05)
 def _layer_panels(n_layers: int, width: float = 3.4, height: float = 3.2):
     fig, axes = plt.subplots(1, n_layers, figsize=(width * n_layers, height), squeeze=False)
@@ -175,22 +190,15 @@ def plot_mi_by_layer(mi: pd.DataFrame, title: str = "Mutual information between 
     The y axis is logarithmic, because a random router's MI is orders of magnitude below a
     learned one's; an interval that reaches 0 or below is cut at ``floor``.
     """
-    from .experiments import mean_ci
-
     variables = list(dict.fromkeys(mi["variable"]))
     fig, axes = plt.subplots(1, len(variables), figsize=(5.2 * len(variables), 3.8), squeeze=False)
     for ax, variable in zip(axes[0], variables):
         part = mi[mi.variable == variable]
         for i, (condition, rows) in enumerate(part.groupby("condition", sort=False)):
             layers = sorted(rows.layer.unique())
-            stats_ = [mean_ci(rows[rows.layer == l].mi_bits) for l in layers]
-            mean = np.maximum(np.array([s[0] for s in stats_]), floor)
-            low_end = np.array([s[3] for s in stats_])
-            high_end = np.array([s[4] for s in stats_])
-            low = np.nan_to_num(mean - np.clip(low_end, floor, None))
-            high = np.nan_to_num(np.maximum(high_end, floor) - mean)
+            mean, yerr = _mean_and_ci_bars([rows[rows.layer == l].mi_bits for l in layers], floor=floor)
             x = np.array(layers) + (i - 0.5) * 0.08
-            ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=4, label=condition, color=f"C{i}")
+            ax.errorbar(x, mean, yerr=yerr, marker="o", capsize=4, label=condition, color=f"C{i}")
             ax.scatter(rows.layer + (i - 0.5) * 0.08, np.maximum(rows.mi_bits, floor), s=10, color=f"C{i}", alpha=0.4)
         ax.set(title=variable, xlabel="layer", ylabel="I(expert; label) (bits, log scale)", xticks=sorted(part.layer.unique()))
         ax.set_yscale("log")
@@ -220,7 +228,6 @@ def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activ
 def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor sweep") -> plt.Figure:
     """Validation dropped fraction (left) and validation perplexity (right) against the capacity
     factor (dropless last), one line per load-balancing weight; several seeds give mean and 95% CI."""
-    from .experiments import mean_ci
     from .studies import capacity_label
 
     finite = sorted(results.capacity_factor.dropna().unique())
@@ -231,11 +238,8 @@ def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor swe
     ):
         for i, (lb, part) in enumerate(results.groupby("load_balancing_weight", sort=False)):
             labels = part.capacity_factor.map(capacity_label)
-            stats_ = [mean_ci(scale * part.loc[labels == o, metric]) for o in order]
-            mean = np.array([s[0] for s in stats_])
-            low = np.nan_to_num(mean - np.array([s[3] for s in stats_]))
-            high = np.nan_to_num(np.array([s[4] for s in stats_]) - mean)
-            ax.errorbar(range(len(order)), mean, yerr=[low, high], marker="o", capsize=4, label=f"lb weight {lb}", color=f"C{i}")
+            mean, yerr = _mean_and_ci_bars([scale * part.loc[labels == o, metric] for o in order])
+            ax.errorbar(range(len(order)), mean, yerr=yerr, marker="o", capsize=4, label=f"lb weight {lb}", color=f"C{i}")
         ax.set_xticks(range(len(order)), order)
         ax.set(xlabel="capacity factor (C = ceil(cf N k / E))", ylabel=ylabel)
         ax.legend(fontsize=8)

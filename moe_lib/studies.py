@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 
 from .config import RunConfig
-from .experiments import Grid, Run, load_histories, load_results, run_grid
+from .experiments import (
+    Grid, Run, format_mean_std, load_histories, load_results, mean_ci, paired_comparison, retrain_run, run_grid, summarize,
+)
 from .profiles import Profile, get_profile, output_paths
 
 
@@ -211,10 +213,8 @@ ORIGINAL_NOISE_COLUMNS = [
 
 
 def _mean_std(values: pd.Series, digits: int) -> str:
-    values = values.astype(float)
-    if len(values) < 2:
-        return f"{values.mean():.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    mean, std, *_ = mean_ci(values.astype(float))
+    return format_mean_std(mean, std, digits)
 
 
 def _conditions(study: StudyResult) -> list[str]:
@@ -256,8 +256,6 @@ def checkpoint_dir(study: StudyResult, condition: str, seed: int | None = None, 
     A missing one is trained again (same config and seed; its results row is replaced) unless
     ``train_if_missing=False``, which raises instead.
     """
-    from .experiments import retrain_run
-
     runs = [r for r in study.grid.runs if r.condition == condition and (seed is None or r.seed == seed)]
     if not runs:
         valid = sorted({(r.condition, r.seed) for r in study.grid.runs})
@@ -276,8 +274,6 @@ def checkpoint_dir(study: StudyResult, condition: str, seed: int | None = None, 
 
 
 def _paired(study: StudyResult, metric: str, baseline: str) -> pd.DataFrame:
-    from .experiments import paired_comparison
-
     return paired_comparison(study.results, baseline=baseline, metric=metric).set_index("condition")
 
 
@@ -338,17 +334,15 @@ def routing_verdicts(study: StudyResult) -> list[str]:
 
 def noise_condition_table(study: StudyResult) -> pd.DataFrame:
     """Best val PPL, usage CV and time per condition: mean ± std and the 95% CI of the mean."""
-    from .experiments import summarize
-
     metrics = ["best_val_perplexity", "expert_usage_cv", "training_time_minutes"]
     s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=metrics)
     table = pd.DataFrame({
         "noise_std": s.noise_std,
         "lb weight": s.load_balancing_weight,
         "n": s.best_val_perplexity_n,
-        "best val PPL": [f"{m:.2f} ± {d:.2f}" for m, d in zip(s.best_val_perplexity_mean, s.best_val_perplexity_std)],
+        "best val PPL": [format_mean_std(m, d, 2) for m, d in zip(s.best_val_perplexity_mean, s.best_val_perplexity_std)],
         "PPL 95% CI": [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(s.best_val_perplexity_ci_low, s.best_val_perplexity_ci_high)],
-        "usage CV": [f"{m:.4f} ± {d:.4f}" for m, d in zip(s.expert_usage_cv_mean, s.expert_usage_cv_std)],
+        "usage CV": [format_mean_std(m, d, 4) for m, d in zip(s.expert_usage_cv_mean, s.expert_usage_cv_std)],
         "CV 95% CI": [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(s.expert_usage_cv_ci_low, s.expert_usage_cv_ci_high)],
         "time (min)": [f"{m:.2f}" for m in s.training_time_minutes_mean],
     })
@@ -523,8 +517,6 @@ def _interval(mean: float, low: float, high: float, digits: int = 4) -> str:
 def mi_comparison(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> pd.DataFrame:
     """Per (variable, layer): learned and random-router MI (seed mean and 95% CI), their ratio, and the
     seed-paired difference with its 95% CI and paired t-test p-value (numbers, for verdicts)."""
-    from .experiments import mean_ci, paired_comparison
-
     rows = []
     for (variable, layer), part in analysis.mi.groupby(["variable", "layer"], sort=False):
         a, b = mean_ci(part[part.condition == learned].mi_bits), mean_ci(part[part.condition == control].mi_bits)
@@ -738,8 +730,6 @@ def report_study(study: StudyResult, show: bool = False) -> StudyReport:
         f"{name}_routing_entropy": plots.plot_routing_entropy(h, num_experts=num_experts),
     }
     if name == "noise_factorial":
-        from .experiments import summarize
-
         summary = noise_condition_table(study)
         s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=["best_val_perplexity"])
         figures[f"{name}_interaction"] = plots.plot_interaction(
