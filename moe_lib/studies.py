@@ -613,20 +613,22 @@ def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "le
 
 # --------------------------------------------------------------------------- capacity (notebook 05)
 def capacity_table(study: StudyResult) -> pd.DataFrame:
-    """Per condition: dropped slots (validation, mean over layers and per layer), the floor ``1 - cf``
-    that any routing must drop when cf < 1, validation perplexity and its change vs dropless at the same lb."""
+    """Per condition: dropped slots (in training at the run's capacity factor, mean over steps; mean over
+    layers and per layer), the floor ``1 - cf`` that any routing must drop when cf < 1, validation
+    perplexity (at the evaluation capacity, ``ModelConfig.capacity_factor_eval``) and its change vs
+    dropless at the same lb."""
     r = study.results.copy()
     rows = []
     for condition in _conditions(study):
         part = r[r.condition == condition]
         cf, lb = part.capacity_factor.iloc[0], part.load_balancing_weight.iloc[0]
         dropless = r[(r.capacity_factor.isna()) & (r.load_balancing_weight == lb)]
-        layer_cols = sorted((c for c in r.columns if c.startswith("val_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
+        layer_cols = sorted((c for c in r.columns if c.startswith("train_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
         rows.append({
             "capacity factor": capacity_label(cf),
             "lb weight": lb,
             "seeds": len(part),
-            "dropped (%)": f"{100 * part.dropped_fraction.mean():.2f}",
+            "dropped (%)": f"{100 * part.train_dropped_fraction.mean():.2f}",
             "dropped per layer (%)": " ".join(f"{100 * part[c].mean():.1f}" for c in layer_cols),
             "floor 1 - cf (%)": f"{100 * max(0.0, 1 - cf):.0f}" if pd.notna(cf) else "0",
             "val PPL": _mean_std(part.val_perplexity, 2),
@@ -646,18 +648,18 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
     for _, row in below_one.iterrows():
         floor = 1 - row.capacity_factor
         lines.append(
-            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.dropped_fraction:.1f}% of slots dropped; "
+            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.train_dropped_fraction:.1f}% of slots dropped; "
             f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
-            f"{100 * floor:.0f}% must drop: {'consistent' if row.dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+            f"{100 * floor:.0f}% must drop: {'consistent' if row.train_dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
         )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
         finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
-        ok = finite[finite.dropped_fraction < threshold]
+        ok = finite[finite.train_dropped_fraction < threshold]
         first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
         lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
     for cf in (1.0, 1.25):
-        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].dropped_fraction.mean()
-        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].dropped_fraction.mean()
+        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].train_dropped_fraction.mean()
+        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].train_dropped_fraction.mean()
         if pd.notna(on) and pd.notna(off):
             lines.append(
                 f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "

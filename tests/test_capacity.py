@@ -51,7 +51,7 @@ def test_dropless_model_equals_a_model_whose_capacity_never_binds():
     outputs = []
     for cf in (None, 4.0):  # cf = E guarantees C >= N k: no expert can overflow
         torch.manual_seed(0)
-        model = MoETransformer(ModelConfig(**base, capacity_factor=cf)).eval()
+        model = MoETransformer(ModelConfig(**base, capacity_factor=cf)).train()  # the training capacity
         outputs.append(model(x))
     assert torch.equal(outputs[0].logits, outputs[1].logits)
     assert all(float(r.dropped_fraction) == 0.0 for out in outputs for r in out.routing)
@@ -148,7 +148,7 @@ def test_dropped_slots_match_the_hand_computed_case(dispatch, cf, capacity, drop
 
 def test_dropped_fraction_reaches_the_model_and_the_accumulator():
     cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=16, num_experts=4, top_k=2,
-                      capacity_factor=0.5)
+                      capacity_factor=0.5, capacity_factor_eval=0.5)
     torch.manual_seed(0)
     model = MoETransformer(cfg).eval()
     acc = RoutingAccumulator()
@@ -164,3 +164,23 @@ def test_dropped_fraction_reaches_the_model_and_the_accumulator():
     for layer, pooled in enumerate(acc.dropped_per_layer()):
         assert pooled == pytest.approx((2 * per_batch[0][layer] + 4 * per_batch[1][layer]) / 6)
 
+
+
+@pytest.mark.parametrize("train_cf, eval_cf", [(0.5, None), (None, 0.5), (0.5, 2.0)])
+def test_eval_mode_uses_the_evaluation_capacity_factor(train_cf, eval_cf):
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_layers=2, d_ff=32, max_seq_len=16, num_experts=4, top_k=2,
+                      capacity_factor=train_cf, capacity_factor_eval=eval_cf)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    for mode, cf in (("train", train_cf), ("eval", eval_cf)):
+        getattr(model, mode)()
+        dropped = [float(r.dropped_fraction) for r in model(x).routing]
+        # cf = 0.5 keeps at most half the slots; dropless drops none, nor does cf = 2.0 (here C = N, and
+        # an expert gets at most one slot per token)
+        assert all(d >= 0.5 for d in dropped) if cf == 0.5 else all(d == 0.0 for d in dropped), (mode, dropped)
+
+
+def test_evaluation_is_dropless_by_default():
+    assert ModelConfig().capacity_factor_eval is None
+    assert ModelConfig(capacity_factor=1.0).capacity_factor_eval is None
