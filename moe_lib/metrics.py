@@ -10,8 +10,9 @@ Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
   Over a model we average the per-layer CVs (``expert_usage_cv``). The original noise study
   instead summed expert i's counts over all layers into ONE ``[E]`` vector and took its CV
   (:func:`pooled_usage_cv`, ``expert_usage_cv_pooled``): expert i of one layer and expert i of
-  another are unrelated, so imbalances in different layers can cancel there. We keep ours and
-  report the original's beside it, for comparison with its table.
+  another are unrelated, so imbalances in different layers can cancel there (as every layer
+  routes the same ``N k`` slots, it is never above ours). We keep ours and report the
+  original's beside it, for comparison with its table.
 * logit magnitude: ``mean_n logsumexp(logits_n)`` (what z-loss squares) and ``max |logit|``.
 * dropped fraction: the share of the ``N k`` routed slots that a capacity limit turned away
   (``ModelConfig.capacity_factor``; 0 when dropless). A dropped slot adds no expert output,

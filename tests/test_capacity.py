@@ -13,6 +13,8 @@ from moe_lib.config import ModelConfig
 from moe_lib.experts import Experts, capacity_keep_mask, dispatch_grouped, dispatch_loop, expert_capacity, queue_position
 from moe_lib.metrics import RoutingAccumulator
 from moe_lib.model import MoETransformer
+from moe_lib.profiles import get_profile
+from moe_lib.train import load_data, train_run
 
 DISPATCH = [dispatch_grouped, dispatch_loop]
 # token n chose experts HAND[n]; slots per expert: e0 = 5, e1 = 4, e2 = 3 (N k = 12)
@@ -184,3 +186,13 @@ def test_eval_mode_uses_the_evaluation_capacity_factor(train_cf, eval_cf):
 def test_evaluation_is_dropless_by_default():
     assert ModelConfig().capacity_factor_eval is None
     assert ModelConfig(capacity_factor=1.0).capacity_factor_eval is None
+
+
+def test_train_run_records_training_drops_and_both_usage_cvs():
+    smoke = get_profile("smoke")
+    m = train_run(smoke.base.with_model(capacity_factor=0.5), data=load_data(smoke.base.data), profile="smoke").metrics
+    layers = range(smoke.base.model.n_layers)
+    assert m["train_dropped_fraction"] >= 0.5 and all(m[f"train_dropped_L{i}"] >= 0.5 for i in layers)
+    assert m["val_dropped_fraction"] == 0.0  # evaluation is dropless by default
+    # every layer routes the same N k slots, so std(sum of counts) <= sum of stds: pooled CV <= mean per-layer CV
+    assert 0.0 <= m["expert_usage_cv_pooled"] <= m["expert_usage_cv"] + 1e-9
