@@ -55,7 +55,8 @@ def queue_position(expert_indices: torch.Tensor, num_experts: int) -> torch.Tens
     """``[N, k]``: how many slots queue before slot ``(n, j)`` (token n's j-th choice) at its expert.
 
     GShard / ST-MoE priority: all first choices (j = 0) in token order, then all second
-    choices, and so on; so slot ``(n, j)`` is number ``j N + n`` in the queue::
+    choices, and so on; slot ``(n, j)`` comes ``(j N + n)``-th in that order overall, and an
+    expert's queue is that order restricted to the slots routed to it::
 
         rank(n, j) = #{(m, i) : e_{m,i} = e_{n,j} and (i < j or (i = j and m < n))}
     """

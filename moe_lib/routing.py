@@ -37,8 +37,8 @@ class RoutingResult:
     ``logits`` are the clean router logits ``[N, E]`` (``None`` for the random router, which
     has none); ``probs`` ``[N, E]`` is the distribution the experts were chosen from
     (softmax of the noisy logits, or uniform for the random router); ``expert_indices`` and
-    ``gate_weights`` are ``[N, k]``. The auxiliary losses are unweighted scalars; the model
-    multiplies them by the configured weights.
+    ``gate_weights`` are ``[N, k]``. The auxiliary losses are this layer's unweighted scalars; the
+    model weights each layer's and sums them over layers (:mod:`moe_lib.losses`).
     """
 
     logits: torch.Tensor | None
