@@ -16,8 +16,8 @@ Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
 * logit magnitude: ``mean_n logsumexp(logits_n)`` (what z-loss squares) and ``max |logit|``.
 * dropped fraction: the share of the ``N k`` routed slots that a capacity limit turned away
   (``ModelConfig.capacity_factor`` in training, ``capacity_factor_eval`` in evaluation; 0 when
-  dropless). A dropped slot adds no expert output,
-  so its token keeps only the residual stream for that slot.
+  dropless). A dropped slot adds no expert output, so its token keeps only the residual
+  stream for that slot.
 
 Language model: cross-entropy, perplexity ``exp(loss)`` and top-k accuracy, ignoring
 targets of -100 (padding).
