@@ -91,6 +91,13 @@ class ModelConfig(_ConfigBase):
     (Mixtral). ``auto`` is ``softmax`` for k = 1 and ``renormalized`` for k > 1. Note that
     ``renormalized`` with k = 1 gives a constant gate of 1.0, so the router gets no gradient
     from the language-model loss: the bug notebook 02 demonstrates.
+
+    Capacity (``capacity_factor``, ``None`` = dropless) applies in training;
+    ``capacity_factor_eval`` applies in eval mode, like ST-MoE's ``capacity_factor_eval``. Its
+    default is dropless rather than ST-MoE's 2.0: capacity exists for static shapes on
+    accelerators, which evaluation here does not need, and without it a token's output no
+    longer depends on which other tokens share its batch, so validation loss measures what
+    the model learned, independent of the evaluation batch size and order.
     """
 
     vocab_size: int = 4096
@@ -108,6 +115,7 @@ class ModelConfig(_ConfigBase):
     load_balancing_weight: float = 0.01
     z_loss_weight: float = 0.0
     capacity_factor: float | None = None  # None = dropless
+    capacity_factor_eval: float | None = None  # in eval mode; None = dropless
     dispatch: DispatchKind = "grouped"
     tie_weights: bool = True
     rope_theta: float = 10000.0
@@ -130,12 +138,10 @@ class ModelConfig(_ConfigBase):
         check_non_negative(owner, "noise_std", self.noise_std)
         check_non_negative(owner, "load_balancing_weight", self.load_balancing_weight)
         check_non_negative(owner, "z_loss_weight", self.z_loss_weight)
-        if self.capacity_factor is not None and (
-            isinstance(self.capacity_factor, bool)
-            or not isinstance(self.capacity_factor, (int, float))
-            or not self.capacity_factor > 0
-        ):
-            _fail(owner, "capacity_factor", self.capacity_factor, "a number > 0, or None for dropless")
+        for name in ("capacity_factor", "capacity_factor_eval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                _fail(owner, name, value, "a number > 0, or None for dropless")
         if not isinstance(self.tie_weights, bool):
             _fail(owner, "tie_weights", self.tie_weights, "True or False")
         if not self.rope_theta > 0:

@@ -21,9 +21,11 @@ The fast path therefore avoids every pass over ``[N*k, .]`` tensors that it can;
 is explained where it is used.
 
 Capacity (GShard/Switch): with a capacity factor ``cf`` each expert takes at most
-``C = ceil(cf * N * k / E)`` slots, earlier tokens first; the rest are dropped and the token
-keeps only its residual stream. ``capacity_factor=None`` is dropless. Both paths apply the
-same rule, so they agree exactly.
+``C = ceil(cf * N * k / E)`` slots; the rest are dropped and the token keeps only its residual
+stream. ``capacity_factor=None`` is dropless. Priority as in GShard and ST-MoE: every token's
+first choice queues before any token's second choice (and so on), tokens in order within a
+choice, so a token loses its top expert only when that expert is full of other first choices.
+Both paths apply the same rule (:func:`capacity_keep_mask`), so they agree exactly.
 """
 
 from __future__ import annotations
@@ -42,21 +44,40 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def rank_in_segment(sorted_experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Position of each row inside its expert's segment, for rows sorted by expert:
+    ``rank_r = r - start(e_r)`` with ``start(e) = sum_{e' < e} counts[e']``."""
+    segment_start = torch.cumsum(counts, 0) - counts
+    return torch.arange(sorted_experts.numel(), device=sorted_experts.device) - segment_start[sorted_experts]
+
+
+def queue_position(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[N, k]``: how many slots queue before slot ``(n, j)`` (token n's j-th choice) at its expert.
+
+    GShard / ST-MoE priority: all first choices (j = 0) in token order, then all second
+    choices, and so on; slot ``(n, j)`` comes ``(j N + n)``-th in that order overall, and an
+    expert's queue is that order restricted to the slots routed to it::
+
+        rank(n, j) = #{(m, i) : e_{m,i} = e_{n,j} and (i < j or (i = j and m < n))}
+    """
+    num_tokens, top_k = expert_indices.shape
+    by_priority = expert_indices.t().reshape(-1)  # [k N]: position j N + n holds e_{n,j}
+    order = torch.argsort(by_priority, stable=True)  # grouped by expert, priority order inside
+    counts = torch.bincount(by_priority, minlength=num_experts)
+    rank = torch.empty_like(order).scatter_(0, order, rank_in_segment(by_priority[order], counts))
+    return rank.view(top_k, num_tokens).t()
+
+
 def capacity_keep_mask(expert_indices: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
     """``[N, k]`` booleans: which routed slots an expert with ``capacity`` slots accepts.
 
-    Slots queue at their expert in token order (slot ``(n, j)`` is number ``n k + j``); the
-    first ``capacity`` in each queue are kept, the rest dropped. ``None`` keeps every slot.
-    This is the rule both dispatchers apply; here it is spelled out for teaching and tests::
-
-        rank(n, j) = #{(m, i) before (n, j) : e_{m,i} = e_{n,j}}      keep  <=>  rank < C
+    The first ``capacity`` slots of each expert's queue (:func:`queue_position`) are kept, the
+    rest dropped: ``keep <=> rank(n, j) < C``. ``None`` keeps every slot. Both dispatchers apply
+    this rule.
     """
     if capacity is None:
         return torch.ones_like(expert_indices, dtype=torch.bool)
-    flat = expert_indices.reshape(-1)
-    queue = F.one_hot(flat, num_experts).cumsum(0) - 1  # [N k, E]: slots before this one, per expert
-    rank = queue.gather(1, flat.unsqueeze(1)).squeeze(1)
-    return (rank < capacity).view_as(expert_indices)
+    return queue_position(expert_indices, num_experts) < capacity
 
 
 class Experts(nn.Module):
@@ -147,13 +168,6 @@ def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     return a.shape[-1] % align == 0 and w.shape[-1] % align == 0
 
 
-def rank_in_segment(sorted_experts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Position of each row inside its expert's segment, for rows sorted by expert:
-    ``rank_r = r - start(e_r)`` with ``start(e) = sum_{e' < e} counts[e']``."""
-    segment_start = torch.cumsum(counts, 0) - counts
-    return torch.arange(sorted_experts.numel(), device=sorted_experts.device) - segment_start[sorted_experts]
-
-
 PAD_BLOCK = 128
 
 
@@ -218,7 +232,8 @@ def dispatch_grouped(
     counts = torch.bincount(flat_experts, minlength=num_experts)
     num_slots = flat_experts.numel()
     if capacity is not None:
-        order = order[rank_in_segment(flat_experts[order], counts) < capacity]
+        keep = capacity_keep_mask(expert_indices, num_experts, capacity).reshape(-1)  # [N k]
+        order = order[keep.index_select(0, order)]  # kept slots, still grouped, token order inside
         counts = counts.clamp(max=capacity)
     dropped = 1.0 - order.numel() / num_slots if num_slots else 0.0
 
@@ -242,16 +257,15 @@ def dispatch_loop(
     experts: Experts,
     capacity: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: for each expert, gather its slots (earliest ``capacity`` first), run it, add back."""
+    """Reference: for each expert, gather its slots (those :func:`capacity_keep_mask` keeps), run it, add back."""
     top_k = expert_indices.shape[-1]
     flat_experts = expert_indices.reshape(-1)
     flat_gates = gate_weights.reshape(-1)
+    keep = capacity_keep_mask(expert_indices, experts.num_experts, capacity).reshape(-1)
     y = torch.zeros_like(x)
     kept = 0
     for e in range(experts.num_experts):
-        slots = torch.nonzero(flat_experts == e).squeeze(-1)
-        if capacity is not None:
-            slots = slots[:capacity]
+        slots = torch.nonzero((flat_experts == e) & keep).squeeze(-1)
         if slots.numel() == 0:
             continue
         kept += slots.numel()

@@ -7,6 +7,16 @@
 * Router z-loss (ST-MoE): ``L_z = mean_tokens(logsumexp(logits) ** 2)``. It penalises
   LARGE logits, whatever their spread, which keeps the router's softmax numerically stable
   (especially in bf16). It is not a "confidence booster".
+
+Weighting convention: each MoE layer contributes its own weighted terms, and the model adds
+them up, ``L = L_lm + w_lb * sum_layers L_lb + w_z * sum_layers L_z`` (:class:`moe_lib.model.MoETransformer`).
+That is Switch Transformer's and ST-MoE's convention (the auxiliary loss is added per MoE layer)
+and the original noise study's (``0.01 * L_lb`` per layer, summed: ``aux=0.0602`` for 6 layers
+near uniform routing), so ``w_lb = 0.01`` means the same thing here as there. Hugging Face's
+Mixtral uses the mean style instead: ``router_aux_loss_coef`` multiplies ONE balance loss whose
+``f`` and ``P`` are pooled over the router outputs of all layers concatenated, so, like a mean
+over layers, it does not grow with depth, and the same coefficient weighs about ``n_layers``
+times less than under the per-layer sum.
 """
 
 from __future__ import annotations

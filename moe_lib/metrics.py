@@ -7,10 +7,17 @@ Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
   distribution it samples from is uniform, so H = ln E exactly.
 * utilization ``u_i = count_i / (N k)``: the share of routed slots each expert received;
   ``std(u)`` (population) and the coefficient of variation ``CV = std(u) / mean(u) = E std(u)``.
+  Over a model we average the per-layer CVs (``expert_usage_cv``). The original noise study
+  instead summed expert i's counts over all layers into ONE ``[E]`` vector and took its CV
+  (:func:`pooled_usage_cv`, ``expert_usage_cv_pooled``): expert i of one layer and expert i of
+  another are unrelated, so imbalances in different layers can cancel there (as every layer
+  routes the same ``N k`` slots, it is never above ours). We keep ours and report the
+  original's beside it, for comparison with its table.
 * logit magnitude: ``mean_n logsumexp(logits_n)`` (what z-loss squares) and ``max |logit|``.
 * dropped fraction: the share of the ``N k`` routed slots that a capacity limit turned away
-  (``ModelConfig.capacity_factor``; 0 when dropless). A dropped slot adds no expert output,
-  so its token keeps only the residual stream for that slot.
+  (``ModelConfig.capacity_factor`` in training, ``capacity_factor_eval`` in evaluation; 0 when
+  dropless). A dropped slot adds no expert output, so its token keeps only the residual
+  stream for that slot.
 
 Language model: cross-entropy, perplexity ``exp(loss)`` and top-k accuracy, ignoring
 targets of -100 (padding).
@@ -55,6 +62,11 @@ def coefficient_of_variation(values: torch.Tensor) -> torch.Tensor:
     return values.float().std(unbiased=False) / values.float().mean()
 
 
+def pooled_usage_cv(counts_per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """The original's usage CV: ``CV(sum_layers counts)``, the ``[E]`` count vectors of all layers summed."""
+    return coefficient_of_variation(torch.stack(counts_per_layer).sum(0))
+
+
 @torch.no_grad()
 def layer_routing_stats(routing: RoutingResult) -> LayerRoutingStats:
     entropy = routing_entropy(routing.probs).item()
@@ -92,8 +104,8 @@ def perplexity(loss: float) -> float:
 class RoutingAccumulator:
     """Accumulates expert counts, entropy and logit magnitude per layer over many batches.
 
-    Used for validation-set statistics: the CV of the pooled counts over the whole set, as
-    the original noise study computed it at the end, is less noisy than a per-batch CV.
+    Used for validation-set statistics: each layer's CV of its counts pooled over the whole
+    set, as the original noise study counted at the end, is less noisy than a per-batch CV.
     Dropped fractions are pooled by slots: ``sum_b dropped_b N_b k / sum_b N_b k``.
     """
 
@@ -126,6 +138,10 @@ class RoutingAccumulator:
 
     def cv_per_layer(self) -> list[float]:
         return [coefficient_of_variation(c.float()).item() for c in self.counts]
+
+    def cv_pooled_over_layers(self) -> float:
+        """The original noise study's CV: counts of all layers summed per expert, then CV (:func:`pooled_usage_cv`)."""
+        return pooled_usage_cv(self.counts).item() if self.counts else float("nan")
 
     def entropy_per_layer(self) -> list[float]:
         return [s / n for s, n in zip(self.entropy_sum, self.tokens)]

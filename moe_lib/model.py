@@ -5,8 +5,10 @@
 * Attention: causal, multi-head, rotary position embeddings, ``F.scaled_dot_product_attention``.
 * FFN: an MoE block (router -> dispatch -> SwiGLU experts) or, for the dense baseline, one
   SwiGLU of width ``k * d_ff`` so that both spend the same FLOPs per token.
-* Loss: ``L = L_lm + w_lb * mean_layers(L_lb) + w_z * mean_layers(L_z)``, the weights taken
-  from the config and applied here, so a weight of 0 really removes its term.
+* Loss: ``L = L_lm + w_lb * sum_layers(L_lb) + w_z * sum_layers(L_z)``: each MoE layer adds its
+  own weighted auxiliary terms, as in Switch, ST-MoE and the original noise study (see
+  :mod:`moe_lib.losses` for the convention). The weights are taken from the config and applied
+  here, so a weight of 0 really removes its term.
 """
 
 from __future__ import annotations
@@ -68,7 +70,11 @@ class DenseFeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Router -> dispatch -> experts. Returns the output and the :class:`RoutingResult`."""
+    """Router -> dispatch -> experts. Returns the output and the :class:`RoutingResult`.
+
+    The capacity factor is ``cfg.capacity_factor`` in training mode and ``cfg.capacity_factor_eval``
+    in eval mode (``model.eval()``).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -81,7 +87,8 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         routing = self.router(tokens)
-        capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+        capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.capacity_factor_eval
+        capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.num_experts, capacity_factor)
         y, dropped = self.dispatch(tokens, routing.expert_indices, routing.gate_weights, self.experts, capacity)
         routing.dropped_fraction = dropped
         return y.view(shape), routing
@@ -104,7 +111,11 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------- model
 @dataclass
 class ModelOutput:
-    """Logits plus every loss term. ``loss`` is what the optimiser sees."""
+    """Logits plus every loss term. ``loss`` is what the optimiser sees.
+
+    ``load_balancing_loss`` and ``z_loss`` are unweighted SUMS over the MoE layers (the terms
+    the weights multiply); each layer's own value is in ``routing[i]``.
+    """
 
     logits: torch.Tensor
     loss: torch.Tensor | None
@@ -152,8 +163,8 @@ class MoETransformer(nn.Module):
         logits = self.lm_head(self.norm(x))
 
         zero = logits.new_zeros((), dtype=torch.float32)
-        lb = torch.stack([r.load_balancing_loss for r in routing]).mean() if routing else zero
-        z = torch.stack([r.z_loss for r in routing]).mean() if routing else zero
+        lb = torch.stack([r.load_balancing_loss for r in routing]).sum() if routing else zero  # sum, not mean
+        z = torch.stack([r.z_loss for r in routing]).sum() if routing else zero
         lm_loss = loss = None
         if targets is not None:
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

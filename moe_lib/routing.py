@@ -4,7 +4,8 @@ A router maps token vectors ``x`` of shape ``[N, d]`` to a :class:`RoutingResult
 Two kinds:
 
 * :class:`TopKRouter` - learned: ``logits = x @ W``, optional Gaussian noise on the logits
-  (training only), the k largest noisy logits win.
+  (training only), the k largest noisy logits win. It runs in fp32 even under bf16 autocast
+  (ST-MoE: bf16 round-off in the softmax and the auxiliary losses destabilises routing).
 * :class:`RandomRouter` - a control with no parameters: k distinct experts uniformly at
   random per token, each with weight ``1/k``.
 
@@ -36,8 +37,8 @@ class RoutingResult:
     ``logits`` are the clean router logits ``[N, E]`` (``None`` for the random router, which
     has none); ``probs`` ``[N, E]`` is the distribution the experts were chosen from
     (softmax of the noisy logits, or uniform for the random router); ``expert_indices`` and
-    ``gate_weights`` are ``[N, k]``. The auxiliary losses are unweighted scalars; the model
-    multiplies them by the configured weights.
+    ``gate_weights`` are ``[N, k]``. The auxiliary losses are this layer's unweighted scalars; the
+    model weights each layer's and sums them over layers (:mod:`moe_lib.losses`).
     """
 
     logits: torch.Tensor | None
@@ -68,21 +69,23 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)  # near-uniform routing at the start
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
-        logits = F.linear(x.float(), self.weight.float())  # routing in fp32 even under autocast
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + self.noise_std * torch.randn_like(logits)
-        probs = noisy.softmax(dim=-1)
-        top_probs, expert_indices = probs.topk(self.top_k, dim=-1)
-        gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
-        return RoutingResult(
-            logits=logits,
-            probs=probs,
-            expert_indices=expert_indices,
-            gate_weights=gates,
-            load_balancing_loss=load_balancing_loss(probs, expert_indices),
-            z_loss=router_z_loss(logits),
-        )
+        # fp32 routing (ST-MoE): autocast would cast F.linear's inputs back to bf16, so switch it off here.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # [N, E] fp32
+            noisy = logits
+            if self.training and self.noise_std > 0:
+                noisy = logits + self.noise_std * torch.randn_like(logits)
+            probs = noisy.softmax(dim=-1)
+            top_probs, expert_indices = probs.topk(self.top_k, dim=-1)
+            gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
+            return RoutingResult(
+                logits=logits,
+                probs=probs,
+                expert_indices=expert_indices,
+                gate_weights=gates,
+                load_balancing_loss=load_balancing_loss(probs, expert_indices),
+                z_loss=router_z_loss(logits),
+            )
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, renormalize={self.renormalize}"

@@ -209,6 +209,7 @@ def run_study(
 ORIGINAL_NOISE_COLUMNS = [
     "seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
     "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv",
+    "expert_usage_cv_pooled",  # the original's expert_usage_cv: counts of all layers summed, then CV
 ]
 
 
@@ -369,10 +370,15 @@ def noise_verdicts(study: StudyResult) -> list[str]:
             )
     lines.append("Original: noise 0.5 cost about +14 PPL (+11%) at both lb settings; noise 0.1 about +1 PPL (+0.9%).")
     for noise in NOISE_LEVELS:
-        on = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.01)].expert_usage_cv.mean()
-        off = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.0)].expert_usage_cv.mean()
-        lines.append(f"noise {noise}: usage CV {off:.4f} without load balancing vs {on:.4f} with it: {off / on:.1f}x lower with lb 0.01.")
-    lines.append("Original: lb 0.01 cut the CV 3.0x, 3.6x and 5.2x at noise 0, 0.1 and 0.5.")
+        at = r[r.noise_std == noise]
+        on, off = (at[at.load_balancing_weight == w][["expert_usage_cv", "expert_usage_cv_pooled"]].mean() for w in (0.01, 0.0))
+        lines.append(
+            f"noise {noise}: usage CV (per layer, mean over layers) {off.expert_usage_cv:.4f} without load balancing vs "
+            f"{on.expert_usage_cv:.4f} with it: {off.expert_usage_cv / on.expert_usage_cv:.1f}x lower with lb 0.01; "
+            f"pooled over layers as the original computed it: {off.expert_usage_cv_pooled:.4f} vs {on.expert_usage_cv_pooled:.4f}, "
+            f"{off.expert_usage_cv_pooled / on.expert_usage_cv_pooled:.1f}x."
+        )
+    lines.append("Original (pooled CV): lb 0.01 cut the CV 3.0x, 3.6x and 5.2x at noise 0, 0.1 and 0.5.")
     for noise in NOISE_LEVELS:
         cmp = _paired(study, "best_val_perplexity", f"noise={noise}, lb=0.01").loc[f"noise={noise}, lb=0.0"]
         lines.append(
@@ -613,20 +619,22 @@ def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "le
 
 # --------------------------------------------------------------------------- capacity (notebook 05)
 def capacity_table(study: StudyResult) -> pd.DataFrame:
-    """Per condition: dropped slots (validation, mean over layers and per layer), the floor ``1 - cf``
-    that any routing must drop when cf < 1, validation perplexity and its change vs dropless at the same lb."""
+    """Per condition: dropped slots (in training at the run's capacity factor, mean over steps; mean over
+    layers and per layer), the floor ``1 - cf`` that any routing must drop when cf < 1, validation
+    perplexity (at the evaluation capacity, ``ModelConfig.capacity_factor_eval``) and its change vs
+    dropless at the same lb."""
     r = study.results.copy()
     rows = []
     for condition in _conditions(study):
         part = r[r.condition == condition]
         cf, lb = part.capacity_factor.iloc[0], part.load_balancing_weight.iloc[0]
         dropless = r[(r.capacity_factor.isna()) & (r.load_balancing_weight == lb)]
-        layer_cols = sorted((c for c in r.columns if c.startswith("val_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
+        layer_cols = sorted((c for c in r.columns if c.startswith("train_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
         rows.append({
             "capacity factor": capacity_label(cf),
             "lb weight": lb,
             "seeds": len(part),
-            "dropped (%)": f"{100 * part.dropped_fraction.mean():.2f}",
+            "dropped (%)": f"{100 * part.train_dropped_fraction.mean():.2f}",
             "dropped per layer (%)": " ".join(f"{100 * part[c].mean():.1f}" for c in layer_cols),
             "floor 1 - cf (%)": f"{100 * max(0.0, 1 - cf):.0f}" if pd.notna(cf) else "0",
             "val PPL": _mean_std(part.val_perplexity, 2),
@@ -646,18 +654,18 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
     for _, row in below_one.iterrows():
         floor = 1 - row.capacity_factor
         lines.append(
-            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.dropped_fraction:.1f}% of slots dropped; "
+            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.train_dropped_fraction:.1f}% of slots dropped; "
             f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
-            f"{100 * floor:.0f}% must drop: {'consistent' if row.dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+            f"{100 * floor:.0f}% must drop: {'consistent' if row.train_dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
         )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
         finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
-        ok = finite[finite.dropped_fraction < threshold]
+        ok = finite[finite.train_dropped_fraction < threshold]
         first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
         lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
     for cf in (1.0, 1.25):
-        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].dropped_fraction.mean()
-        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].dropped_fraction.mean()
+        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].train_dropped_fraction.mean()
+        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].train_dropped_fraction.mean()
         if pd.notna(on) and pd.notna(off):
             lines.append(
                 f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "

@@ -272,6 +272,7 @@ def train_run(
 
     rows: list[dict[str, Any]] = []
     best_val = float("inf")
+    train_dropped = torch.zeros((), device=device)  # becomes [layers]: sum over micro-batches
     tokens_per_step = tcfg.tokens_per_step
     step_times: list[float] = []
     bar = _progress_bar(tcfg, run_id)
@@ -283,7 +284,7 @@ def train_run(
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * factor
-        sums = torch.zeros(4, device=device)  # total, lm, lb, z
+        sums = torch.zeros(4, device=device)  # total, lm, lb, z (lb and z: unweighted sums over layers)
         for _ in range(tcfg.grad_accum_steps):
             x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -292,6 +293,8 @@ def train_run(
             _check_finite(step, out)
             (out.loss / tcfg.grad_accum_steps).backward()
             sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
+            if out.routing:  # slots the training capacity dropped, per layer
+                train_dropped = train_dropped + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
         if tcfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         for opt in optimizers:
@@ -332,6 +335,7 @@ def train_run(
     history = pd.DataFrame(rows)
     steady = step_times[1:] or step_times  # the first step pays one-off warm-up costs
     counts = count_parameters(model)
+    train_dropped_per_layer = (train_dropped / (tcfg.steps * tcfg.grad_accum_steps)).reshape(-1).tolist() if mcfg.is_moe else []
     cvs, entropies = final_val.routing.cv_per_layer(), final_val.routing.entropy_per_layer()
     metrics: dict[str, Any] = {
         "val_loss": final_val.loss,
@@ -344,10 +348,12 @@ def train_run(
         "test_perplexity": test.perplexity,
         "test_accuracy": test.accuracy,
         "test_top3_accuracy": test.top3_accuracy,
-        "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),
+        "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),  # per-layer CV, mean over layers
+        "expert_usage_cv_pooled": final_val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
         "router_entropy": sum(entropies) / len(entropies) if entropies else float("nan"),
         "router_logsumexp": _mean(final_val.routing.logsumexp_per_layer()),
-        "dropped_fraction": _mean(final_val.routing.dropped_per_layer()),
+        "val_dropped_fraction": _mean(final_val.routing.dropped_per_layer()),  # at capacity_factor_eval
+        "train_dropped_fraction": _mean(train_dropped_per_layer),  # at capacity_factor, mean over training
         "training_time_minutes": train_seconds / 60,
         "ms_per_step": 1000 * sum(steady) / len(steady),
         "tokens_per_second": tokens_per_step * len(steady) / sum(steady),
@@ -369,6 +375,8 @@ def train_run(
         metrics[f"val_entropy_L{layer}"] = h
         metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
         metrics[f"val_dropped_L{layer}"] = drop
+    for layer, drop in enumerate(train_dropped_per_layer):
+        metrics[f"train_dropped_L{layer}"] = drop
     result = TrainResult(model=model, config=config, history=history, metrics=metrics, data=data)
     if checkpoint_dir is not None:
         from .checkpoint import save_checkpoint

@@ -11,9 +11,9 @@ import torch
 from moe_lib.config import ModelConfig
 from moe_lib.experts import Experts, dispatch_grouped, dispatch_loop
 from moe_lib.losses import load_balancing_loss, router_z_loss
-from moe_lib.metrics import layer_routing_stats, routing_entropy
+from moe_lib.metrics import RoutingAccumulator, coefficient_of_variation, layer_routing_stats, pooled_usage_cv, routing_entropy
 from moe_lib.model import MoETransformer, count_parameters
-from moe_lib.routing import RandomRouter, TopKRouter
+from moe_lib.routing import RandomRouter, RoutingResult, TopKRouter
 
 VOCAB = 97
 
@@ -66,6 +66,20 @@ def test_load_balancing_weight_is_applied():
     assert losses[0.01].loss.item() != losses[0.0].loss.item()
 
 
+def test_auxiliary_terms_are_weighted_sums_over_layers():
+    """Switch / ST-MoE / the original noise study: w * L for EACH layer, summed (not w * mean)."""
+    x, y = batch()
+    torch.manual_seed(0)
+    out = MoETransformer(tiny(n_layers=3, load_balancing_weight=0.01, z_loss_weight=0.001)).eval()(x, y)
+    per_layer_lb = [r.load_balancing_loss.item() for r in out.routing]
+    per_layer_z = [r.z_loss.item() for r in out.routing]
+    assert len(per_layer_lb) == 3
+    assert out.load_balancing_loss.item() == pytest.approx(sum(per_layer_lb), rel=1e-6)
+    assert out.z_loss.item() == pytest.approx(sum(per_layer_z), rel=1e-6)
+    by_hand = out.lm_loss.item() + sum(0.01 * v for v in per_layer_lb) + sum(0.001 * v for v in per_layer_z)
+    assert out.loss.item() == pytest.approx(by_hand, rel=1e-6)
+
+
 def test_z_loss_weight_is_applied():
     x, y = batch()
     torch.manual_seed(0)
@@ -87,6 +101,31 @@ def test_random_router_picks_distinct_experts_with_uniform_entropy(k):
     assert sum(p.numel() for p in router.parameters()) == 0
     # every expert is used: a real uniform sampler, not a fixed pattern
     assert torch.bincount(r.expert_indices.flatten(), minlength=8).min() > 0
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    """ST-MoE: routing in bf16 is unstable. Autocast would cast F.linear's inputs to bf16 (issue 11)."""
+    torch.manual_seed(0)
+    router = TopKRouter(d_model=16, num_experts=8, top_k=2, noise_std=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(torch.randn(64, 16).bfloat16())
+    for name in ("logits", "probs", "gate_weights", "load_balancing_loss", "z_loss"):
+        assert getattr(r, name).dtype == torch.float32, name
+
+
+def test_model_trains_in_bf16_autocast_with_an_fp32_router_and_finite_gradients():
+    x, y = batch()
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(noise_std=0.1, z_loss_weight=0.001))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    assert out.logits.dtype == torch.bfloat16  # autocast is really on
+    for r in out.routing:
+        assert {r.logits.dtype, r.probs.dtype, r.gate_weights.dtype, r.load_balancing_loss.dtype, r.z_loss.dtype} == {torch.float32}
+    assert out.load_balancing_loss.dtype == out.z_loss.dtype == torch.float32
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 # 4 -----------------------------------------------------------------------------------
@@ -229,6 +268,8 @@ def test_parameter_counts_match_hand_arithmetic():
         ({"ffn": "sparse"}, "ffn"),
         ({"dispatch": "magic"}, "dispatch"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"capacity_factor_eval": -1.0}, "capacity_factor_eval"),
+        ({"capacity_factor_eval": True}, "capacity_factor_eval"),
     ],
 )
 def test_invalid_model_config_names_field_value_and_choices(changes, field):
@@ -262,3 +303,23 @@ def test_padded_grouped_matmul_equals_per_segment_matmuls_in_bf16():
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
     assert grads[1][1].abs().sum() == 0  # the empty segment's expert gets no gradient
+
+
+def test_pooled_usage_cv_is_the_originals_definition_by_hand():
+    """Original noise study: expert i's counts summed over layers into one vector, then CV.
+    Opposite imbalances in two layers cancel there; our per-layer CV sees both."""
+    layer0, layer1 = torch.tensor([3, 1]), torch.tensor([1, 3])  # [E = 2] counts per layer
+    # per layer: mean 2, population std 1 -> CV 0.5; pooled: [4, 4] -> CV 0
+    assert coefficient_of_variation(layer0).item() == pytest.approx(0.5)
+    assert pooled_usage_cv([layer0, layer1]).item() == 0.0
+    # [6, 2] + [0, 4] = [6, 6] -> 0; [5, 1] + [1, 1] = [6, 2]: mean 4, std 2 -> 0.5
+    assert pooled_usage_cv([torch.tensor([5, 1]), torch.tensor([1, 1])]).item() == pytest.approx(0.5)
+
+    def top1(experts: list[int]) -> RoutingResult:
+        idx, zero = torch.tensor(experts).unsqueeze(-1), torch.zeros(())
+        return RoutingResult(None, torch.full((len(experts), 2), 0.5), idx, torch.ones(len(experts), 1), zero, zero)
+
+    acc = RoutingAccumulator()
+    acc.add([top1([0, 0, 0, 1]), top1([1, 1, 1, 0])])  # counts [3, 1] and [1, 3]
+    assert acc.cv_per_layer() == pytest.approx([0.5, 0.5])
+    assert acc.cv_pooled_over_layers() == 0.0
