@@ -75,6 +75,9 @@ DEFAULT_SUMMARY_METRICS = (
 )
 # Settings that change how a run is displayed or cached, not what it computes.
 HASH_IGNORED = {"train": ("progress",), "data": ("cache_dir",)}
+# Fields added after results were stored, with the default that reproduces the older runs:
+# left out of the hash at that default, so the stored runs keep their hashes.
+HASH_OMITTED_DEFAULTS = {"model": {"num_shared_experts": 0, "score_func": "softmax", "bias_update_rate": 0.0}}
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -88,12 +91,18 @@ def config_hash(config: RunConfig) -> str:
     """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config.
 
     The fields in :data:`HASH_IGNORED` (progress bar, cache folder) are left out, so turning
-    a progress bar off does not make finished runs look changed.
+    a progress bar off does not make finished runs look changed; so are those of
+    :data:`HASH_OMITTED_DEFAULTS` while at their default, so that adding an option to the
+    config does not make every stored run look changed.
     """
     data = config.to_dict()
     for section, names in HASH_IGNORED.items():
         for name in names:
             data[section].pop(name, None)
+    for section, defaults in HASH_OMITTED_DEFAULTS.items():
+        for name, default in defaults.items():
+            if data[section].get(name) == default:
+                data[section].pop(name)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

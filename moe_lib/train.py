@@ -26,6 +26,7 @@ from .config import RunConfig, TrainConfig
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
 from .perf import configure_cpu_allocator
+from .routing import update_expert_biases
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -297,6 +298,7 @@ def train_run(
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        update_expert_biases(model)  # aux-loss-free balancing: this step's loads, all micro-batches
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - t0)
@@ -345,6 +347,7 @@ def train_run(
         "test_accuracy": test.accuracy,
         "test_top3_accuracy": test.top3_accuracy,
         "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),
+        "expert_maxvio": _mean(final_val.routing.max_violation_per_layer()),
         "router_entropy": sum(entropies) / len(entropies) if entropies else float("nan"),
         "router_logsumexp": _mean(final_val.routing.logsumexp_per_layer()),
         "dropped_fraction": _mean(final_val.routing.dropped_per_layer()),
@@ -369,6 +372,7 @@ def train_run(
         metrics[f"val_entropy_L{layer}"] = h
         metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
         metrics[f"val_dropped_L{layer}"] = drop
+    metrics.update({f"val_maxvio_L{layer}": v for layer, v in enumerate(final_val.routing.max_violation_per_layer())})
     result = TrainResult(model=model, config=config, history=history, metrics=metrics, data=data)
     if checkpoint_dir is not None:
         from .checkpoint import save_checkpoint
