@@ -104,7 +104,8 @@ class ModelConfig(_ConfigBase):
       bias added to the scores for selection only, updated by ``b_i += u sign(mean load - load_i)``.
     * ``router="expert_choice"`` (Zhou et al. 2022): each expert picks its top
       ``C = ceil(cf N k / E)`` tokens (``cf = capacity_factor or 1``). Balanced by construction,
-      but it leaks the future in a decoder. Gates are the raw scores.
+      but it leaks the future in a decoder. Gates are the raw scores; it has its own dispatch
+      (``dispatch`` is ignored) and ``capacity_factor`` sets C instead of dropping.
     * Fine-grained experts (DeepSeekMoE): :func:`fine_grained` builds the matched config.
     """
 
@@ -168,6 +169,10 @@ class ModelConfig(_ConfigBase):
             _fail(owner, "num_shared_experts", self.num_shared_experts, "an integer >= 0")
         check_choice(owner, "score_func", self.score_func, SCORE_KINDS)
         check_non_negative(owner, "bias_update_rate", self.bias_update_rate)
+        if self.ffn == "dense":
+            for name in ("num_shared_experts", "bias_update_rate"):
+                if getattr(self, name):
+                    _fail(owner, name, getattr(self, name), "0 with ffn='dense' (a dense model has no experts to share or balance)")
         if self.bias_update_rate > 0 and self.router != "topk":
             _fail(owner, "bias_update_rate", self.bias_update_rate, f"0 with router={self.router!r} (the selection bias needs router='topk')")
         if self.router == "expert_choice":

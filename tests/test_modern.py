@@ -47,6 +47,8 @@ def tokens(seed=0, b=2, t=16):
         (dict(bias_update_rate=1e-3, router="expert_choice"), "bias_update_rate"),
         (dict(router="expert_choice", top_k=2, capacity_factor=3.0), "top_k"),
         (dict(router="expert_choice", gate="renormalized"), "gate"),
+        (dict(ffn="dense", num_shared_experts=1), "num_shared_experts"),
+        (dict(ffn="dense", bias_update_rate=1e-3), "bias_update_rate"),
     ],
 )
 def test_invalid_modern_options_name_field_value_and_choices(changes, field):
@@ -332,3 +334,22 @@ def test_router_saturation_by_hand():
             total += len(mine)
     assert saturation[0] == pytest.approx(hits / total)
     assert saturation[0] < 1.0
+
+
+def test_expert_choice_routes_in_fp32_and_runs_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(router="expert_choice", score_func="sigmoid")).eval()
+    x = tokens()
+    full = model(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        half = model(x)
+    assert half.routing[0].logits.dtype == torch.float32
+    assert torch.equal(half.routing[0].token_indices, full.routing[0].token_indices)  # layer 0 sees the same input
+    torch.testing.assert_close(half.logits.float(), full.logits, rtol=0.05, atol=0.05)
+
+
+def test_routing_trace_refuses_expert_choice():
+    from moe_lib.specialization import trace_routing
+
+    with pytest.raises(ValueError, match="token-choice router"):
+        trace_routing(MoETransformer(tiny(router="expert_choice")), None, annotation=object())
