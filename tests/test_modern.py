@@ -353,3 +353,27 @@ def test_routing_trace_refuses_expert_choice():
 
     with pytest.raises(ValueError, match="token-choice router"):
         trace_routing(MoETransformer(tiny(router="expert_choice")), None, annotation=object())
+
+
+# --------------------------------------------------------------------------- notebook 07's grid
+def test_modern_grid_matches_what_each_comparison_holds_equal():
+    from moe_lib.modern_studies import modern_grid
+    from moe_lib.profiles import get_profile
+
+    profile = get_profile("cpu")
+    grid = modern_grid(profile)
+    assert grid.baseline == "classic" and len(grid.runs) == 8 * len(profile.seeds)
+    configs = {r.condition: r.config for r in grid.runs if r.seed == profile.seeds[0]}
+    counts = {label: count_parameters(MoETransformer(c.model)) for label, c in configs.items()}
+    classic = counts["classic"]
+    L, d, E, d_ff, T = 4, 128, 8, 256, 128
+    fine = counts["fine-grained + shared"]
+    assert (configs["fine-grained + shared"].model.num_experts, configs["fine-grained + shared"].model.top_k) == (31, 7)
+    assert fine.active_experts + fine.shared_experts == classic.active_experts == L * 2 * 3 * d * d_ff
+    assert fine.experts + fine.shared_experts == classic.experts == L * E * 3 * d * d_ff
+    dense_total = counts["dense (same total)"]
+    assert dense_total.total == classic.total - classic.router  # the E experts' parameters in one SwiGLU
+    flops = {label: flops_per_token(c.model, T) for label, c in configs.items()}
+    assert flops["classic"] - flops["dense (same active)"] == 6 * L * d * E  # the router only
+    assert configs["aux-loss-free"].model.bias_update_rate == 1e-3 and configs["aux-loss-free"].model.load_balancing_weight == 0
+    assert len({r.run_id for r in grid.runs}) == len(grid.runs)
