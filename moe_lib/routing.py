@@ -135,8 +135,13 @@ class TopKRouter(nn.Module):
 
     @torch.no_grad()
     def update_expert_bias(self) -> None:
-        """``b_i += u sign(mean load - load_i)``, centred to keep ``sum b = 0``; then clear the counts."""
+        """``b_i += u sign(mean load - load_i)``, centred to keep ``sum b = 0``; then clear the counts.
+
+        Under data parallelism the loads are summed over ranks first, so every rank keeps the same bias.
+        """
         load = self.tokens_per_expert
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
         if load.sum() == 0:  # no training forward since the last update
             return
         delta = self.bias_update_rate * torch.sign(load.mean() - load)

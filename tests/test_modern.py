@@ -210,6 +210,23 @@ def test_loads_accumulate_over_training_forwards_and_the_update_consumes_them():
     assert torch.equal(router.expert_bias, before)
 
 
+def test_data_parallel_ranks_update_the_bias_from_the_summed_load(monkeypatch):
+    """Each rank counts its own tokens; the update must all-reduce them first (a fake 2-rank all_reduce here)."""
+    torch.manual_seed(0)
+    router = TopKRouter(16, 4, 2, bias_update_rate=0.01)
+    router(torch.randn(30, 16))
+    mine = router.tokens_per_expert.clone()
+    other_rank = torch.tensor([0.0, 0.0, 60.0, 0.0])  # the other rank sent every slot to expert 2
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: tensor.add_(other_rank))
+    update_expert_biases(router)
+    total = mine + other_rank
+    delta = 0.01 * torch.sign(total.mean() - total)
+    torch.testing.assert_close(router.expert_bias, delta - delta.mean())
+    alone = 0.01 * torch.sign(mine.mean() - mine)
+    assert not torch.allclose(alone - alone.mean(), router.expert_bias)  # the summed load decides
+
+
 def test_bias_updates_drive_a_skewed_router_to_balance():
     torch.manual_seed(0)
     num_experts, rate = 8, 1e-3  # DeepSeek-V3's u
