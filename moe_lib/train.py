@@ -26,6 +26,7 @@ from .config import RunConfig, TrainConfig
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
 from .perf import configure_cpu_allocator
+from .routing import update_expert_biases
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -300,6 +301,7 @@ def train_run(
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        update_expert_biases(model)  # aux-loss-free balancing: this step's loads, all micro-batches
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - t0)
@@ -350,6 +352,7 @@ def train_run(
         "test_top3_accuracy": test.top3_accuracy,
         "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),  # per-layer CV, mean over layers
         "expert_usage_cv_pooled": final_val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
+        "expert_maxvio": _mean(final_val.routing.max_violation_per_layer()),
         "router_entropy": sum(entropies) / len(entropies) if entropies else float("nan"),
         "router_logsumexp": _mean(final_val.routing.logsumexp_per_layer()),
         "val_dropped_fraction": _mean(final_val.routing.dropped_per_layer()),  # at capacity_factor_eval
@@ -377,6 +380,7 @@ def train_run(
         metrics[f"val_dropped_L{layer}"] = drop
     for layer, drop in enumerate(train_dropped_per_layer):
         metrics[f"train_dropped_L{layer}"] = drop
+    metrics.update({f"val_maxvio_L{layer}": v for layer, v in enumerate(final_val.routing.max_violation_per_layer())})
     result = TrainResult(model=model, config=config, history=history, metrics=metrics, data=data)
     if checkpoint_dir is not None:
         from .checkpoint import save_checkpoint
