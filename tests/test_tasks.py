@@ -27,7 +27,7 @@ def test_the_users_own_pip_sources_win(variable):
 
 def test_pip_config_files_count_as_the_users_choice():
     config = "global.extra-index-url='file:///opt/pypi/simple'\nglobal.cert='/etc/ssl/certs/ca.crt'\n:env:.default-timeout='180'\n"
-    assert tasks.user_pip_sources({}, config.replace("\\\n", "\n")) == ["global.extra-index-url"]
+    assert tasks.user_pip_sources({}, config) == ["global.extra-index-url"]
     assert tasks.user_pip_sources({}, "global.cert='/etc/ssl/certs/ca.crt'\nuser.timeout='60'\n") == []
 
 
