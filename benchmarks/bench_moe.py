@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from moe_lib.budget import train_flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
@@ -449,22 +450,6 @@ def train_profiles(quick: bool) -> dict[str, dict[str, Any]]:
             "cpu": {"model": cpu, "train": TrainConfig(batch_size=16, seq_len=128), "source": note},
             "gpu": {"model": gpu, "train": TrainConfig(batch_size=24, seq_len=512), "source": note},
         }
-
-
-def matmul_params(model: MoETransformer) -> int:
-    """Parameters one token multiplies with: active parameters minus norm gains (and minus the
-    embedding table when it is not tied to the LM head, since a lookup is not a matmul)."""
-    counts = count_parameters(model)
-    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
-    n = counts.active - norms
-    if not model.cfg.tie_weights:
-        n -= model.embed.weight.numel()
-    return n
-
-
-def train_flops_per_token(model: MoETransformer, seq_len: int) -> float:
-    cfg = model.cfg
-    return 6.0 * matmul_params(model) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
 
 
 class TrainStep:

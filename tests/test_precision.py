@@ -87,3 +87,26 @@ def test_train_run_in_fp16_on_cpu_is_finite():
     result = train_run(config)
     assert result.history["train_loss"].map(math.isfinite).all()
     assert math.isfinite(result.metrics["val_loss"])
+
+
+def test_colab_profile_is_sized_for_about_an_hour_on_a_t4():
+    """FLOP estimate at the T4's 65 TFLOPS fp16 peak and an assumed 10% MFU: 30-60 min of compute,
+    leaving room for data preparation, evaluation overheads and the notebooks' own analysis."""
+    from moe_lib import budget
+
+    colab = get_profile("colab")
+    assert colab.base.train.precision == "auto"  # fp16 + GradScaler on a T4 (no native bf16), by choose_precision
+    assert 0.5 <= budget.course_hours(colab) <= 1.0
+
+
+def test_flops_per_token_by_hand():
+    from moe_lib import budget
+    from moe_lib.model import MoETransformer
+
+    cfg = get_profile("smoke").base.model
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    d, L, E, k, h, V = cfg.d_model, cfg.n_layers, cfg.num_experts, cfg.top_k, cfg.d_ff, cfg.vocab_size
+    per_layer = 4 * d * d + k * 3 * d * h + d * E  # attention projections, k active SwiGLU experts, router
+    assert budget.matmul_params(model) == L * per_layer + V * d  # + the tied LM head
+    assert budget.train_flops_per_token(model, 32) == 6 * (L * per_layer + V * d) + 6 * L * 32 * d
