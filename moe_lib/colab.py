@@ -120,16 +120,18 @@ def stamp_setup_cell(source: str, repo: str, ref: str) -> str:
 
 
 def stamp_notebook(path: Path, slug: str, repo: str, ref: str, root: Path) -> None:
-    """Badge cell first, setup cell stamped; outputs untouched."""
+    """Badge cell first, setup cell stamped; outputs untouched. With ``repo=""``: no badge, the
+    unstamped setup cell (whose Colab branch names the stamp command)."""
     nb = nbformat.read(path, as_version=4)
     setup = next((c for c in nb.cells if c.cell_type == "code" and SETUP_MARKER in c.source), None)
     if setup is None:
         raise ValueError(f"{path}: no setup cell (a code cell containing {SETUP_MARKER!r})")
     setup.source = stamp_setup_cell(setup.source, repo, ref)
     nb.cells = [c for c in nb.cells if c.get("id") != BADGE_CELL_ID]
-    cell = nbformat.v4.new_markdown_cell(badge(colab_link(slug, ref, path.relative_to(root).as_posix())))
-    cell["id"] = BADGE_CELL_ID
-    nb.cells.insert(0, cell)
+    if repo:
+        cell = nbformat.v4.new_markdown_cell(badge(colab_link(slug, ref, path.relative_to(root).as_posix())))
+        cell["id"] = BADGE_CELL_ID
+        nb.cells.insert(0, cell)
     _write_atomic(path, nbformat.writes(nb) + "\n")
 
 
@@ -156,6 +158,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def unstamp(root: Path) -> list[Path]:
+    """Every notebook back to the unstamped setup cell, without badges (before a URL is known)."""
+    notebooks = sorted((root / "notebooks").glob("*.ipynb"))
+    for path in notebooks:
+        stamp_notebook(path, "", "", "", root)
+    return notebooks
+
+
 def stamp(root: Path, ref: str, repo: str | None = None) -> list[Path]:
     """Record ``repo`` (if given) in pyproject.toml, then stamp every notebook and the README from it."""
     pyproject = root / "pyproject.toml"
@@ -173,9 +183,15 @@ def stamp(root: Path, ref: str, repo: str | None = None) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tasks.py colab", description=__doc__.split("\n")[0])
     parser.add_argument("--repo", help="the course's GitHub URL; stored in pyproject.toml (default: the URL stored there)")
-    parser.add_argument("--ref", required=True, help="the git tag (or branch/commit) the notebooks install in Colab")
+    parser.add_argument("--ref", help="the git tag (or branch/commit) the notebooks install in Colab")
+    parser.add_argument("--unstamped", action="store_true", help="write the unstamped first cell (no URL yet) into every notebook")
     parser.add_argument("--root", type=Path, default=project_root(), help="the repository (default: the checkout around the working directory)")
     args = parser.parse_args(argv)
+    if args.unstamped:
+        print(f"wrote the unstamped first cell into {len(unstamp(args.root))} notebooks")
+        return 0
+    if not args.ref:
+        parser.error(f"--ref is required: {STAMP_COMMAND}")
     try:
         stamped = stamp(args.root, args.ref, args.repo)
     except ValueError as err:

@@ -39,6 +39,16 @@ def test_no_url_yet_names_the_command(checkout, monkeypatch):
         exec(colab.setup_block(), {})
 
 
+def test_unstamped_cells_name_the_command_and_carry_no_badge(checkout):
+    colab.stamp(checkout, "v1.0", REPO)
+    assert colab.main(["--unstamped", "--root", str(checkout)]) == 0
+    for path in (checkout / "notebooks").glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        setup = next(c for c in nb.cells if colab.SETUP_MARKER in c.source)
+        assert "COURSE_REPO, COURSE_REF = '', ''" in setup.source and colab.STAMP_COMMAND in setup.source
+        assert all(c.get("id") != colab.BADGE_CELL_ID for c in nb.cells)
+
+
 def test_only_github_urls_make_badges():
     assert colab.github_slug(REPO + ".git") == SLUG
     with pytest.raises(ValueError, match="'https://gitlab.com/a/b' is not a GitHub URL"):
