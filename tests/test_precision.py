@@ -81,9 +81,11 @@ def test_fp16_grad_scaler_step_on_cpu_adapts_and_skips_inf():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_train_run_in_fp16_on_cpu_is_finite():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_train_run_in_fp16_on_cpu_is_finite(optimizer):
     base = get_profile("smoke").base
-    config = RunConfig(model=base.model, data=base.data, train=base.train.replace(steps=3, precision="fp16", device="cpu"))
+    train = base.train.replace(steps=3, precision="fp16", device="cpu", optimizer=optimizer)
+    config = RunConfig(model=base.model, data=base.data, train=train)
     result = train_run(config)
     assert result.history["train_loss"].map(math.isfinite).all()
     assert math.isfinite(result.metrics["val_loss"])
