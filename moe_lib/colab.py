@@ -37,9 +37,9 @@ _URLS_TABLE = re.compile(r"^\[project\.urls\]\n(?:[^\[\n][^\n]*\n)*", re.MULTILI
 # --------------------------------------------------------------------------- the one place: pyproject.toml
 def repo_url(pyproject: Path) -> str:
     """``[project.urls] Repository``, or an error that names the command that sets it."""
-    import tomllib  # Python 3.11+: stamping is a maintainer's task
-
-    url = tomllib.loads(pyproject.read_text()).get("project", {}).get("urls", {}).get("Repository")
+    table = _URLS_TABLE.search(pyproject.read_text())  # no tomllib: the course supports Python 3.10
+    found = re.search(r'^Repository\s*=\s*"([^"]*)"', table[0], re.MULTILINE) if table else None
+    url = found[1] if found else None
     if not url:
         raise ValueError(f"no course repository URL in {pyproject} ([project.urls] Repository): run `{STAMP_COMMAND}`")
     return url
