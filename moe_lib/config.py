@@ -18,7 +18,7 @@ GateKind = Literal["auto", "renormalized", "softmax"]
 FFNKind = Literal["moe", "dense"]
 DispatchKind = Literal["grouped", "loop"]
 OptimizerKind = Literal["adamw", "muon"]
-PrecisionKind = Literal["auto", "bf16", "fp32"]
+PrecisionKind = Literal["auto", "bf16", "fp16", "fp32"]
 
 ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)

@@ -8,7 +8,6 @@ from ``config.train.seed``: initialisation, data order, router noise and random 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import platform
@@ -27,6 +26,7 @@ from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_
 from .model import MoETransformer, count_parameters
 from .perf import configure_cpu_allocator
 from .routing import update_expert_biases
+from .precision import optimizer_step, resolve_precision
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -47,11 +47,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default (``auto``), on CPU only when asked (``bf16``)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast that :func:`moe_lib.precision.resolve_precision` picks for this hardware."""
+    return resolve_precision(precision, device).autocast(device)
 
 
 # --------------------------------------------------------------------------- optimizers and schedule
@@ -263,6 +260,8 @@ def train_run(
     torch.manual_seed(tcfg.seed)
     model = MoETransformer(mcfg).to(device)
     optimizers = build_optimizer(model, tcfg)
+    prec = resolve_precision(tcfg.precision, device)  # bf16, or fp16 + GradScaler without native bf16
+    scaler = prec.grad_scaler(device)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     data_gen = torch.Generator().manual_seed(tcfg.seed)
     if device.type == "cuda":
@@ -289,18 +288,14 @@ def train_run(
         for _ in range(tcfg.grad_accum_steps):
             x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, tcfg.precision):
+            with prec.autocast(device):
                 out = model(x, y)
             _check_finite(step, out)
-            (out.loss / tcfg.grad_accum_steps).backward()
+            scaler.scale(out.loss / tcfg.grad_accum_steps).backward()
             sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
             if out.routing:  # slots the training capacity dropped, per layer
                 train_dropped = train_dropped + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
-        if tcfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        optimizer_step(optimizers, scaler, model.parameters(), tcfg.grad_clip)
         update_expert_biases(model)  # aux-loss-free balancing: this step's loads, all micro-batches
         if device.type == "cuda":
             torch.cuda.synchronize(device)

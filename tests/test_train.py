@@ -136,7 +136,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 def test_unknown_profile_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'cpu', 'gpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'cpu', 'gpu', 'colab'\]"):
         get_profile("huge")
 
 
