@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from moe_lib.budget import train_flops_per_token  # noqa: E402
+from moe_lib.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
@@ -464,7 +464,7 @@ class TrainStep:
         self.x = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
         self.y = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
         self.tokens = batch * tcfg.seq_len
-        self.flops = train_flops_per_token(self.model, tcfg.seq_len) * self.tokens
+        self.flops = flops_per_token(self.model.cfg, tcfg.seq_len) * self.tokens
         self.phases: dict[str, list[tuple[float, float, float]]] = {"fp32": [], "bf16": []}
 
     def step(self, precision: str, profiler_labels: bool = False) -> None:

@@ -1,17 +1,15 @@
 """How long the whole course takes on a device, from FLOP counts: an estimate, not a measurement.
 
 A training step costs ``6 x (matmul parameters a token uses) + 6 L T d`` FLOPs per token
-(forward + backward; the second term is causal attention's scores and values); an evaluation
+(forward + backward, :func:`moe_lib.model.flops_per_token`; the second term is attention's scores and values); an evaluation
 batch costs a third of that (forward only). Time = total FLOPs / (peak x MFU), where MFU, the
 fraction of the peak a run really achieves, is an assumption until someone times the run.
 """
 
 from __future__ import annotations
 
-import torch
-
 from .config import RunConfig
-from .model import MoETransformer, count_parameters
+from .model import flops_per_token
 from .profiles import Profile
 from .studies import STUDIES
 
@@ -22,28 +20,10 @@ T4_FP16_PEAK_FLOPS = 65e12
 ASSUMED_T4_MFU = 0.10
 
 
-def matmul_params(model: MoETransformer) -> int:
-    """Parameters one token multiplies with: active parameters minus norm gains (and minus the
-    embedding table when it is not tied to the LM head, since a lookup is not a matmul)."""
-    counts = count_parameters(model)
-    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
-    n = counts.active - norms
-    if not model.cfg.tie_weights:
-        n -= model.embed.weight.numel()
-    return n
-
-
-def train_flops_per_token(model: MoETransformer, seq_len: int) -> float:
-    cfg = model.cfg
-    return 6.0 * matmul_params(model) + 6.0 * cfg.n_layers * seq_len * cfg.d_model
-
-
 def run_flops(config: RunConfig) -> float:
     """Training plus periodic and final evaluation (``final_eval_batches`` on validation and test)."""
     t = config.train
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = MoETransformer(config.model)
-    per_token = train_flops_per_token(model, t.seq_len)
+    per_token = flops_per_token(config.model, t.seq_len)
     if t.final_eval_batches is None:
         raise ValueError("run_flops needs train.final_eval_batches set: the whole-split evaluation depends on the corpus")
     eval_batches = (t.steps // t.eval_every) * t.eval_batches + 2 * t.final_eval_batches

@@ -102,13 +102,13 @@ def test_colab_profile_is_sized_for_about_an_hour_on_a_t4():
 
 
 def test_flops_per_token_by_hand():
-    from moe_lib import budget
-    from moe_lib.model import MoETransformer
+    from moe_lib.model import MoETransformer, count_parameters, flops_per_token
 
     cfg = get_profile("smoke").base.model
     with torch.device("meta"):
         model = MoETransformer(cfg)
     d, L, E, k, h, V = cfg.d_model, cfg.n_layers, cfg.num_experts, cfg.top_k, cfg.d_ff, cfg.vocab_size
     per_layer = 4 * d * d + k * 3 * d * h + d * E  # attention projections, k active SwiGLU experts, router
-    assert budget.matmul_params(model) == L * per_layer + V * d  # + the tied LM head
-    assert budget.train_flops_per_token(model, 32) == 6 * (L * per_layer + V * d) + 6 * L * 32 * d
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert count_parameters(model).active - norms == L * per_layer + V * d  # + the tied LM head
+    assert flops_per_token(cfg, 32) == 6 * (L * per_layer + V * d) + 6 * L * 32 * d
