@@ -194,7 +194,7 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     ep_group = dist.new_group(backend=dist.get_backend())  # own communicator: never interleaves with DDP's all-reduces
     shard_model_experts(model, ep_group)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    ddp = DistributedDataParallel(model)
     optimizers = build_optimizer(model, tcfg)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     data_gen = torch.Generator().manual_seed(tcfg.seed)

@@ -1,0 +1,80 @@
+"""Expert parallelism on real gloo process groups (2 and 4 spawned ranks, hard timeouts)."""
+
+import pytest
+import torch.distributed as dist
+from torch.multiprocessing import ProcessRaisedException
+
+from moe_lib.config import ModelConfig
+from moe_lib.expert_parallel import check_layer_against_single_process, expert_shard, spawn, train_expert_parallel
+from moe_lib.experts import Experts
+from moe_lib.profiles import get_profile
+from moe_lib.train import train_run
+
+TIMEOUT_S = 120
+TOL = 1e-5
+LAYER = ModelConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=8, max_seq_len=8, num_experts=4, top_k=2)
+
+
+def _layer_cases(cases):
+    """One spawned job checks several layers: starting ranks costs seconds, a layer microseconds."""
+    return [check_layer_against_single_process(cfg, tokens, 0, starve) for cfg, tokens, starve in cases]
+
+
+def _assert_matches(result):
+    for name in ("output", "input_grad", "router_grad", "expert_w_in_grad", "expert_w_out_grad", "load_balancing"):
+        assert result[name] < TOL, (name, result)
+
+
+def test_ep_layer_equals_single_process_on_two_ranks():
+    cases = [
+        (LAYER, [5, 13], 0),  # uneven loads, expert 0 receives nothing
+        (LAYER.replace(capacity_factor=0.5), [9, 3], None),  # capacity drops slots
+        (LAYER.replace(top_k=1, gate="softmax"), [1, 11], 3),  # top-1, rank 0 has one token, expert 3 (on rank 1) starved
+    ]
+    per_rank = spawn(_layer_cases, 2, cases, timeout_s=TIMEOUT_S)
+    for rank_results in per_rank:
+        for result in rank_results:
+            _assert_matches(result)
+    assert per_rank[0][0]["expert_counts"][0] == 0 and per_rank[0][2]["expert_counts"][3] == 0
+    assert max(r[1]["dropped_fraction"] for r in per_rank) > 0
+
+
+def test_ep_layer_equals_single_process_on_four_ranks():
+    cases = [(LAYER.replace(num_experts=8), [1, 9, 4, 6], 5), (LAYER, [3, 3, 3, 3], None)]
+    per_rank = spawn(_layer_cases, 4, cases, timeout_s=TIMEOUT_S)
+    for rank_results in per_rank:
+        for result in rank_results:
+            _assert_matches(result)
+    assert per_rank[0][0]["expert_counts"][5] == 0
+
+
+def test_ep_training_matches_single_process_on_the_global_batch():
+    # lb and z-loss on, and a clip threshold small enough that clipping is active every step
+    run = get_profile("smoke").base.with_train(steps=3, log_every=1, grad_clip=0.05).with_model(z_loss_weight=0.01, load_balancing_weight=0.1)
+    per_rank = spawn(train_expert_parallel, 2, run, timeout_s=TIMEOUT_S)
+    reference = train_run(run).history
+    for column in ("train_loss", "lm_loss", "lb_loss", "z_loss"):
+        ep = [row[column] for row in per_rank[0]]
+        assert ep == pytest.approx(reference[column].tolist(), rel=1e-5), column
+    assert per_rank[0] == per_rank[1]
+
+
+def _crash_on_rank_one():
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 fails")
+    dist.barrier()  # rank 0 waits for a peer that never comes
+
+
+def test_a_failing_rank_fails_fast_instead_of_hanging():
+    with pytest.raises(ProcessRaisedException, match="rank 1 fails"):
+        spawn(_crash_on_rank_one, 2, timeout_s=TIMEOUT_S)
+
+
+def test_expert_shard_takes_the_ranks_slice_and_rejects_bad_sizes():
+    experts = Experts(4, 8, 6)
+    shard = expert_shard(experts, 1, 2)
+    assert shard.num_experts == 2 and (shard.w_in == experts.w_in[2:4]).all() and (shard.w_out == experts.w_out[2:4]).all()
+    with pytest.raises(ValueError, match="world_size=3"):
+        expert_shard(experts, 0, 3)
+    with pytest.raises(ValueError, match="rank=2"):
+        expert_shard(experts, 2, 2)
