@@ -63,6 +63,20 @@ def expert_shard(experts: Experts, rank: int, world_size: int) -> Experts:
     return shard.to(experts.w_in.device)
 
 
+def send_plan(expert_indices: torch.Tensor, num_experts: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which slots leave, in which order, and how many per expert: ``(order [S], counts [E])``.
+
+    ``order`` lists the kept slots (``n k + j``) sorted by expert, token order inside, which is
+    also by owner rank, since rank ``r`` owns a contiguous block of experts. Rank ``r``'s send
+    split is ``counts.view(W, E/W)[r].sum()``.
+    """
+    flat = expert_indices.reshape(-1)
+    keep = capacity_keep_mask(expert_indices, num_experts, capacity).reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[keep[order]]
+    return order, torch.bincount(flat[order], minlength=num_experts)
+
+
 class ExpertParallelMoE(nn.Module):
     """Drop-in for :class:`MoEFeedForward` whose experts live on ``W`` ranks (see the module docstring)."""
 
@@ -80,11 +94,8 @@ class ExpertParallelMoE(nn.Module):
         num_tokens, top_k = routing.expert_indices.shape
         num_experts, local = self.cfg.num_experts, self.experts.num_experts
         capacity = expert_capacity(num_tokens, top_k, num_experts, self.cfg.capacity_factor)
-        keep = capacity_keep_mask(routing.expert_indices, num_experts, capacity).reshape(-1)
+        order, send_counts = send_plan(routing.expert_indices, num_experts, capacity)
         flat_experts = routing.expert_indices.reshape(-1)  # [N k]
-        order = torch.argsort(flat_experts, stable=True)  # slots grouped by expert = by owner rank
-        order = order[keep[order]]
-        send_counts = torch.bincount(flat_experts[order], minlength=num_experts)  # [E]
 
         # 2. who sends me how many: recv_counts[s, e'] = slots rank s sends to my local expert e'
         recv_counts = torch.empty_like(send_counts)
@@ -354,3 +365,22 @@ def check_layer_against_single_process(
         "dropped_fraction": float(routing.dropped_fraction),
         "expert_counts": expert_counts(indices, cfg.num_experts).tolist(),
     }
+
+
+def all_to_all_seconds(values_per_peer: list[int], repeats: int = 5) -> list[float]:
+    """Run on every rank: median wall time of one ``all_to_all_single`` of ``W * v`` fp32 values, per ``v``."""
+    import time
+
+    world = dist.get_world_size()
+    seconds = []
+    for values in values_per_peer:
+        send = torch.randn(world * values)
+        recv = torch.empty_like(send)
+        times = []
+        for _ in range(repeats + 1):  # the first call warms the connection up
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(recv, send)
+            times.append(time.perf_counter() - t0)
+        seconds.append(sorted(times[1:])[len(times[1:]) // 2])
+    return seconds
