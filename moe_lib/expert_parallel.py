@@ -384,3 +384,29 @@ def all_to_all_seconds(values_per_peer: list[int], repeats: int = 5) -> list[flo
             times.append(time.perf_counter() - t0)
         seconds.append(sorted(times[1:])[len(times[1:]) // 2])
     return seconds
+
+
+# --------------------------------------------------------------------------- what EP costs
+def rank_loads(utilization: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Share of all slots each rank's experts receive: ``[..., E]`` expert shares -> ``[..., W]`` (contiguous blocks)."""
+    num_experts = utilization.shape[-1]
+    if world_size < 1 or num_experts % world_size:
+        raise ValueError(f"world_size={world_size} is invalid: expected a divisor of num_experts={num_experts}")
+    return utilization.reshape(*utilization.shape[:-1], world_size, num_experts // world_size).sum(-1)
+
+
+def straggler_factor(utilization: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``max_r load_r / mean_r load_r``: how much longer the busiest rank's experts run than a balanced rank's."""
+    loads = rank_loads(utilization, world_size)
+    return loads.max(-1).values / loads.mean(-1)
+
+
+def comm_compute_ratio(d_hidden: float, bytes_per_value: float, flops_per_s: float, bytes_per_s: float) -> float:
+    """Time in all-to-alls over time in expert matmuls, per token and MoE layer, forward plus backward.
+
+    Communication: 4 all-to-alls (dispatch and combine, each twice) of ``k d`` values each,
+    ``4 k d b`` bytes. Compute: a SwiGLU expert is ``6 d h`` FLOPs forward per slot, three times
+    that with the backward, ``18 k d h``. The ratio ``(4 k d b / B) / (18 k d h / F) = 2 b F / (9 h B)``
+    depends on neither ``k`` nor ``d``: only on the expert width and the machine.
+    """
+    return 2 * bytes_per_value * flops_per_s / (9 * d_hidden * bytes_per_s)
