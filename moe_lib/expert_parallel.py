@@ -56,11 +56,13 @@ def expert_shard(experts: Experts, rank: int, world_size: int) -> Experts:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is invalid: expected 0 <= rank < world_size={world_size}")
     local = experts.num_experts // world_size
-    shard = Experts(local, experts.d_model, experts.d_hidden)
+    with torch.device("meta"):  # no initialisation: it would draw from the global RNG, unlike single-process
+        shard = Experts(local, experts.d_model, experts.d_hidden)
+    shard.to_empty(device=experts.w_in.device)
     with torch.no_grad():
         shard.w_in.copy_(experts.w_in[rank * local : (rank + 1) * local])
         shard.w_out.copy_(experts.w_out[rank * local : (rank + 1) * local])
-    return shard.to(experts.w_in.device)
+    return shard
 
 
 def send_plan(expert_indices: torch.Tensor, num_experts: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +119,7 @@ class ExpertParallelMoE(nn.Module):
         gates = routing.gate_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(returned.dtype)
         y = torch.zeros_like(tokens).index_add_(0, order // top_k, returned * gates)
 
-        routing.dropped_fraction = torch.tensor(1.0 - order.numel() / flat_experts.numel() if flat_experts.numel() else 0.0)
+        routing.dropped_fraction = torch.tensor(1.0 - order.numel() / max(flat_experts.numel(), 1), device=x.device)
         routing.load_balancing_loss = self.global_load_balancing_loss(routing.probs, routing.expert_indices)
         return y.view(shape), routing
 

@@ -1,6 +1,7 @@
 """Expert parallelism on real gloo process groups (2 and 4 spawned ranks, hard timeouts)."""
 
 import pytest
+import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
@@ -72,7 +73,11 @@ def test_a_failing_rank_fails_fast_instead_of_hanging():
 
 def test_expert_shard_takes_the_ranks_slice_and_rejects_bad_sizes():
     experts = Experts(4, 8, 6)
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
     shard = expert_shard(experts, 1, 2)
+    assert torch.equal(torch.rand(1), expected_draw)  # sharding leaves the RNG stream as single-process has it
     assert shard.num_experts == 2 and (shard.w_in == experts.w_in[2:4]).all() and (shard.w_out == experts.w_out[2:4]).all()
     with pytest.raises(ValueError, match="world_size=3"):
         expert_shard(experts, 0, 3)
