@@ -1,5 +1,9 @@
 """Expert parallelism on real gloo process groups (2 and 4 spawned ranks, hard timeouts)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -83,3 +87,10 @@ def test_expert_shard_takes_the_ranks_slice_and_rejects_bad_sizes():
         expert_shard(experts, 0, 3)
     with pytest.raises(ValueError, match="rank=2"):
         expert_shard(experts, 2, 2)
+
+
+def test_torchrun_launches_the_ep_command():
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "moe_lib", "ep", "--profile", "smoke", "--steps", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "world_size=2 backend=gloo" in done.stdout and "step=1" in done.stdout
