@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         from .profiles import get_profile
 
         config = get_profile(args.profile).base
-        torchrun_main(config.with_train(steps=args.steps) if args.steps else config)
+        if args.steps:
+            config = config.with_train(steps=args.steps, warmup_steps=min(config.train.warmup_steps, args.steps - 1))
+        torchrun_main(config)
         return 0
     from .course import run_course
 
