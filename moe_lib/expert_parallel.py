@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -181,6 +182,22 @@ def ep_device() -> torch.device:
     return torch.device("cpu")
 
 
+def expert_parallel_model(config: RunConfig, device: torch.device):
+    """Every rank: the single-process model of seed ``config.train.seed``, experts sharded, the rest in DDP.
+
+    Returns ``(model, ddp, ep_group)``: call ``ddp`` forward, read and step ``model``'s parameters.
+    The all-to-alls get their own process group, so they never interleave with DDP's all-reduces.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank, and as in train_run
+    model = MoETransformer(config.model).to(device)
+    ep_group = dist.new_group(backend=dist.get_backend())
+    shard_model_experts(model, ep_group)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    return model, DistributedDataParallel(model), ep_group
+
+
 def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
     """Train ``config`` with experts sharded over the ranks of the default process group.
 
@@ -189,8 +206,6 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     shards are not (DDP ignores them) and get :func:`scale_expert_grads`. Returns the per-step
     losses averaged over ranks, i.e. the global-batch losses of single-process training.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     from .data import sample_batch
     from .train import autocast_context, build_optimizer, load_data, lr_factor
 
@@ -202,12 +217,7 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
     device = ep_device()
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank, and as in train_run
-    model = MoETransformer(config.model).to(device)
-    ep_group = dist.new_group(backend=dist.get_backend())  # own communicator: never interleaves with DDP's all-reduces
-    shard_model_experts(model, ep_group)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    ddp = DistributedDataParallel(model)
+    model, ddp, ep_group = expert_parallel_model(config, device)
     optimizers = build_optimizer(model, tcfg)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     data_gen = torch.Generator().manual_seed(tcfg.seed)
@@ -268,7 +278,9 @@ def _spawned(rank: int, world_size: int, port: int, timeout_s: float, queue, fn,
     torch.set_num_threads(1)  # W processes share the machine's cores
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        queue.put((rank, fn(*args)))
+        # plain pickle copies tensors by value; the queue's own pickler would hand over shared
+        # memory that disappears with this process
+        queue.put((rank, pickle.dumps(fn(*args))))
     finally:
         dist.destroy_process_group()
 
@@ -298,14 +310,14 @@ def spawn(fn, world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any
     while not ctx.join(timeout=0.2):
         while not queue.empty():
             rank, value = queue.get()
-            results[rank] = value
+            results[rank] = pickle.loads(value)
         if time.monotonic() > deadline:
             for process in ctx.processes:
                 process.kill()
             raise TimeoutError(f"expert-parallel ranks still running after timeout_s={timeout_s}; all {world_size} killed")
     while not queue.empty():
         rank, value = queue.get()
-        results[rank] = value
+        results[rank] = pickle.loads(value)
     return [results[r] for r in range(world_size)]
 
 

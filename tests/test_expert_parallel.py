@@ -10,10 +10,19 @@ import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
 from moe_lib.config import ModelConfig
-from moe_lib.expert_parallel import check_layer_against_single_process, expert_shard, spawn, train_expert_parallel
+from moe_lib.data import sample_batch
+from moe_lib.expert_parallel import (
+    check_layer_against_single_process,
+    expert_parallel_model,
+    expert_shard,
+    scale_expert_grads,
+    spawn,
+    train_expert_parallel,
+)
 from moe_lib.experts import Experts
 from moe_lib.profiles import get_profile
-from moe_lib.train import train_run
+from moe_lib.model import MoETransformer
+from moe_lib.train import load_data, train_run
 
 TIMEOUT_S = 120
 TOL = 1e-5
@@ -53,15 +62,40 @@ def test_ep_layer_equals_single_process_on_four_ranks():
     assert per_rank[0][0]["expert_counts"][5] == 0
 
 
+def _first_batch(run):
+    data = load_data(run.data)
+    return sample_batch(data.train.tokens, run.train.batch_size, run.train.seq_len, torch.Generator().manual_seed(run.train.seed))
+
+
+def _gradients_then_training(run):
+    """This rank's gradients on the first global batch (after DDP and the expert scaling), then a short EP training."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, ddp, group = expert_parallel_model(run, torch.device("cpu"))
+    x, y = _first_batch(run)
+    ddp(x.chunk(world)[rank], y.chunk(world)[rank]).loss.backward()
+    scale_expert_grads(model, world)
+    dist.destroy_process_group(group)
+    return {name: p.grad for name, p in model.named_parameters()}, train_expert_parallel(run)
+
+
 def test_ep_training_matches_single_process_on_the_global_batch():
     # lb and z-loss on, and a clip threshold small enough that clipping is active every step
     run = get_profile("smoke").base.with_train(steps=3, log_every=1, grad_clip=0.05).with_model(z_loss_weight=0.01, load_balancing_weight=0.1)
-    per_rank = spawn(train_expert_parallel, 2, run, timeout_s=TIMEOUT_S)
+    per_rank = spawn(_gradients_then_training, 2, run, timeout_s=TIMEOUT_S)
+
+    torch.manual_seed(run.train.seed)
+    single = MoETransformer(run.model)
+    single(*_first_batch(run)).loss.backward()
+    for rank, (grads, _) in enumerate(per_rank):
+        for name, p in single.named_parameters():
+            expected = p.grad.chunk(2)[rank] if ".experts." in name else p.grad  # rank r owns experts [2r, 2r+2)
+            torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
     reference = train_run(run).history
     for column in ("train_loss", "lm_loss", "lb_loss", "z_loss"):
-        ep = [row[column] for row in per_rank[0]]
+        ep = [row[column] for row in per_rank[0][1]]
         assert ep == pytest.approx(reference[column].tolist(), rel=1e-5), column
-    assert per_rank[0] == per_rank[1]
+    assert per_rank[0][1] == per_rank[1][1]
 
 
 def _crash_on_rank_one():
