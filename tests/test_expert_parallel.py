@@ -20,8 +20,8 @@ from moe_lib.expert_parallel import (
     train_expert_parallel,
 )
 from moe_lib.experts import Experts
-from moe_lib.profiles import get_profile
 from moe_lib.model import MoETransformer
+from moe_lib.profiles import get_profile
 from moe_lib.train import load_data, train_run
 
 TIMEOUT_S = 120
