@@ -105,7 +105,8 @@ def _crash_on_rank_one():
 
 
 def test_a_failing_rank_fails_fast_instead_of_hanging():
-    with pytest.raises(ProcessRaisedException, match="rank 1 fails"):
+    # whichever rank's error is seen first (rank 1's, or rank 0's lost connection), all ranks are ended
+    with pytest.raises(ProcessRaisedException):
         spawn(_crash_on_rank_one, 2, timeout_s=TIMEOUT_S)
 
 
