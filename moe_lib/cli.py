@@ -3,6 +3,7 @@
     python -m moe_lib run noise --profile cpu --seeds 42 43 44
     python -m moe_lib course                 # execute every notebook, store outputs
     python -m moe_lib course --only 01 03    # just these notebooks
+    torchrun --nproc-per-node 2 -m moe_lib ep --profile smoke   # expert-parallel training
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .studies import STUDIES
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m moe_lib", description="The MoE course: run studies headless or execute the notebooks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,course}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,course,ep}")
 
     run = sub.add_parser("run", help="train a study's grid, write its CSV and figures, print the summary")
     run.add_argument("study", choices=sorted(STUDIES), help="which study to run")
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     course.add_argument("--only", nargs="+", default=None, metavar="NN", help="notebook numbers to run, e.g. 01 03")
     course.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell (default 3600)")
     course.add_argument("--notebooks-dir", type=Path, default=None, help="folder of the notebooks (default: <project>/notebooks)")
+
+    ep = sub.add_parser("ep", help="train the profile's model expert-parallel; launch with torchrun --nproc-per-node N")
+    ep.add_argument("--profile", choices=PROFILE_NAMES, default=None, help="model/run size")
+    ep.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the profile's)")
     return parser
 
 
@@ -49,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"figure:  {path}")
         print()
         print(report.summary.to_string())
+        return 0
+    if args.command == "ep":
+        from .expert_parallel import torchrun_main
+        from .profiles import get_profile
+
+        config = get_profile(args.profile).base
+        if args.steps:
+            config = config.with_train(steps=args.steps, warmup_steps=min(config.train.warmup_steps, args.steps - 1))
+        torchrun_main(config)
         return 0
     from .course import run_course
 

@@ -1,0 +1,426 @@
+"""Expert parallelism (EP): the experts of every MoE layer spread over ``W`` ranks.
+
+Rank ``r`` holds experts ``[r E/W, (r+1) E/W)``; everything else (attention, norms, router,
+embedding) is replicated and trained data-parallel. One MoE layer, on every rank at once::
+
+    1. route its own N tokens locally            -> [N, k] experts and gates
+    2. all_to_all  per-expert slot counts        [E] -> [W, E/W]   (who sends me how many)
+    3. all_to_all  the token rows, uneven splits [S_send, d] -> [S_recv, d]
+    4. the local experts, grouped dispatch        [S_recv, d] -> [S_recv, d]
+    5. all_to_all  back, the reverse splits      [S_recv, d] -> [S_send, d]
+    6. combine with the gates                     y_n = sum_j g_{n,j} E_{e_{n,j}}(x_n)
+
+Steps 3 and 5 use ``torch.distributed``'s functional autograd all-to-all: the backward of an
+all-to-all is the all-to-all with input and output splits swapped, so gradients flow from
+each expert back to the rank that owns the token, and from the gates into the local router.
+Every rank calls every collective, with empty buffers when it has nothing to send.
+
+Conventions (each chosen so EP equals single-process training on the global batch):
+
+* Capacity is per source rank, ``C = ceil(cf * N_local * k / E)`` (GShard's groups): a
+  rank keeps at most ``C`` slots per expert, so an EP rank's output equals the
+  single-process layer's output on that rank's tokens.
+* The load-balancing loss uses the GLOBAL routed fractions ``f`` (one all-reduce of ``[E]``
+  counts) and the local mean probabilities ``P^r``: ``L^r = E sum_i f_i P^r_i``. Its mean
+  over ranks is exactly the global-batch ``E sum_i f_i P_i``, because ``P = mean_r P^r``.
+* Gradients: the data-parallel loss is ``L = mean_r L^r``. DDP averages the replicated
+  parameters' gradients. An expert's backward on its owner already SUMS ``dL^r/dW_e`` over
+  all ranks' tokens, so :func:`scale_expert_grads` divides it by ``W``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import pickle
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from .config import RunConfig
+from .experts import Experts, capacity_keep_mask, dispatch_grouped, expert_capacity
+from .losses import expert_counts
+from .model import MoEFeedForward, MoETransformer
+from .routing import RoutingResult
+
+EXPERT_PARAM_MARK = ".experts."
+
+
+def expert_shard(experts: Experts, rank: int, world_size: int) -> Experts:
+    """The experts rank ``rank`` owns, ``[rank E/W, (rank+1) E/W)``, as their own :class:`Experts` (copied)."""
+    if world_size < 1 or experts.num_experts % world_size:
+        raise ValueError(f"world_size={world_size} is invalid: expected a divisor of num_experts={experts.num_experts}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is invalid: expected 0 <= rank < world_size={world_size}")
+    local = experts.num_experts // world_size
+    with torch.device("meta"):  # no initialisation: it would draw from the global RNG, unlike single-process
+        shard = Experts(local, experts.d_model, experts.d_hidden)
+    shard.to_empty(device=experts.w_in.device)
+    with torch.no_grad():
+        shard.w_in.copy_(experts.w_in[rank * local : (rank + 1) * local])
+        shard.w_out.copy_(experts.w_out[rank * local : (rank + 1) * local])
+    return shard
+
+
+def send_plan(expert_indices: torch.Tensor, num_experts: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which slots leave, in which order, and how many per expert: ``(order [S], counts [E])``.
+
+    ``order`` lists the kept slots (``n k + j``) sorted by expert, token order inside, which is
+    also by owner rank, since rank ``r`` owns a contiguous block of experts. Rank ``r``'s send
+    split is ``counts.view(W, E/W)[r].sum()``.
+    """
+    flat = expert_indices.reshape(-1)
+    keep = capacity_keep_mask(expert_indices, num_experts, capacity).reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    order = order[keep[order]]
+    return order, torch.bincount(flat[order], minlength=num_experts)
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for :class:`MoEFeedForward` whose experts live on ``W`` ranks (see the module docstring)."""
+
+    def __init__(self, layer: MoEFeedForward, group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.cfg, self.group = layer.cfg, group if group is not None else dist.group.WORLD
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.router = layer.router
+        self.experts = expert_shard(layer.experts, self.rank, self.world_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])  # [N, d]
+        routing = self.router(tokens)
+        num_tokens, top_k = routing.expert_indices.shape
+        num_experts, local = self.cfg.num_experts, self.experts.num_experts
+        capacity = expert_capacity(num_tokens, top_k, num_experts, self.cfg.capacity_factor)
+        order, send_counts = send_plan(routing.expert_indices, num_experts, capacity)
+        flat_experts = routing.expert_indices.reshape(-1)  # [N k]
+
+        # 2. who sends me how many: recv_counts[s, e'] = slots rank s sends to my local expert e'
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits = send_counts.view(self.world_size, local).sum(1).tolist()
+        recv_splits = recv_counts.view(self.world_size, local).sum(1).tolist()
+
+        # 3. token rows to their experts' owners; received rows arrive grouped by source rank
+        send = tokens.index_select(0, order // top_k)  # [S_send, d]
+        received = all_to_all_single_autograd(send, recv_splits, send_splits, self.group)  # [S_recv, d]
+
+        # 4. the local experts: one "slot" per received row, gate 1 (the gates are applied at home)
+        local_expert = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(self.world_size), recv_counts)
+        ones = torch.ones(local_expert.shape[0], 1, dtype=received.dtype, device=x.device)
+        expert_out, _ = dispatch_grouped(received, local_expert.unsqueeze(1), ones, self.experts)
+
+        # 5. results back home, 6. gate-weighted sum per token
+        returned = all_to_all_single_autograd(expert_out, send_splits, recv_splits, self.group)  # [S_send, d]
+        gates = routing.gate_weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(returned.dtype)
+        y = torch.zeros_like(tokens).index_add_(0, order // top_k, returned * gates)
+
+        routing.dropped_fraction = torch.tensor(1.0 - order.numel() / max(flat_experts.numel(), 1), device=x.device)
+        routing.load_balancing_loss = self.global_load_balancing_loss(routing.probs, routing.expert_indices)
+        return y.view(shape), routing
+
+    def global_load_balancing_loss(self, probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+        """``L^r = (W E / N) sum_i f_i sum_{n on r} p_{n,i}``, ``f`` and ``N`` over ALL ranks' tokens (before capacity).
+
+        Its mean over ranks is the global-batch ``E sum_i f_i P_i`` with ``P_i = (1/N) sum_n p_{n,i}``,
+        however unevenly the N tokens are spread; with equal shares it is ``E sum_i f_i P^r_i``.
+        """
+        num_experts = probs.shape[-1]
+        counts = expert_counts(expert_indices, num_experts)
+        totals = torch.cat([counts, counts.new_tensor([expert_indices.shape[0]])])
+        dist.all_reduce(totals, group=self.group)  # [E + 1]: global slot counts, global number of tokens
+        fractions = totals[:-1].to(probs.dtype) / (totals[-1] * expert_indices.shape[1])
+        return self.world_size * num_experts * (fractions * probs.sum(dim=0)).sum() / totals[-1]
+
+
+def shard_model_experts(model: MoETransformer, group: dist.ProcessGroup | None = None) -> MoETransformer:
+    """Replace every MoE layer of ``model`` (in place) by its :class:`ExpertParallelMoE` shard on this rank."""
+    for block in model.blocks:
+        if isinstance(block.ffn, MoEFeedForward):
+            block.ffn = ExpertParallelMoE(block.ffn, group)
+    return model
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the sharded expert weights: the ones data parallelism must not all-reduce."""
+    return [name for name, _ in model.named_parameters() if EXPERT_PARAM_MARK in name]
+
+
+# --------------------------------------------------------------------------- training with EP
+def scale_expert_grads(model: nn.Module, world_size: int) -> None:
+    """Divide the expert gradients by ``W``: their backward summed ``dL^r/dW_e`` over ranks; ``L = mean_r L^r``."""
+    for name, p in model.named_parameters():
+        if EXPERT_PARAM_MARK in name and p.grad is not None:
+            p.grad.div_(world_size)
+
+
+def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Clip by the norm of the WHOLE model's gradient: ``||g||^2 = ||g_dense||^2 + sum_r ||g_experts^r||^2``.
+
+    The replicated (already averaged) gradients are the same on every rank and count once; each
+    rank's expert shard is different and the squares are summed over ranks.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    dense = [p.grad for n, p in named if EXPERT_PARAM_MARK not in n]
+    experts = [p.grad for n, p in named if EXPERT_PARAM_MARK in n]
+    expert_sq = nn.utils.get_total_norm(experts).square() if experts else torch.zeros(())
+    dist.all_reduce(expert_sq, group=group)
+    total = (nn.utils.get_total_norm(dense).square() + expert_sq).sqrt()
+    nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
+    return total
+
+
+def ep_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return torch.device("cpu")
+
+
+def expert_parallel_model(config: RunConfig, device: torch.device):
+    """Every rank: the single-process model of seed ``config.train.seed``, experts sharded, the rest in DDP.
+
+    Returns ``(model, ddp, ep_group)``: call ``ddp`` forward, read and step ``model``'s parameters.
+    The all-to-alls get their own process group, so they never interleave with DDP's all-reduces.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank, and as in train_run
+    model = MoETransformer(config.model).to(device)
+    ep_group = dist.new_group(backend=dist.get_backend())
+    shard_model_experts(model, ep_group)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    return model, DistributedDataParallel(model), ep_group
+
+
+def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
+    """Train ``config`` with experts sharded over the ranks of the default process group.
+
+    Every rank draws the same global batch (same seeded generator as :func:`moe_lib.train.train_run`)
+    and keeps its ``batch_size / W`` rows; the replicated parameters are DDP-averaged, the expert
+    shards are not (DDP ignores them) and get :func:`scale_expert_grads`. Returns the per-step
+    losses averaged over ranks, i.e. the global-batch losses of single-process training.
+    """
+    from .data import sample_batch
+    from .train import autocast_context, build_optimizer, load_data, lr_factor
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tcfg = config.train
+    if tcfg.batch_size % world:
+        raise ValueError(f"batch_size={tcfg.batch_size} is invalid: expected a multiple of the world size {world}")
+    data = data if data is not None else load_data(config.data)
+    if config.model.vocab_size != data.vocab_size:
+        config = config.with_model(vocab_size=data.vocab_size)
+    device = ep_device()
+    model, ddp, ep_group = expert_parallel_model(config, device)
+    optimizers = build_optimizer(model, tcfg)
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    data_gen = torch.Generator().manual_seed(tcfg.seed)
+    rows = []
+    model.train()
+    for step in range(tcfg.steps):
+        factor = lr_factor(step, tcfg)
+        for opt, lrs in zip(optimizers, base_lrs):
+            for group, lr in zip(opt.param_groups, lrs):
+                group["lr"] = lr * factor
+        sums = torch.zeros(4, device=device)  # total, lm, lb, z
+        for _ in range(tcfg.grad_accum_steps):
+            x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
+            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
+            with autocast_context(device, tcfg.precision):
+                out = ddp(x, y)
+            (out.loss / tcfg.grad_accum_steps).backward()
+            sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
+        scale_expert_grads(model, world)
+        if tcfg.grad_clip > 0:
+            clip_grad_norm_expert_parallel(model, tcfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        dist.all_reduce(sums)
+        total, lm, lb, z = (sums / (world * tcfg.grad_accum_steps)).tolist()
+        rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z})
+    dist.destroy_process_group(ep_group)
+    return rows
+
+
+# --------------------------------------------------------------------------- launching
+def init_from_env(timeout_s: float = 120.0) -> None:
+    """``dist.init_process_group`` from torchrun's environment: NCCL when CUDA is there, else gloo."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def torchrun_main(config: RunConfig) -> list[dict[str, float]]:
+    """The body of ``torchrun --nproc-per-node W -m moe_lib ep``: train, print rank 0's table."""
+    init_from_env()
+    try:
+        rows = train_expert_parallel(config)
+        if dist.get_rank() == 0:
+            print(f"expert parallel: world_size={dist.get_world_size()} backend={dist.get_backend()}")
+            for row in rows:
+                print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned(rank: int, world_size: int, port: int, timeout_s: float, queue, fn, args: tuple) -> None:
+    """One spawned rank: join a gloo group on localhost, run ``fn(*args)``, hand back its result."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # W processes share the machine's cores
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        # plain pickle copies tensors by value; the queue's own pickler would hand over shared
+        # memory that disappears with this process
+        queue.put((rank, pickle.dumps(fn(*args))))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks (fresh processes); return each rank's result.
+
+    ``fn`` must live in an importable module (spawn re-imports it; a notebook's own functions
+    do not qualify). A rank that raises ends all of them at once with its traceback
+    (``torch.multiprocessing.ProcessRaisedException``); past ``timeout_s`` every rank is killed
+    and :class:`TimeoutError` raised, so nothing ever hangs.
+    """
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} is invalid: expected an integer >= 1")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.start_processes(_spawned, (world_size, port, timeout_s, queue, fn, args), nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    results: dict[int, Any] = {}
+    while not ctx.join(timeout=0.2):
+        while not queue.empty():
+            rank, value = queue.get()
+            results[rank] = pickle.loads(value)
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            raise TimeoutError(f"expert-parallel ranks still running after timeout_s={timeout_s}; all {world_size} killed")
+    while not queue.empty():
+        rank, value = queue.get()
+        results[rank] = pickle.loads(value)
+    return [results[r] for r in range(world_size)]
+
+
+# --------------------------------------------------------------------------- checking
+def check_layer_against_single_process(
+    cfg, tokens_per_rank: list[int], seed: int = 0, starve_expert: int | None = None, lb_weight: float = 0.1
+) -> dict[str, Any]:
+    """Run on every rank: compare :class:`ExpertParallelMoE` with :class:`MoEFeedForward` on the same weights.
+
+    Rank ``r`` gets ``tokens_per_rank[r]`` random tokens (uneven loads allowed). The loss is
+    ``L^r = <y^r, w^r> + lb_weight * L_lb^r``; the single-process reference runs each rank's
+    tokens through the full layer and sums ``<y^s, w^s>``, plus ``lb_weight * W * L_lb`` on the
+    global batch (``sum_r L_lb^r = W L_lb``). ``starve_expert`` makes that expert's router row
+    hugely negative on every token, so it receives no tokens. Returns the largest absolute
+    differences (output, input grad, router grad summed over ranks, this rank's expert grads,
+    load-balancing loss) and the global per-expert slot counts.
+    """
+    import copy
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if len(tokens_per_rank) != world:
+        raise ValueError(f"tokens_per_rank={tokens_per_rank} is invalid: expected {world} entries, one per rank")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = MoEFeedForward(cfg)
+    x_all = torch.randn(sum(tokens_per_rank), cfg.d_model, generator=gen)
+    w_all = torch.randn(sum(tokens_per_rank), cfg.d_model, generator=gen)
+    if starve_expert is not None:
+        with torch.no_grad():
+            x_all[:, 0] = x_all[:, 0].abs() + 3.0
+            layer.router.weight[starve_expert, 0] = -10.0
+    starts = [sum(tokens_per_rank[:r]) for r in range(world + 1)]
+    pieces = [slice(starts[r], starts[r + 1]) for r in range(world)]
+
+    ref_x = x_all.clone().requires_grad_()
+    ref_loss = lb_weight * world * layer.router(ref_x).load_balancing_loss
+    ref_y = torch.cat([layer(ref_x[p])[0] for p in pieces])
+    (ref_loss + (ref_y * w_all).sum()).backward()
+
+    ep = ExpertParallelMoE(copy.deepcopy(layer))
+    x = x_all[pieces[rank]].clone().requires_grad_()
+    y, routing = ep(x)
+    ((y * w_all[pieces[rank]]).sum() + lb_weight * routing.load_balancing_loss).backward()
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    lb = routing.load_balancing_loss.detach().clone()
+    dist.all_reduce(lb)
+    local = ep.experts.num_experts
+    mine = slice(rank * local, (rank + 1) * local)
+    with torch.no_grad():
+        indices = layer.router(x_all).expert_indices
+    return {
+        "output": (y - ref_y[pieces[rank]]).abs().max().item() if y.numel() else 0.0,
+        "input_grad": (x.grad - ref_x.grad[pieces[rank]]).abs().max().item() if x.numel() else 0.0,
+        "router_grad": (router_grad - layer.router.weight.grad).abs().max().item(),
+        "expert_w_in_grad": (ep.experts.w_in.grad - layer.experts.w_in.grad[mine]).abs().max().item(),
+        "expert_w_out_grad": (ep.experts.w_out.grad - layer.experts.w_out.grad[mine]).abs().max().item(),
+        "load_balancing": abs(lb.item() / world - layer.router(x_all).load_balancing_loss.item()),
+        "dropped_fraction": float(routing.dropped_fraction),
+        "expert_counts": expert_counts(indices, cfg.num_experts).tolist(),
+    }
+
+
+def all_to_all_seconds(values_per_peer: list[int], repeats: int = 5) -> list[float]:
+    """Run on every rank: median wall time of one ``all_to_all_single`` of ``W * v`` fp32 values, per ``v``."""
+    import time
+
+    world = dist.get_world_size()
+    seconds = []
+    for values in values_per_peer:
+        send = torch.randn(world * values)
+        recv = torch.empty_like(send)
+        times = []
+        for _ in range(repeats + 1):  # the first call warms the connection up
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(recv, send)
+            times.append(time.perf_counter() - t0)
+        seconds.append(sorted(times[1:])[len(times[1:]) // 2])
+    return seconds
+
+
+# --------------------------------------------------------------------------- what EP costs
+def rank_loads(utilization: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Share of all slots each rank's experts receive: ``[..., E]`` expert shares -> ``[..., W]`` (contiguous blocks)."""
+    num_experts = utilization.shape[-1]
+    if world_size < 1 or num_experts % world_size:
+        raise ValueError(f"world_size={world_size} is invalid: expected a divisor of num_experts={num_experts}")
+    return utilization.reshape(*utilization.shape[:-1], world_size, num_experts // world_size).sum(-1)
+
+
+def straggler_factor(utilization: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``max_r load_r / mean_r load_r``: how much longer the busiest rank's experts run than a balanced rank's."""
+    loads = rank_loads(utilization, world_size)
+    return loads.max(-1).values / loads.mean(-1)
+
+
+def comm_compute_ratio(d_hidden: float, bytes_per_value: float, flops_per_s: float, bytes_per_s: float) -> float:
+    """Time in all-to-alls over time in expert matmuls, per token and MoE layer, forward plus backward.
+
+    Communication: 4 all-to-alls (dispatch and combine, each twice) of ``k d`` values each,
+    ``4 k d b`` bytes. Compute: a SwiGLU expert is ``6 d h`` FLOPs forward per slot, three times
+    that with the backward, ``18 k d h``. The ratio ``(4 k d b / B) / (18 k d h / F) = 2 b F / (9 h B)``
+    depends on neither ``k`` nor ``d``: only on the expert width and the machine.
+    """
+    return 2 * bytes_per_value * flops_per_s / (9 * d_hidden * bytes_per_s)
