@@ -85,10 +85,13 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, layer: MoEFeedForward, group: dist.ProcessGroup | None = None):
         super().__init__()
+        if layer.cfg.router == "expert_choice":  # its top-C runs over the whole batch: it would need every rank's tokens
+            raise ValueError("ModelConfig.router='expert_choice' is not supported by ExpertParallelMoE: expected 'topk' or 'random'")
         self.cfg, self.group = layer.cfg, group if group is not None else dist.group.WORLD
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.router = layer.router
         self.experts = expert_shard(layer.experts, self.rank, self.world_size)
+        self.shared_experts = layer.shared_experts  # replicated: every rank runs them on its own tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         shape = x.shape
@@ -96,7 +99,8 @@ class ExpertParallelMoE(nn.Module):
         routing = self.router(tokens)
         num_tokens, top_k = routing.expert_indices.shape
         num_experts, local = self.cfg.num_experts, self.experts.num_experts
-        capacity = expert_capacity(num_tokens, top_k, num_experts, self.cfg.capacity_factor)
+        capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.capacity_factor_eval
+        capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
         order, send_counts = send_plan(routing.expert_indices, num_experts, capacity)
         flat_experts = routing.expert_indices.reshape(-1)  # [N k]
 
@@ -122,6 +126,8 @@ class ExpertParallelMoE(nn.Module):
 
         routing.dropped_fraction = torch.tensor(1.0 - order.numel() / max(flat_experts.numel(), 1), device=x.device)
         routing.load_balancing_loss = self.global_load_balancing_loss(routing.probs, routing.expert_indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens)[0]
         return y.view(shape), routing
 
     def global_load_balancing_loss(self, probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ def test_ep_layer_equals_single_process_on_two_ranks():
         (LAYER, [5, 13], 0),  # uneven loads, expert 0 receives nothing
         (LAYER.replace(capacity_factor=0.5), [9, 3], None),  # capacity drops slots
         (LAYER.replace(top_k=1, gate="softmax"), [1, 11], 3),  # top-1, rank 0 has one token, expert 3 (on rank 1) starved
+        (LAYER.replace(num_shared_experts=1, score_func="sigmoid"), [6, 10], None),  # shared expert, sigmoid scores
     ]
     per_rank = spawn(_layer_cases, 2, cases, timeout_s=TIMEOUT_S)
     for rank_results in per_rank:
@@ -51,6 +52,14 @@ def test_ep_layer_equals_single_process_on_two_ranks():
             _assert_matches(result)
     assert per_rank[0][0]["expert_counts"][0] == 0 and per_rank[0][2]["expert_counts"][3] == 0
     assert max(r[1]["dropped_fraction"] for r in per_rank) > 0
+
+
+def test_ep_layer_refuses_expert_choice():
+    from moe_lib.model import MoEFeedForward
+    from moe_lib.expert_parallel import ExpertParallelMoE
+
+    with pytest.raises(ValueError, match="expert_choice"):
+        ExpertParallelMoE(MoEFeedForward(LAYER.replace(router="expert_choice")))
 
 
 def test_ep_layer_equals_single_process_on_four_ranks():
