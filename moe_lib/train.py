@@ -154,7 +154,7 @@ def evaluate(model: MoETransformer, batches, device: torch.device, precision: st
     return EvalResult(loss, perplexity(loss), hits1 / count, hits3 / count, count, routing)
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- results, data and generation
 
 
 @dataclass
@@ -210,6 +210,259 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# --------------------------------------------------------------------------- one training run, step by step
+
+
+@dataclass
+class TrainState:
+    """What a run changes while it trains: the model, its optimizers and the data order."""
+
+    config: RunConfig
+    device: torch.device
+    model: MoETransformer
+    optimizers: list[torch.optim.Optimizer]
+    base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
+    data_gen: torch.Generator  # draws the training batches
+    dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: losses averaged over its micro-batches, the last micro-batch's routing."""
+
+    losses: torch.Tensor  # [4]: total, lm, lb, z (lb and z: unweighted sums over layers)
+    routing: list
+    lr_factor: float
+    seconds: float
+
+
+@dataclass
+class TrainLog:
+    """What the loop records: the history rows, every step's wall time, the best periodic validation."""
+
+    rows: list[dict[str, Any]]
+    step_times: list[float]
+    seconds: float
+    best_val_loss: float
+
+
+def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
+    """Seed, build the model on ``device`` and its optimizers, and the data-order generator.
+
+    One seed covers everything: ``torch.manual_seed`` before initialisation (and so router
+    noise and random routing after it), a separate CPU generator for the batch order.
+    """
+    if device.type == "cpu":
+        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
+    torch.manual_seed(config.train.seed)
+    model = MoETransformer(config.model).to(device)
+    optimizers = build_optimizer(model, config.train)
+    return TrainState(
+        config=config,
+        device=device,
+        model=model.train(),
+        optimizers=optimizers,
+        base_lrs=[[g["lr"] for g in opt.param_groups] for opt in optimizers],
+        data_gen=torch.Generator().manual_seed(config.train.seed),
+        dropped_sum=torch.zeros((), device=device),
+    )
+
+
+def set_learning_rate(state: TrainState, factor: float) -> None:
+    """Every param group's LR = its base LR x ``factor`` (see :func:`lr_factor`)."""
+    for opt, lrs in zip(state.optimizers, state.base_lrs):
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr * factor
+
+
+def forward_backward(state: TrainState, train_tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, list]:
+    """``grad_accum_steps`` micro-batches, each adding ``grad(loss) / grad_accum_steps`` to ``.grad``.
+
+    Returns the losses ``[total, lm, lb, z]`` averaged over the micro-batches and the last
+    micro-batch's routing. The gradient equals one batch ``grad_accum_steps`` times larger.
+    """
+    from .data import sample_batch
+
+    tcfg, device = state.config.train, state.device
+    sums = torch.zeros(4, device=device)
+    out = None
+    for _ in range(tcfg.grad_accum_steps):
+        x, y = sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast_context(device, tcfg.precision):
+            out = state.model(x, y)
+        _check_finite(step, out)
+        (out.loss / tcfg.grad_accum_steps).backward()
+        sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
+        if out.routing:  # slots the training capacity dropped, per layer
+            state.dropped_sum = state.dropped_sum + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
+    return sums / tcfg.grad_accum_steps, out.routing
+
+
+def optimizer_step(state: TrainState) -> None:
+    """Clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer, clear the gradients."""
+    if state.config.train.grad_clip > 0:
+        nn.utils.clip_grad_norm_(state.model.parameters(), state.config.train.grad_clip)
+    for opt in state.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
+    """Optimizer step ``step`` (0-based): schedule the LR, accumulate gradients, update."""
+    t0 = time.perf_counter()
+    factor = lr_factor(step, state.config.train)
+    set_learning_rate(state, factor)
+    losses, routing = forward_backward(state, train_tokens, step)
+    optimizer_step(state)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)  # so that the step time is the step's
+    return StepOutput(losses, routing, factor, time.perf_counter() - t0)
+
+
+def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]:
+    """One row of the history: step, tokens, LR, losses, speed and the last micro-batch's routing."""
+    tcfg = state.config.train
+    total, lm, lb, z = out.losses.tolist()
+    row = {
+        "step": step + 1,
+        "tokens": (step + 1) * tcfg.tokens_per_step,
+        "lr": tcfg.lr * out.lr_factor,
+        "train_loss": total,
+        "lm_loss": lm,
+        "lb_loss": lb,
+        "z_loss": z,
+        "tokens_per_s": tcfg.tokens_per_step / out.seconds,
+    }
+    row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))
+    return row
+
+
+def validation_batches(data, tcfg: TrainConfig, max_batches: int | None):
+    from .data import eval_batches
+
+    return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
+
+
+def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
+    """``steps`` optimizer steps; a history row every ``log_every`` steps, a validation every ``eval_every``.
+
+    The last step is always logged and validated.
+    """
+    tcfg = state.config.train
+    rows: list[dict[str, Any]] = []
+    step_times: list[float] = []
+    best_val = float("inf")
+    bar = _progress_bar(tcfg, run_id)
+    start = time.perf_counter()
+    for step in range(tcfg.steps):
+        out = train_step(state, data.train.tokens, step)
+        step_times.append(out.seconds)
+        is_last = step == tcfg.steps - 1
+        validate = (step + 1) % tcfg.eval_every == 0 or is_last
+        if step % tcfg.log_every == 0 or validate:
+            row = history_row(state, step, out)
+            if validate:
+                val = evaluate(state.model, validation_batches(data, tcfg, tcfg.eval_batches), state.device, tcfg.precision)
+                best_val = min(best_val, val.loss)
+                row.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy, val_top3_accuracy=val.top3_accuracy)
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+    bar.close()
+    return TrainLog(rows, step_times, time.perf_counter() - start, best_val)
+
+
+def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
+    """The trained model on validation and test: ``final_eval_batches`` batches each (``None``: the whole split)."""
+    from .data import eval_batches
+
+    tcfg = state.config.train
+    val = evaluate(state.model, validation_batches(data, tcfg, tcfg.final_eval_batches), state.device, tcfg.precision)
+    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
+    return val, evaluate(state.model, test_batches, state.device, tcfg.precision)
+
+
+def run_metrics(state: TrainState, data, log: TrainLog, val: EvalResult, test: EvalResult, profile: str | None) -> dict[str, Any]:
+    """The flat dict of a run's final numbers, one results-CSV row."""
+    config, tcfg, mcfg, device = state.config, state.config.train, state.config.model, state.device
+    best_val = min(log.best_val_loss, val.loss)
+    steady = log.step_times[1:] or log.step_times  # the first step pays one-off warm-up costs
+    counts = count_parameters(state.model)
+    steps_seen = tcfg.steps * tcfg.grad_accum_steps
+    train_dropped = (state.dropped_sum / steps_seen).reshape(-1).tolist() if mcfg.is_moe else []
+    cvs, entropies = val.routing.cv_per_layer(), val.routing.entropy_per_layer()
+    metrics: dict[str, Any] = {
+        "val_loss": val.loss,
+        "val_perplexity": val.perplexity,
+        "val_accuracy": val.accuracy,
+        "val_top3_accuracy": val.top3_accuracy,
+        "best_val_loss": best_val,
+        "best_val_perplexity": perplexity(best_val),
+        "test_loss": test.loss,
+        "test_perplexity": test.perplexity,
+        "test_accuracy": test.accuracy,
+        "test_top3_accuracy": test.top3_accuracy,
+        "expert_usage_cv": _mean(cvs),  # per-layer CV, mean over layers
+        "expert_usage_cv_pooled": val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
+        "router_entropy": _mean(entropies),
+        "router_logsumexp": _mean(val.routing.logsumexp_per_layer()),
+        "val_dropped_fraction": _mean(val.routing.dropped_per_layer()),  # at capacity_factor_eval
+        "train_dropped_fraction": _mean(train_dropped),  # at capacity_factor, mean over training
+        "training_time_minutes": log.seconds / 60,
+        "ms_per_step": 1000 * sum(steady) / len(steady),
+        "tokens_per_second": tcfg.tokens_per_step * len(steady) / sum(steady),
+        "peak_memory_gb": peak_memory_gb(device),
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "train_tokens": tcfg.steps * tcfg.tokens_per_step,
+        "device": _device_name(device),
+        "precision": tcfg.precision,
+        "profile": profile or "custom",
+        "corpus": config.data.corpus,
+        "tokenizer": config.data.tokenizer,
+        "vocab_size": data.vocab_size,
+        **{f"{k}_version": v for k, v in library_versions().items()},
+    }
+    for layer, (cv, h, drop) in enumerate(zip(cvs, entropies, val.routing.dropped_per_layer())):
+        metrics[f"val_cv_L{layer}"] = cv
+        metrics[f"val_entropy_L{layer}"] = h
+        metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
+        metrics[f"val_dropped_L{layer}"] = drop
+    for layer, drop in enumerate(train_dropped):
+        metrics[f"train_dropped_L{layer}"] = drop
+    return metrics
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    run_id: str = "run",
+    checkpoint_dir: str | Path | None = None,
+    data=None,
+    profile: str | None = None,
+) -> TrainResult:
+    """Train one model as ``config`` says and evaluate it on validation and test."""
+    data = data if data is not None else load_data(config.data)
+    if config.model.vocab_size != data.vocab_size:
+        config = config.with_model(vocab_size=data.vocab_size)
+    device = resolve_device(config.train.device)
+    state = init_train_state(config, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log = train_loop(state, data, run_id)
+    val, test = final_evaluation(state, data)
+    metrics = run_metrics(state, data, log, val, test, profile)
+    if checkpoint_dir is not None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(state.model, config, metrics, checkpoint_dir)
+    return TrainResult(model=state.model, config=config, history=pd.DataFrame(log.rows), metrics=metrics, data=data)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
 def _routing_columns(prefix: str, stats) -> dict[str, float]:
     row: dict[str, float] = {}
     for layer, s in enumerate(stats):
@@ -238,151 +491,6 @@ def _progress_bar(cfg: TrainConfig, desc: str):
     from tqdm.std import tqdm
 
     return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0, dynamic_ncols=True)
-
-
-def train_run(
-    config: RunConfig,
-    *,
-    run_id: str = "run",
-    checkpoint_dir: str | Path | None = None,
-    data=None,
-    profile: str | None = None,
-) -> TrainResult:
-    """Train one model as ``config`` says and evaluate it on validation and test."""
-    from .data import eval_batches, sample_batch
-
-    data = data if data is not None else load_data(config.data)
-    if config.model.vocab_size != data.vocab_size:
-        config = config.with_model(vocab_size=data.vocab_size)
-    tcfg, mcfg = config.train, config.model
-    device = resolve_device(tcfg.device)
-    if device.type == "cpu":
-        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
-
-    torch.manual_seed(tcfg.seed)
-    model = MoETransformer(mcfg).to(device)
-    optimizers = build_optimizer(model, tcfg)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    data_gen = torch.Generator().manual_seed(tcfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def val_batches(max_batches):
-        return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
-
-    rows: list[dict[str, Any]] = []
-    best_val = float("inf")
-    train_dropped = torch.zeros((), device=device)  # becomes [layers]: sum over micro-batches
-    tokens_per_step = tcfg.tokens_per_step
-    step_times: list[float] = []
-    bar = _progress_bar(tcfg, run_id)
-    model.train()
-    train_start = time.perf_counter()
-    for step in range(tcfg.steps):
-        t0 = time.perf_counter()
-        factor = lr_factor(step, tcfg)
-        for opt, lrs in zip(optimizers, base_lrs):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr * factor
-        sums = torch.zeros(4, device=device)  # total, lm, lb, z (lb and z: unweighted sums over layers)
-        for _ in range(tcfg.grad_accum_steps):
-            x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast_context(device, tcfg.precision):
-                out = model(x, y)
-            _check_finite(step, out)
-            (out.loss / tcfg.grad_accum_steps).backward()
-            sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
-            if out.routing:  # slots the training capacity dropped, per layer
-                train_dropped = train_dropped + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
-        if tcfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-
-        is_last = step == tcfg.steps - 1
-        if step % tcfg.log_every == 0 or is_last or (step + 1) % tcfg.eval_every == 0:
-            total, lm, lb, z = (sums / tcfg.grad_accum_steps).tolist()
-            row = {
-                "step": step + 1,
-                "tokens": (step + 1) * tokens_per_step,
-                "lr": tcfg.lr * factor,
-                "train_loss": total,
-                "lm_loss": lm,
-                "lb_loss": lb,
-                "z_loss": z,
-                "tokens_per_s": tokens_per_step / step_times[-1],
-            }
-            row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))
-            if (step + 1) % tcfg.eval_every == 0 or is_last:
-                val = evaluate(model, val_batches(tcfg.eval_batches), device, tcfg.precision)
-                best_val = min(best_val, val.loss)
-                row.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy, val_top3_accuracy=val.top3_accuracy)
-            rows.append(row)
-            bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-    bar.close()
-    train_seconds = time.perf_counter() - train_start
-
-    final_val = evaluate(model, val_batches(tcfg.final_eval_batches), device, tcfg.precision)
-    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
-    test = evaluate(model, test_batches, device, tcfg.precision)
-    best_val = min(best_val, final_val.loss)
-    history = pd.DataFrame(rows)
-    steady = step_times[1:] or step_times  # the first step pays one-off warm-up costs
-    counts = count_parameters(model)
-    train_dropped_per_layer = (train_dropped / (tcfg.steps * tcfg.grad_accum_steps)).reshape(-1).tolist() if mcfg.is_moe else []
-    cvs, entropies = final_val.routing.cv_per_layer(), final_val.routing.entropy_per_layer()
-    metrics: dict[str, Any] = {
-        "val_loss": final_val.loss,
-        "val_perplexity": final_val.perplexity,
-        "val_accuracy": final_val.accuracy,
-        "val_top3_accuracy": final_val.top3_accuracy,
-        "best_val_loss": best_val,
-        "best_val_perplexity": perplexity(best_val),
-        "test_loss": test.loss,
-        "test_perplexity": test.perplexity,
-        "test_accuracy": test.accuracy,
-        "test_top3_accuracy": test.top3_accuracy,
-        "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),  # per-layer CV, mean over layers
-        "expert_usage_cv_pooled": final_val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
-        "router_entropy": sum(entropies) / len(entropies) if entropies else float("nan"),
-        "router_logsumexp": _mean(final_val.routing.logsumexp_per_layer()),
-        "val_dropped_fraction": _mean(final_val.routing.dropped_per_layer()),  # at capacity_factor_eval
-        "train_dropped_fraction": _mean(train_dropped_per_layer),  # at capacity_factor, mean over training
-        "training_time_minutes": train_seconds / 60,
-        "ms_per_step": 1000 * sum(steady) / len(steady),
-        "tokens_per_second": tokens_per_step * len(steady) / sum(steady),
-        "peak_memory_gb": peak_memory_gb(device),
-        "total_params": counts.total,
-        "active_params": counts.active,
-        "train_tokens": tcfg.steps * tokens_per_step,
-        "device": _device_name(device),
-        "precision": tcfg.precision,
-        "profile": profile or "custom",
-        "corpus": config.data.corpus,
-        "tokenizer": config.data.tokenizer,
-        "vocab_size": data.vocab_size,
-        **{f"{k}_version": v for k, v in library_versions().items()},
-    }
-    dropped = final_val.routing.dropped_per_layer()
-    for layer, (cv, h, drop) in enumerate(zip(cvs, entropies, dropped)):
-        metrics[f"val_cv_L{layer}"] = cv
-        metrics[f"val_entropy_L{layer}"] = h
-        metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
-        metrics[f"val_dropped_L{layer}"] = drop
-    for layer, drop in enumerate(train_dropped_per_layer):
-        metrics[f"train_dropped_L{layer}"] = drop
-    result = TrainResult(model=model, config=config, history=history, metrics=metrics, data=data)
-    if checkpoint_dir is not None:
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(model, config, metrics, checkpoint_dir)
-    return result
 
 
 def _mean(values: list[float]) -> float:
