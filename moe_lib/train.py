@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import importlib.metadata
 import math
 import platform
-import resource
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,14 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.std import tqdm
 
+from .checkpoint import save_checkpoint
 from .config import RunConfig, TrainConfig
+from .data import eval_batches, prepare_data, sample_batch
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
-from .perf import configure_cpu_allocator
+from .perf import configure_cpu_allocator, release_free_heap
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -131,27 +136,41 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto") -> EvalResult:
-    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them."""
+    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them.
+
+    Padding positions (target -100) count nowhere: not in the loss, the accuracies or the
+    routing statistics. Evaluation runs on a fork of the global RNG (the random router draws
+    from it), so evaluating, however often, leaves the training run's random stream alone.
+    """
     was_training = model.training
     model.eval()
     loss_sum, hits1, hits3, count = 0.0, 0, 0, 0
     routing = RoutingAccumulator()
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, precision):
-            out = model(x, y)
-        n_valid = int((y != -100).sum())
-        loss_sum += out.lm_loss.item() * n_valid
-        h1, _ = top_k_accuracy(out.logits, y, 1)
-        h3, _ = top_k_accuracy(out.logits, y, 3)
-        hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
-        if out.routing:
-            routing.add(out.routing)
+    with _forked_rng(device):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, precision):
+                out = model(x, y)
+            valid = y != -100
+            n_valid = int(valid.sum())
+            loss_sum += out.lm_loss.item() * n_valid
+            h1, _ = top_k_accuracy(out.logits, y, 1)
+            h3, _ = top_k_accuracy(out.logits, y, 3)
+            hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
+            if out.routing:
+                routing.add(out.routing, valid=valid.reshape(-1))
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation saw no tokens: the split is shorter than one window")
     loss = loss_sum / count
     return EvalResult(loss, perplexity(loss), hits1 / count, hits3 / count, count, routing)
+
+
+def _forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU generator and, on an accelerator, ``device``'s."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 # --------------------------------------------------------------------------- results, data and generation
@@ -180,8 +199,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens=200, temperature
 
 @functools.lru_cache(maxsize=4)
 def _cached_data(data_cfg):
-    from .data import prepare_data
-
     return prepare_data(data_cfg)
 
 
@@ -190,22 +207,74 @@ def load_data(data_cfg):
     return _cached_data(data_cfg)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: max allocated since the run's reset. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if platform.system() == "Darwin" else rss / 1e6  # bytes on macOS, KiB on Linux
+# --------------------------------------------------------------------------- peak memory of one run
+
+PEAK_CUDA = "cuda max_memory_allocated"
+PEAK_RSS = "process peak RSS"
+PEAK_NONE = "not measured"
+
+
+@dataclass
+class PeakMemory:
+    """A run's peak memory, reset when the run starts (:meth:`start`) and read when it ends (:meth:`gb`).
+
+    ``measure`` says what the number is:
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, the peak of
+      tensor memory (the original studies' ``peak_memory_gb``).
+    * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
+      current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
+      (:func:`moe_lib.perf.release_free_heap`; a previous run's freed tensors would stay resident
+      otherwise). Everything resident counts, interpreter, libraries and data included: the
+      memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
+      so within a grid it would only ever rise.)
+    * elsewhere (macOS, Windows, MPS): NaN; no per-run peak is available there.
+    """
+
+    device: torch.device
+    measure: str
+
+    @classmethod
+    def start(cls, device: torch.device) -> PeakMemory:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls(device, PEAK_CUDA)
+        if device.type == "cpu" and _reset_peak_rss():
+            return cls(device, PEAK_RSS)
+        return cls(device, PEAK_NONE)
+
+    def gb(self) -> float:
+        if self.measure == PEAK_CUDA:
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        if self.measure == PEAK_RSS:
+            return _peak_rss_kib() * 1024 / 1e9
+        return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset Linux's ``VmHWM`` to the current RSS, after trimming the heap. Whether it worked."""
+    gc.collect()  # a finished run's tensors in reference cycles
+    release_free_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _peak_rss_kib() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _peak_rss_kib() -> int:
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError("/proc/self/status has no VmHWM line")
+    return int(match.group(1))
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("moe_lib", "datasets", "tokenizers", "transformers"):
         try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     return versions
 
@@ -238,7 +307,8 @@ class StepOutput:
 
 @dataclass
 class TrainLog:
-    """What the loop records: the history rows, every step's wall time, the best periodic validation."""
+    """What the loop records: the history rows, every step's wall time, the best periodic validation
+    (all on the same first ``eval_batches`` validation batches)."""
 
     rows: list[dict[str, Any]]
     step_times: list[float]
@@ -275,28 +345,26 @@ def set_learning_rate(state: TrainState, factor: float) -> None:
             group["lr"] = lr * factor
 
 
-def forward_backward(state: TrainState, train_tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, list]:
-    """``grad_accum_steps`` micro-batches, each adding ``grad(loss) / grad_accum_steps`` to ``.grad``.
+def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> tuple[torch.Tensor, list]:
+    """Forward and backward over the micro-batches, each adding ``grad(loss_m) / M`` to ``.grad``.
 
-    Returns the losses ``[total, lm, lb, z]`` averaged over the micro-batches and the last
-    micro-batch's routing. The gradient equals one batch ``grad_accum_steps`` times larger.
+    With ``M`` equal micro-batches the gradient is that of their mean loss: one batch ``M``
+    times larger, except for the load-balancing loss, which each micro-batch computes from its
+    own expert fractions (as each device does in Switch). Returns the losses
+    ``[total, lm, lb, z]`` averaged over the micro-batches and the last one's routing.
     """
-    from .data import sample_batch
-
-    tcfg, device = state.config.train, state.device
+    device, accum = state.device, len(micro_batches)
     sums = torch.zeros(4, device=device)
-    out = None
-    for _ in range(tcfg.grad_accum_steps):
-        x, y = sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen)
+    for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast_context(device, tcfg.precision):
+        with autocast_context(device, state.config.train.precision):
             out = state.model(x, y)
         _check_finite(step, out)
-        (out.loss / tcfg.grad_accum_steps).backward()
+        (out.loss / accum).backward()
         sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
         if out.routing:  # slots the training capacity dropped, per layer
             state.dropped_sum = state.dropped_sum + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
-    return sums / tcfg.grad_accum_steps, out.routing
+    return sums / accum, out.routing
 
 
 def optimizer_step(state: TrainState) -> None:
@@ -311,9 +379,11 @@ def optimizer_step(state: TrainState) -> None:
 def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
     """Optimizer step ``step`` (0-based): schedule the LR, accumulate gradients, update."""
     t0 = time.perf_counter()
-    factor = lr_factor(step, state.config.train)
+    tcfg = state.config.train
+    factor = lr_factor(step, tcfg)
     set_learning_rate(state, factor)
-    losses, routing = forward_backward(state, train_tokens, step)
+    micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
+    losses, routing = forward_backward(state, micro_batches, step)
     optimizer_step(state)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # so that the step time is the step's
@@ -339,8 +409,6 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
 
 
 def validation_batches(data, tcfg: TrainConfig, max_batches: int | None):
-    from .data import eval_batches
-
     return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
 
 
@@ -375,18 +443,23 @@ def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
 
 def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
     """The trained model on validation and test: ``final_eval_batches`` batches each (``None``: the whole split)."""
-    from .data import eval_batches
-
     tcfg = state.config.train
     val = evaluate(state.model, validation_batches(data, tcfg, tcfg.final_eval_batches), state.device, tcfg.precision)
     test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
     return val, evaluate(state.model, test_batches, state.device, tcfg.precision)
 
 
-def run_metrics(state: TrainState, data, log: TrainLog, val: EvalResult, test: EvalResult, profile: str | None) -> dict[str, Any]:
-    """The flat dict of a run's final numbers, one results-CSV row."""
+def run_metrics(
+    state: TrainState, data, log: TrainLog, val: EvalResult, test: EvalResult, memory: PeakMemory, profile: str | None
+) -> dict[str, Any]:
+    """The flat dict of a run's final numbers, one results-CSV row.
+
+    ``val_*`` and ``test_*`` are the final model on ``final_eval_batches`` batches of each
+    split (the whole split by default). ``best_val_*`` is the best of the periodic validations
+    during training, ALL on the same first ``eval_batches`` validation batches, the last step's
+    included; it is comparable with the history's ``val_loss``, not with ``val_loss`` here.
+    """
     config, tcfg, mcfg, device = state.config, state.config.train, state.config.model, state.device
-    best_val = min(log.best_val_loss, val.loss)
     steady = log.step_times[1:] or log.step_times  # the first step pays one-off warm-up costs
     counts = count_parameters(state.model)
     steps_seen = tcfg.steps * tcfg.grad_accum_steps
@@ -397,8 +470,8 @@ def run_metrics(state: TrainState, data, log: TrainLog, val: EvalResult, test: E
         "val_perplexity": val.perplexity,
         "val_accuracy": val.accuracy,
         "val_top3_accuracy": val.top3_accuracy,
-        "best_val_loss": best_val,
-        "best_val_perplexity": perplexity(best_val),
+        "best_val_loss": log.best_val_loss,
+        "best_val_perplexity": perplexity(log.best_val_loss),
         "test_loss": test.loss,
         "test_perplexity": test.perplexity,
         "test_accuracy": test.accuracy,
@@ -412,7 +485,8 @@ def run_metrics(state: TrainState, data, log: TrainLog, val: EvalResult, test: E
         "training_time_minutes": log.seconds / 60,
         "ms_per_step": 1000 * sum(steady) / len(steady),
         "tokens_per_second": tcfg.tokens_per_step * len(steady) / sum(steady),
-        "peak_memory_gb": peak_memory_gb(device),
+        "peak_memory_gb": memory.gb(),
+        "peak_memory_measure": memory.measure,
         "total_params": counts.total,
         "active_params": counts.active,
         "train_tokens": tcfg.steps * tcfg.tokens_per_step,
@@ -447,15 +521,12 @@ def train_run(
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
     device = resolve_device(config.train.device)
+    memory = PeakMemory.start(device)
     state = init_train_state(config, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     log = train_loop(state, data, run_id)
     val, test = final_evaluation(state, data)
-    metrics = run_metrics(state, data, log, val, test, profile)
+    metrics = run_metrics(state, data, log, val, test, memory, profile)
     if checkpoint_dir is not None:
-        from .checkpoint import save_checkpoint
-
         save_checkpoint(state.model, config, metrics, checkpoint_dir)
     return TrainResult(model=state.model, config=config, history=pd.DataFrame(log.rows), metrics=metrics, data=data)
 
@@ -488,8 +559,6 @@ def _check_finite(step: int, out) -> None:
 
 def _progress_bar(cfg: TrainConfig, desc: str):
     """A text tqdm bar: redraws in place in terminals and notebooks alike, at most once a second."""
-    from tqdm.std import tqdm
-
     return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0, dynamic_ncols=True)
 
 
