@@ -4,6 +4,12 @@
 ``config.train.steps`` optimizer steps and returns a :class:`TrainResult`: the model, a
 per-step history DataFrame and a flat dict of final metrics. Everything random is seeded
 from ``config.train.seed``: initialisation, data order, router noise and random routing.
+
+The run, top to bottom (each step a function below)::
+
+    PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
+    train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
+    train_step:  set_learning_rate -> forward_backward (micro-batches) -> optimizer_step (clip, step, zero)
 """
 
 from __future__ import annotations
