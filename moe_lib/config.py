@@ -12,14 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
-RouterKind = Literal["topk", "random"]
+RouterKind = Literal["topk", "random", "expert_choice"]
+ScoreKind = Literal["softmax", "sigmoid"]
 GateKind = Literal["auto", "renormalized", "softmax"]
 FFNKind = Literal["moe", "dense"]
 DispatchKind = Literal["grouped", "loop"]
 OptimizerKind = Literal["adamw", "muon"]
-PrecisionKind = Literal["auto", "bf16", "fp32"]
+PrecisionKind = Literal["auto", "bf16", "fp16", "fp32"]
 
 ROUTER_KINDS: tuple[str, ...] = get_args(RouterKind)
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 FFN_KINDS: tuple[str, ...] = get_args(FFNKind)
 DISPATCH_KINDS: tuple[str, ...] = get_args(DispatchKind)
@@ -98,6 +100,20 @@ class ModelConfig(_ConfigBase):
     accelerators, which evaluation here does not need, and without it a token's output no
     longer depends on which other tokens share its batch, so validation loss measures what
     the model learned, independent of the evaluation batch size and order.
+
+    Modern options (notebook 07; each off by default, so older configs mean what they meant):
+
+    * ``num_shared_experts`` (DeepSeekMoE, Qwen-MoE): dense SwiGLU experts of width ``d_ff``
+      that every token passes through, added to the routed output.
+    * ``score_func="sigmoid"`` (DeepSeek-V3, torchtitan): expert scores ``sigmoid(logits)``
+      instead of ``softmax(logits)``; see :mod:`moe_lib.routing` for gates and the aux loss.
+    * ``bias_update_rate`` u > 0: auxiliary-loss-free balancing (Wang et al. 2024), a per-expert
+      bias added to the scores for selection only, updated by ``b_i += u sign(mean load - load_i)``.
+    * ``router="expert_choice"`` (Zhou et al. 2022): each expert picks its top
+      ``C = ceil(cf N k / E)`` tokens (``cf = capacity_factor or 1``). Balanced by construction,
+      but it leaks the future in a decoder. Gates are the raw scores; it has its own dispatch
+      (``dispatch`` is ignored) and ``capacity_factor`` sets C instead of dropping.
+    * Fine-grained experts (DeepSeekMoE): :func:`fine_grained` builds the matched config.
     """
 
     vocab_size: int = 4096
@@ -116,6 +132,9 @@ class ModelConfig(_ConfigBase):
     z_loss_weight: float = 0.0
     capacity_factor: float | None = None  # None = dropless
     capacity_factor_eval: float | None = None  # in eval mode; None = dropless
+    num_shared_experts: int = 0
+    score_func: ScoreKind = "softmax"
+    bias_update_rate: float = 0.0  # 0 = no auxiliary-loss-free balancing
     dispatch: DispatchKind = "grouped"
     tie_weights: bool = True
     rope_theta: float = 10000.0
@@ -142,12 +161,33 @@ class ModelConfig(_ConfigBase):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 _fail(owner, name, value, "a number > 0, or None for dropless")
+        self._check_modern(owner)
         if not isinstance(self.tie_weights, bool):
             _fail(owner, "tie_weights", self.tie_weights, "True or False")
         if not self.rope_theta > 0:
             _fail(owner, "rope_theta", self.rope_theta, "a number > 0")
         if not self.norm_eps > 0:
             _fail(owner, "norm_eps", self.norm_eps, "a number > 0")
+
+    def _check_modern(self, owner: str) -> None:
+        """The notebook-07 options, alone and in the combinations that make no sense."""
+        if isinstance(self.num_shared_experts, bool) or not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
+            _fail(owner, "num_shared_experts", self.num_shared_experts, "an integer >= 0")
+        check_choice(owner, "score_func", self.score_func, SCORE_KINDS)
+        check_non_negative(owner, "bias_update_rate", self.bias_update_rate)
+        if self.ffn == "dense":
+            for name in ("num_shared_experts", "bias_update_rate"):
+                if getattr(self, name):
+                    _fail(owner, name, getattr(self, name), "0 with ffn='dense' (a dense model has no experts to share or balance)")
+        if self.bias_update_rate > 0 and self.router != "topk":
+            _fail(owner, "bias_update_rate", self.bias_update_rate, f"0 with router={self.router!r} (the selection bias needs router='topk')")
+        if self.router == "expert_choice":
+            slots_per_token = self.top_k * (1.0 if self.capacity_factor is None else self.capacity_factor)
+            if slots_per_token > self.num_experts:
+                _fail(owner, "top_k", self.top_k, f"top_k * capacity_factor = {slots_per_token} <= num_experts={self.num_experts} "
+                      "with router='expert_choice' (an expert cannot pick more tokens than there are)")
+            if self.gate == "renormalized":
+                _fail(owner, "gate", self.gate, "'auto' or 'softmax' with router='expert_choice' (a token's experts vary in number)")
 
     @property
     def head_dim(self) -> int:
@@ -163,6 +203,24 @@ class ModelConfig(_ConfigBase):
         if self.gate == "auto":
             return self.top_k > 1
         return self.gate == "renormalized"
+
+
+def fine_grained(cfg: ModelConfig, granularity: int) -> ModelConfig:
+    """DeepSeekMoE's fine-grained split: every expert (routed and shared) becomes m of width d_ff/m.
+
+    ``E -> m E``, ``d_ff -> d_ff / m``, ``k -> m k``, shared ``s -> m s``: the active expert
+    parameters per token, ``3 d (m k)(d_ff/m) = 3 d k d_ff``, and hence the expert FLOPs stay
+    the same; only the router grows (``d E -> d m E``).
+    """
+    check_positive("fine_grained", "granularity", granularity)
+    if cfg.d_ff % granularity:
+        _fail("fine_grained", "granularity", granularity, f"a divisor of d_ff={cfg.d_ff}")
+    return cfg.replace(
+        num_experts=cfg.num_experts * granularity,
+        d_ff=cfg.d_ff // granularity,
+        top_k=cfg.top_k * granularity,
+        num_shared_experts=cfg.num_shared_experts * granularity,
+    )
 
 
 # --------------------------------------------------------------------------- data

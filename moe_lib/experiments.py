@@ -75,6 +75,15 @@ DEFAULT_SUMMARY_METRICS = (
 )
 # Settings that change how a run is displayed or cached, not what it computes.
 HASH_IGNORED = {"train": ("progress",), "data": ("cache_dir",)}
+# Fields added after results were stored, with the default that reproduces the older runs:
+# left out of the hash at that default, so the stored runs keep their hashes.
+HASH_OMITTED_DEFAULTS = {"model": {"num_shared_experts": 0, "score_func": "softmax", "bias_update_rate": 0.0}}
+# Bumped whenever the same config trains or measures differently (a fix in moe_lib), so that
+# runs stored by an older moe_lib are refused instead of mixed with new ones. Version 2: the
+# auxiliary losses are summed over layers (not averaged), capacity queues first choices first
+# and evaluation is dropless, the router stays fp32 under autocast, evaluation no longer draws
+# from the training RNG and skips padding in the routing statistics.
+RESULTS_VERSION = 2
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -85,15 +94,24 @@ def _slug(text: str) -> str:
 
 
 def config_hash(config: RunConfig) -> str:
-    """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config.
+    """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config and
+    :data:`RESULTS_VERSION`.
 
     The fields in :data:`HASH_IGNORED` (progress bar, cache folder) are left out, so turning
-    a progress bar off does not make finished runs look changed.
+    a progress bar off does not make finished runs look changed; so are those of
+    :data:`HASH_OMITTED_DEFAULTS` while at their default, so that adding an option to the
+    config does not make every stored run look changed.
     """
     data = config.to_dict()
     for section, names in HASH_IGNORED.items():
         for name in names:
             data[section].pop(name, None)
+    for section, defaults in HASH_OMITTED_DEFAULTS.items():
+        for name, default in defaults.items():
+            if data[section].get(name) == default:
+                data[section].pop(name)
+    if RESULTS_VERSION > 1:  # version 1 (before the constant existed) hashed the config alone
+        data["results_version"] = RESULTS_VERSION
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 

@@ -293,3 +293,27 @@ def dispatch_loop(
 
 
 DISPATCHERS = {"grouped": dispatch_grouped, "loop": dispatch_loop}
+
+
+def dispatch_expert_choice(
+    x: torch.Tensor,
+    token_indices: torch.Tensor,
+    gate_weights: torch.Tensor,
+    experts: Experts,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert choice: expert e runs on the C tokens it picked, ``token_indices [E, C]``.
+
+    Every segment has the same length C, so one ``bmm`` per projection does all experts.
+    ``y_n = sum_{e picked n} g_{e,n} E_e(x_n)``. Returns ``(y, dropped)`` with ``dropped`` the
+    share of the N tokens that no expert picked (they keep only their residual stream).
+    """
+    num_experts, capacity = token_indices.shape
+    dtype = _matmul_dtype(x)
+    flat_tokens = token_indices.reshape(-1)
+    tokens = x.to(dtype).index_select(0, flat_tokens).view(num_experts, capacity, -1)  # [E, C, d]
+    hidden = swiglu_fused(torch.bmm(tokens, experts.w_in.to(dtype)))  # [E, C, h]
+    out = torch.bmm(hidden, experts.w_out.to(dtype)) * gate_weights.unsqueeze(-1).to(dtype)  # [E, C, d]
+    y = torch.zeros(x.shape[0], x.shape[-1], dtype=dtype, device=x.device)
+    y.index_add_(0, flat_tokens, out.reshape(-1, x.shape[-1]))
+    picked = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device).index_fill_(0, flat_tokens, True)
+    return y.to(x.dtype), 1.0 - picked.float().mean()

@@ -17,7 +17,10 @@ Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
 * dropped fraction: the share of the ``N k`` routed slots that a capacity limit turned away
   (``ModelConfig.capacity_factor`` in training, ``capacity_factor_eval`` in evaluation; 0 when
   dropless). A dropped slot adds no expert output, so its token keeps only the residual
-  stream for that slot.
+  stream for that slot. For expert choice: the share of tokens that no expert picked.
+* MaxVio (Wang et al. 2024): ``max_i load_i / mean_i load_i - 1``, 0 when perfectly balanced.
+* router saturation (OLMoE): the share of each token's top-k experts at a checkpoint that
+  are also among the final model's top-k for that token, on fixed validation tokens.
 
 Language model: cross-entropy, perplexity ``exp(loss)`` and top-k accuracy, ignoring
 targets of -100 (padding).
@@ -67,6 +70,44 @@ def pooled_usage_cv(counts_per_layer: list[torch.Tensor]) -> torch.Tensor:
     return coefficient_of_variation(torch.stack(counts_per_layer).sum(0))
 
 
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """MaxVio ``max(load) / mean(load) - 1`` of per-expert loads (counts or fractions)."""
+    return counts.float().max() / counts.float().mean() - 1
+
+
+def topk_overlap(indices: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``[N]`` shares ``|S_n ∩ R_n| / k`` of each token's chosen experts ``indices [N, k]`` found in ``reference [N, k]``."""
+    if indices.shape != reference.shape:
+        raise ValueError(f"expert index shapes differ: {tuple(indices.shape)} vs reference {tuple(reference.shape)}")
+    return (indices.unsqueeze(-1) == reference.unsqueeze(-2)).any(-1).float().mean(-1)
+
+
+@torch.no_grad()
+def router_saturation(model, final_model, batches) -> list[float]:
+    """Per layer: mean over the tokens of ``batches`` of :func:`topk_overlap` (``model`` vs ``final_model``).
+
+    OLMoE's router saturation: 1 means the checkpoint already routes every token to the final
+    model's experts. Both models run in eval mode (no router noise) on the same tokens.
+    """
+    states = (model.training, final_model.training)
+    model.eval(), final_model.eval()
+    device = next(model.parameters()).device
+    sums: list[float] = []
+    count = 0
+    for x, *_ in batches:
+        x = x.to(device)
+        pairs = list(zip(model(x).routing, final_model(x).routing))
+        if any(r.token_indices is not None for pair in pairs for r in pair):
+            raise ValueError("router_saturation needs token-choice routers; expert choice has no per-token top-k")
+        overlaps = [topk_overlap(r.expert_indices, f.expert_indices).sum().item() for r, f in pairs]
+        sums = overlaps if not sums else [a + b for a, b in zip(sums, overlaps)]
+        count += x.numel()
+    model.train(states[0]), final_model.train(states[1])
+    if count == 0:
+        raise ValueError("router_saturation saw no tokens: batches is empty")
+    return [s / count for s in sums]
+
+
 @torch.no_grad()
 def layer_routing_stats(routing: RoutingResult) -> LayerRoutingStats:
     entropy = routing_entropy(routing.probs).item()
@@ -99,6 +140,17 @@ def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> t
 def perplexity(loss: float) -> float:
     """``exp(loss)``, inf past overflow."""
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _real_slots(r: RoutingResult, valid: torch.Tensor | None):
+    """Mask of ``r.expert_indices``' slots that belong to real tokens: ``valid[n]`` for token
+    choice's ``[N, k]``, ``valid[token_indices]`` for expert choice's ``[E, C]``."""
+    if valid is None:
+        return slice(None)
+    valid = valid.to(r.expert_indices.device)
+    if r.token_indices is not None:
+        return valid[r.token_indices]
+    return valid.unsqueeze(-1).expand_as(r.expert_indices)
 
 
 class RoutingAccumulator:
@@ -138,7 +190,7 @@ class RoutingAccumulator:
             n = probs.shape[0]
             if n == 0:
                 continue
-            self.counts[layer] += expert_counts(r.expert_indices[keep], r.num_experts).cpu()
+            self.counts[layer] += expert_counts(r.expert_indices[_real_slots(r, valid)], r.num_experts).cpu()
             self.entropy_sum[layer] += routing_entropy(probs).item() * n
             lse = float("nan") if logits is None else torch.logsumexp(logits.float(), -1).mean().item()
             self.lse_sum[layer] += lse * n
@@ -153,6 +205,9 @@ class RoutingAccumulator:
     def cv_pooled_over_layers(self) -> float:
         """The original noise study's CV: counts of all layers summed per expert, then CV (:func:`pooled_usage_cv`)."""
         return pooled_usage_cv(self.counts).item() if self.counts else float("nan")
+
+    def max_violation_per_layer(self) -> list[float]:
+        return [max_violation(c).item() for c in self.counts]
 
     def entropy_per_layer(self) -> list[float]:
         return [s / n for s, n in zip(self.entropy_sum, self.tokens)]

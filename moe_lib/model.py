@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .experts import DISPATCHERS, Experts, expert_capacity, swiglu_fused
+from .experts import DISPATCHERS, Experts, dispatch_expert_choice, expert_capacity, swiglu_fused
 from .routing import RoutingResult, build_router
 
 
@@ -70,7 +70,11 @@ class DenseFeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Router -> dispatch -> experts. Returns the output and the :class:`RoutingResult`.
+    """Router -> dispatch -> experts (+ shared experts). Returns the output and the :class:`RoutingResult`.
+
+    ``num_shared_experts = s`` dense SwiGLU experts of width ``d_ff`` see every token:
+    ``y = routed(x) + sum_s S_s(x)``, computed as one SwiGLU of width ``s d_ff`` (the same
+    function: its hidden units are the s experts' side by side), as torchtitan does.
 
     The capacity factor is ``cfg.capacity_factor`` in training mode and ``cfg.capacity_factor_eval``
     in eval mode (``model.eval()``).
@@ -82,15 +86,21 @@ class MoEFeedForward(nn.Module):
         self.router = build_router(cfg)
         self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff)
         self.dispatch = DISPATCHERS[cfg.dispatch]
+        self.shared_experts = DenseFeedForward(cfg.d_model, cfg.num_shared_experts * cfg.d_ff) if cfg.num_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         routing = self.router(tokens)
-        capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.capacity_factor_eval
-        capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.num_experts, capacity_factor)
-        y, dropped = self.dispatch(tokens, routing.expert_indices, routing.gate_weights, self.experts, capacity)
+        if routing.token_indices is not None:  # expert choice: each expert already holds its C tokens
+            y, dropped = dispatch_expert_choice(tokens, routing.token_indices, routing.gate_weights, self.experts)
+        else:
+            capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.capacity_factor_eval
+            capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.num_experts, capacity_factor)
+            y, dropped = self.dispatch(tokens, routing.expert_indices, routing.gate_weights, self.experts, capacity)
         routing.dropped_fraction = dropped
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(tokens)[0]
         return y.view(shape), routing
 
 
@@ -209,7 +219,7 @@ class MoETransformer(nn.Module):
 # --------------------------------------------------------------------------- parameter counts
 @dataclass(frozen=True)
 class ParameterCounts:
-    """Total parameters, and the ones a single token actually uses (k of E experts)."""
+    """Total parameters, and the ones a single token actually uses (k of E experts, all shared ones)."""
 
     total: int
     active: int
@@ -217,6 +227,7 @@ class ParameterCounts:
     experts: int
     active_experts: int
     router: int
+    shared_experts: int = 0
 
     @property
     def active_fraction(self) -> float:
@@ -224,11 +235,15 @@ class ParameterCounts:
 
 
 def count_parameters(model: MoETransformer) -> ParameterCounts:
-    """``active = total - n_layers * (E - k) * params_per_expert`` (tied weights counted once)."""
+    """``active = total - n_layers * (E - k) * params_per_expert`` (tied weights counted once).
+
+    Shared experts are dense, so every one of their parameters is active.
+    """
     cfg = model.cfg
     total = sum(p.numel() for p in model.parameters())  # .parameters() de-duplicates tied weights
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     router = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".shared_experts." in n)
     active_experts = experts * cfg.top_k // cfg.num_experts if cfg.is_moe else 0
     return ParameterCounts(
         total=total,
@@ -237,4 +252,23 @@ def count_parameters(model: MoETransformer) -> ParameterCounts:
         experts=experts,
         active_experts=active_experts,
         router=router,
+        shared_experts=shared,
     )
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, ``3 x forward`` with ``forward = 2 N_active + 2 n_layers T d`` (Kaplan et al. 2020).
+
+    ``N_active`` counts the matmul weights one token uses: attention ``4 d^2``, the router
+    ``d E``, k routed experts and the shared ones at ``3 d d_ff`` each (or the dense SwiGLU
+    ``3 d k d_ff``), per layer, plus the LM head ``d V``; ``2 n_layers T d`` is the attention
+    scores and their weighted sum. Fine-grained splitting (:func:`~moe_lib.config.fine_grained`)
+    changes only the router term. Expert choice is counted at its mean of k experts per token.
+    """
+    d = cfg.d_model
+    if cfg.is_moe:
+        ffn = d * cfg.num_experts + 3 * d * cfg.d_ff * (cfg.top_k + cfg.num_shared_experts)
+    else:
+        ffn = 3 * d * cfg.top_k * cfg.d_ff
+    active_matmul = cfg.n_layers * (4 * d * d + ffn) + d * cfg.vocab_size
+    return 3 * (2 * active_matmul + 2 * cfg.n_layers * seq_len * d)

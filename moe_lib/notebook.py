@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from .precision import resolve_precision
 from .profiles import Profile, get_profile
 from .train import library_versions, resolve_device
 
@@ -37,6 +38,7 @@ def setup(corpus: str = "shakespeare", tokenizer: str | None = None, profile: st
     versions = ", ".join(f"{k} {v}" for k, v in library_versions().items())
     print(f"profile : {prof.name} ({prof.description}); MOE_PROFILE={os.environ.get('MOE_PROFILE', '(unset)')}")
     print(f"device  : {device.type} ({hardware})")
+    print(f"precision: {resolve_precision(prof.base.train.precision, device).reason}")
     print(f"data    : corpus={prof.base.data.corpus}, tokenizer={prof.base.data.tokenizer}")
     print(f"model   : {prof.describe().split(' | ', 2)[2]}")
     print(f"versions: {versions}")

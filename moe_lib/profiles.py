@@ -9,6 +9,11 @@
   8 experts top-2, sequence 512, batch 24, 400 steps (1000 for z-loss), bf16 autocast,
   the Muon + AdamW hybrid.
 
+* ``colab`` - a free Colab T4 (fp16 autocast + GradScaler, no native bf16): the gpu profile's
+  depth and expert layout at a smaller width, BPE tokens and fewer steps, sized so the whole
+  course takes about an hour there. An estimate from FLOP counts (:mod:`moe_lib.budget`: the
+  T4's 65 TFLOPS fp16 peak at an assumed 10% MFU), not yet timed on a T4.
+
 ``MOE_PROFILE`` defaults to ``gpu`` when CUDA is available and ``cpu`` otherwise.
 """
 
@@ -24,7 +29,7 @@ import torch
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-PROFILE_NAMES = ("smoke", "cpu", "gpu")
+PROFILE_NAMES = ("smoke", "cpu", "gpu", "colab")
 DEFAULT_SEEDS = (42, 43, 44)
 
 
@@ -109,7 +114,24 @@ def _gpu() -> Profile:
     )
 
 
-_BUILDERS = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu}
+def _colab() -> Profile:
+    return Profile(
+        name="colab",
+        base=RunConfig(
+            model=ModelConfig(vocab_size=4096, d_model=256, n_heads=4, n_layers=6, d_ff=1024, max_seq_len=256, num_experts=8, top_k=2),
+            data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=4096),
+            train=TrainConfig(
+                steps=400, batch_size=32, seq_len=256, optimizer="muon", lr=3e-3, warmup_steps=30,
+                eval_every=100, eval_batches=20, final_eval_batches=50, log_every=10, precision="auto",
+            ),
+        ),
+        seeds=DEFAULT_SEEDS,
+        zloss_steps=800,
+        description="a free Colab T4: about an hour for the whole course (estimated from FLOPs, not yet timed)",
+    )
+
+
+_BUILDERS = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu, "colab": _colab}
 
 
 def default_profile_name() -> str:

@@ -15,6 +15,25 @@ Gate weights of the learned router (see ``ModelConfig.gate``):
   is ``p_top < 1``, so the LM loss pushes the router through ``d g / d logits``.
 * ``renormalized`` (Mixtral): ``g_i = p_i / sum_{j in topk} p_j``. With k = 1 this is
   identically 1.0 and the router gets NO gradient from the LM loss.
+
+Modern options (notebook 07), in torchtitan's style:
+
+* Sigmoid scoring (DeepSeek-V3, ``score_func="sigmoid"``): each expert's score
+  ``s_i = sigmoid(logit_i)`` is independent of the others; the gates are the chosen scores
+  (re-normalised over the chosen k as above). The load-balancing loss needs a distribution
+  ``P`` over experts, and sigmoid scores are not one, so ``probs`` are the scores normalised
+  per token, ``s_i / sum_j s_j``: the ``s'`` of DeepSeek-V3's sequence-wise balance loss
+  (we keep the batch-wise ``f`` and ``P`` of :func:`~moe_lib.losses.load_balancing_loss`).
+  Entropy metrics read the same normalised scores.
+* Auxiliary-loss-free balancing (Wang et al. 2024; ``bias_update_rate`` u > 0): a per-expert
+  buffer ``b`` is added to the scores FOR SELECTION ONLY; gates use the unbiased scores. The
+  training forwards count each expert's tokens; after each optimizer step
+  :func:`update_expert_biases` applies ``b_i += u sign(mean load - load_i)``, centred so
+  ``sum b = 0`` (as torchtitan does), and clears the counts. ``b`` is a persistent buffer:
+  checkpoints keep it, optimizers never see it.
+* :class:`ExpertChoiceRouter` (Zhou et al. 2022): each expert picks its top ``C`` tokens of
+  the batch, so the load is balanced by construction. Whether token n is picked depends on
+  every other token, later ones included: in a decoder it leaks the future.
 """
 
 from __future__ import annotations
@@ -27,7 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .losses import load_balancing_loss, router_z_loss
+from .experts import expert_capacity
+from .losses import expert_counts, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -39,6 +59,11 @@ class RoutingResult:
     (softmax of the noisy logits, or uniform for the random router); ``expert_indices`` and
     ``gate_weights`` are ``[N, k]``. The auxiliary losses are this layer's unweighted scalars; the
     model weights each layer's and sums them over layers (:mod:`moe_lib.losses`).
+
+    Expert choice fills it per expert instead: ``token_indices`` ``[E, C]`` are the tokens
+    each expert picked, ``gate_weights`` ``[E, C]`` their scores, and ``expert_indices``
+    ``[E, C]`` the expert of each of those slots (row e is all e), so that expert counts,
+    utilization and the load-balancing loss read the same field in both layouts.
     """
 
     logits: torch.Tensor | None
@@ -48,6 +73,7 @@ class RoutingResult:
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
     dropped_fraction: float = 0.0
+    token_indices: torch.Tensor | None = None  # expert choice only
 
     @property
     def num_experts(self) -> int:
@@ -61,12 +87,26 @@ class RoutingResult:
 class TopKRouter(nn.Module):
     """Learned linear router ``logits = x W`` with top-k selection and optional noise."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, noise_std: float = 0.0, renormalize: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        noise_std: float = 0.0,
+        renormalize: bool = True,
+        score_func: str = "softmax",
+        bias_update_rate: float = 0.0,
+    ):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.noise_std, self.renormalize = noise_std, renormalize
+        self.score_func, self.bias_update_rate = score_func, bias_update_rate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)  # near-uniform routing at the start
+        # Aux-loss-free balancing: buffers only when used (None is left out of the state dict), so older checkpoints load.
+        balanced = bias_update_rate > 0
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if balanced else None, persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(num_experts) if balanced else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
         # fp32 routing (ST-MoE): autocast would cast F.linear's inputs back to bf16, so switch it off here.
@@ -75,8 +115,8 @@ class TopKRouter(nn.Module):
             noisy = logits
             if self.training and self.noise_std > 0:
                 noisy = logits + self.noise_std * torch.randn_like(logits)
-            probs = noisy.softmax(dim=-1)
-            top_probs, expert_indices = probs.topk(self.top_k, dim=-1)
+            scores, probs = expert_scores(noisy, self.score_func)
+            top_probs, expert_indices = self.select(scores)
             gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
             return RoutingResult(
                 logits=logits,
@@ -87,8 +127,101 @@ class TopKRouter(nn.Module):
                 z_loss=router_z_loss(logits),
             )
 
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best experts by ``scores + expert_bias`` (bias for SELECTION only) and their unbiased scores."""
+        if self.expert_bias is None:
+            return scores.topk(self.top_k, dim=-1)
+        expert_indices = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+        if self.training:  # the step's load, summed over its micro-batches; evaluation does not count
+            self.tokens_per_expert += expert_counts(expert_indices, self.num_experts)
+        return scores.gather(-1, expert_indices), expert_indices
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """``b_i += u sign(mean load - load_i)``, centred to keep ``sum b = 0``; then clear the counts.
+
+        Under data parallelism the loads are summed over ranks first, so every rank keeps the same bias.
+        """
+        load = self.tokens_per_expert
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        if load.sum() == 0:  # no training forward since the last update
+            return
+        delta = self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += delta - delta.mean()
+        load.zero_()
+
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, renormalize={self.renormalize}"
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, renormalize={self.renormalize}, "
+            f"score_func={self.score_func}, bias_update_rate={self.bias_update_rate}"
+        )
+
+
+def expert_scores(logits: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, probs)`` for ``[N, E]`` logits.
+
+    softmax: ``scores = probs = softmax(logits)``. sigmoid: ``scores = sigmoid(logits)`` and
+    ``probs = scores / sum_j scores_j`` per token (DeepSeek-V3's ``s'``, the ``P`` of the balance loss).
+    """
+    if score_func == "softmax":
+        probs = logits.softmax(dim=-1)
+        return probs, probs
+    if score_func == "sigmoid":
+        scores = logits.sigmoid()
+        return scores, scores / scores.sum(dim=-1, keepdim=True)
+    raise ValueError(f"score_func={score_func!r} is invalid: expected one of ['softmax', 'sigmoid']")
+
+
+def update_expert_biases(model: nn.Module) -> None:
+    """After an optimizer step: update every auxiliary-loss-free router's selection bias."""
+    for module in model.modules():
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            module.update_expert_bias()
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Each expert picks its ``C = ceil(cf N k / E)`` highest-scoring tokens (Zhou et al. 2022).
+
+    The scores are the usual per-token ``softmax`` (or ``sigmoid``) over experts; the top-C is
+    taken over the batch's ``N`` tokens, per expert (``scores.T.topk(C)``). Every expert gets
+    exactly C tokens; a token gets between 0 and E experts, with its raw scores as gates.
+    Because the top-C compares a token with all others in the batch, including later
+    positions, an earlier token's output depends on the future: unusable for a causal LM.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, noise_std: float = 0.0, score_func: str = "softmax"):
+        super().__init__()
+        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.noise_std, self.score_func = noise_std, score_func
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def capacity(self, num_tokens: int) -> int:
+        cf = 1.0 if self.capacity_factor is None else self.capacity_factor
+        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, cf))
+
+    def forward(self, x: torch.Tensor) -> RoutingResult:
+        with torch.autocast(device_type=x.device.type, enabled=False):  # routing in fp32
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + self.noise_std * torch.randn_like(logits)
+        scores, probs = expert_scores(noisy, self.score_func)
+        gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
+        expert_indices = torch.arange(self.num_experts, device=x.device).unsqueeze(1).expand_as(token_indices)
+        return RoutingResult(
+            logits=logits,
+            probs=probs,
+            expert_indices=expert_indices,
+            gate_weights=gate_weights,
+            load_balancing_loss=load_balancing_loss(probs, expert_indices),
+            z_loss=router_z_loss(logits),
+            token_indices=token_indices,
+        )
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, score_func={self.score_func}"
 
 
 class RandomRouter(nn.Module):
@@ -127,7 +260,11 @@ def build_router(cfg: ModelConfig) -> nn.Module:
     """The router named by ``cfg.router``."""
     if cfg.router == "random":
         return RandomRouter(cfg.num_experts, cfg.top_k)
-    return TopKRouter(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized)
+    if cfg.router == "expert_choice":
+        return ExpertChoiceRouter(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func)
+    return TopKRouter(
+        cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized, cfg.score_func, cfg.bias_update_rate
+    )
 
 
 def uniform_entropy(num_experts: int) -> float:

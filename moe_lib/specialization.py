@@ -370,6 +370,8 @@ def trace_routing(
     cfg = model.cfg
     if not cfg.is_moe:
         raise ValueError("trace_routing needs an MoE model (ffn='moe'); a dense model has no routing")
+    if cfg.router == "expert_choice":
+        raise ValueError("trace_routing needs a token-choice router (router='topk' or 'random'); expert choice has no per-token top-k")
     seq_len = seq_len or cfg.max_seq_len
     device = next(model.parameters()).device
     windows, positions = [], []

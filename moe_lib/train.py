@@ -14,7 +14,6 @@ The run, top to bottom (each step a function below)::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import importlib.metadata
@@ -37,6 +36,9 @@ from .data import eval_batches, prepare_data, sample_batch
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
 from .perf import configure_cpu_allocator, release_free_heap
+from .precision import Precision, resolve_precision
+from .precision import optimizer_step as scaled_optimizer_step
+from .routing import update_expert_biases
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -57,11 +59,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default (``auto``), on CPU only when asked (``bf16``)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast that :func:`moe_lib.precision.resolve_precision` picks for this hardware."""
+    return resolve_precision(precision, device).autocast(device)
 
 
 # --------------------------------------------------------------------------- optimizers and schedule
@@ -299,6 +298,8 @@ class TrainState:
     base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
     data_gen: torch.Generator  # draws the training batches
     dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
+    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.precision)
+    scaler: torch.amp.GradScaler  # disabled unless fp16
 
 
 @dataclass
@@ -333,6 +334,7 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
     torch.manual_seed(config.train.seed)
     model = MoETransformer(config.model).to(device)
     optimizers = build_optimizer(model, config.train)
+    precision = resolve_precision(config.train.precision, device)
     return TrainState(
         config=config,
         device=device,
@@ -341,6 +343,8 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
         base_lrs=[[g["lr"] for g in opt.param_groups] for opt in optimizers],
         data_gen=torch.Generator().manual_seed(config.train.seed),
         dropped_sum=torch.zeros((), device=device),
+        precision=precision,
+        scaler=precision.grad_scaler(device),
     )
 
 
@@ -363,10 +367,10 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
     sums = torch.zeros(4, device=device)
     for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast_context(device, state.config.train.precision):
+        with state.precision.autocast(device):
             out = state.model(x, y)
         _check_finite(step, out)
-        (out.loss / accum).backward()
+        state.scaler.scale(out.loss / accum).backward()
         sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
         if out.routing:  # slots the training capacity dropped, per layer
             state.dropped_sum = state.dropped_sum + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
@@ -374,12 +378,11 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
 
 
 def optimizer_step(state: TrainState) -> None:
-    """Clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer, clear the gradients."""
-    if state.config.train.grad_clip > 0:
-        nn.utils.clip_grad_norm_(state.model.parameters(), state.config.train.grad_clip)
-    for opt in state.optimizers:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
+    clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
+    biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`)."""
+    scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
+    update_expert_biases(state.model)  # aux-loss-free balancing: this step's loads, all micro-batches
 
 
 def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
@@ -484,6 +487,7 @@ def run_metrics(
         "test_top3_accuracy": test.top3_accuracy,
         "expert_usage_cv": _mean(cvs),  # per-layer CV, mean over layers
         "expert_usage_cv_pooled": val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
+        "expert_maxvio": _mean(val.routing.max_violation_per_layer()),
         "router_entropy": _mean(entropies),
         "router_logsumexp": _mean(val.routing.logsumexp_per_layer()),
         "val_dropped_fraction": _mean(val.routing.dropped_per_layer()),  # at capacity_factor_eval
@@ -511,6 +515,7 @@ def run_metrics(
         metrics[f"val_dropped_L{layer}"] = drop
     for layer, drop in enumerate(train_dropped):
         metrics[f"train_dropped_L{layer}"] = drop
+    metrics.update({f"val_maxvio_L{layer}": v for layer, v in enumerate(val.routing.max_violation_per_layer())})
     return metrics
 
 

@@ -242,6 +242,15 @@ def test_changed_config_is_refused_and_fresh_moves_old_results_aside(tmp_path):
     assert len(list(tmp_path.glob("noise.bak-*"))) == 1  # histories moved aside with it
 
 
+def test_runs_stored_by_an_older_results_version_are_refused(tmp_path, monkeypatch):
+    """A fix that changes what the same config computes bumps RESULTS_VERSION: old rows must not mix in."""
+    monkeypatch.setattr(ex, "RESULTS_VERSION", ex.RESULTS_VERSION - 1)
+    run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="config hash"):
+        run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
+
+
 def test_more_seeds_later_trains_only_the_new_runs(tmp_path):
     run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
     bigger, trainer = noise_grid(seeds=(42, 43)), FakeTrainer()

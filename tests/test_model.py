@@ -286,7 +286,7 @@ def test_invalid_model_config_names_field_value_and_choices(changes, field):
 
 
 def test_invalid_router_error_lists_valid_choices():
-    with pytest.raises(ValueError, match=r"\['topk', 'random'\]"):
+    with pytest.raises(ValueError, match=r"\['topk', 'random', 'expert_choice'\]"):
         tiny(router="hash")
 
 

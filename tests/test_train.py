@@ -172,6 +172,17 @@ def test_evaluation_routing_statistics_leave_out_padding(smoke, data):
     assert real.routing.counts[0].sum() == 96 * top_k  # no padding: every position counts
 
 
+def test_expert_choice_evaluation_counts_only_slots_of_real_tokens(smoke, data):
+    model = MoETransformer(smoke.base.model.replace(router="expert_choice")).eval()
+    tokens = data.val.tokens[:100]
+    x, y = next(eval_batches(tokens, 32, 4))
+    out = model(x)
+    padded = evaluate(model, [(x, y)], torch.device("cpu"))
+    real = (y.reshape(-1) != -100)
+    for r, counts in zip(out.routing, padded.routing.counts):
+        assert int(counts.sum()) == int(real[r.token_indices].sum()) < r.token_indices.numel()
+
+
 def test_peak_memory_is_per_run(smoke, data):
     """A big run then a small one in the same process: the small one reports the smaller peak
     (the process-lifetime ru_maxrss would report the big one's again)."""
@@ -264,7 +275,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 def test_unknown_profile_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'cpu', 'gpu'\]"):
+    with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'cpu', 'gpu', 'colab'\]"):
         get_profile("huge")
 
 

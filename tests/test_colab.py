@@ -1,0 +1,146 @@
+"""Colab from a badge: the URL in one place, the stamp, and the stamped first cell run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from moe_lib import colab
+
+ROOT = Path(__file__).resolve().parents[1]
+SLUG = "example-org/moe-course"
+REPO = f"https://github.com/{SLUG}"
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A copy of what stamping touches: pyproject.toml, README.md and the notebooks."""
+    for name in ("pyproject.toml", "README.md", "notebooks"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    return tmp_path
+
+
+def test_no_url_yet_names_the_command(checkout, monkeypatch):
+    with pytest.raises(ValueError, match="python tasks.py colab --repo URL --ref TAG"):
+        colab.repo_url(checkout / "pyproject.toml")
+    assert colab.main(["--ref", "v1", "--root", str(checkout)]) == 2
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))  # in Colab, unstamped
+    with pytest.raises(RuntimeError, match="python tasks.py colab --repo URL --ref TAG"):
+        exec(colab.setup_block(), {})
+
+
+def test_unstamped_cells_name_the_command_and_carry_no_badge(checkout):
+    colab.stamp(checkout, "v1.0", REPO)
+    assert colab.main(["--unstamped", "--root", str(checkout)]) == 0
+    for path in (checkout / "notebooks").glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        setup = next(c for c in nb.cells if colab.SETUP_MARKER in c.source)
+        assert "COURSE_REPO, COURSE_REF = '', ''" in setup.source and colab.STAMP_COMMAND in setup.source
+        assert all(c.get("id") != colab.BADGE_CELL_ID for c in nb.cells)
+
+
+def test_only_github_urls_make_badges():
+    assert colab.github_slug(REPO + ".git") == SLUG
+    with pytest.raises(ValueError, match="'https://gitlab.com/a/b' is not a GitHub URL"):
+        colab.github_slug("https://gitlab.com/a/b")
+
+
+def test_stamp_sets_the_url_once_and_is_idempotent(checkout):
+    before = {p.name: nbformat.read(p, as_version=4) for p in (checkout / "notebooks").glob("*.ipynb")}
+    colab.stamp(checkout, "v0.9", REPO)
+    colab.stamp(checkout, "v1.0")  # a later release: the URL now comes from pyproject.toml
+    assert colab.repo_url(checkout / "pyproject.toml") == REPO
+    assert (checkout / "pyproject.toml").read_text().count("[project.urls]\n") == 1
+    for path in sorted((checkout / "notebooks").glob("*.ipynb")):
+        nb, old = nbformat.read(path, as_version=4), before[path.name]
+        badges = [c for c in nb.cells if c.get("id") == colab.BADGE_CELL_ID]
+        assert len(badges) == 1 and nb.cells[0] is badges[0]
+        assert f"colab.research.google.com/github/{SLUG}/blob/v1.0/notebooks/{path.name}" in badges[0].source
+        assert len(nb.cells) == len(old.cells) + 1
+        setup = next(c for c in nb.cells if colab.SETUP_MARKER in c.source)
+        old_setup = next(c for c in old.cells if colab.SETUP_MARKER in c.source)
+        assert f"COURSE_REPO, COURSE_REF = '{REPO}', 'v1.0'" in setup.source and "v0.9" not in setup.source
+        tail = old_setup.source[old_setup.source.index("import moe_lib"):]
+        assert setup.source.endswith(tail) and setup.outputs == old_setup.outputs  # the rest untouched
+    readme = (checkout / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("|") and "](notebooks/" in line]
+    assert rows and all(row.count("Open In Colab") == 1 and "/blob/v1.0/notebooks/" in row for row in rows)
+
+
+def _repository_at_tag(tmp_path: Path, tag: str) -> str:
+    """A git repository holding this working tree (tracked and untracked, not ignored files), tagged."""
+    src = tmp_path / "origin"
+    if (ROOT / ".git").exists():
+        files = subprocess.run(["git", "-C", ROOT, "ls-files", "-co", "--exclude-standard", "-z"],
+                               check=True, capture_output=True, text=True).stdout.split("\0")
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+    else:  # an export without .git: copy all but the usual build and cache folders
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".cache", "__pycache__", "*.egg-info", "build", ".pytest_cache"))
+    git = ["git", "-C", src, "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q", src], check=True)
+    for args in (["add", "-A"], ["commit", "-q", "-m", "course"], ["tag", tag]):
+        subprocess.run([*git, *args], check=True)
+    return src.as_uri()
+
+
+def _clean_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A new venv without moe_lib: every other package of this environment linked in, as Colab has its own."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False, symlinks=True)
+    python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    for lib in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        for entry in Path(lib).iterdir():
+            if "moe_lib" not in entry.name and entry.name != "__pycache__" and not (site / entry.name).exists():
+                (site / entry.name).symlink_to(entry)
+    return python, site
+
+
+CHECK = """
+import json, sys, types
+sys.modules["google.colab"] = types.ModuleType("google.colab")  # what Colab's kernel has imported
+exec(compile(open(sys.argv[1]).read(), "first cell", "exec"))   # the stamped first cell, as the kernel runs it
+import moe_lib, torch
+from moe_lib import experiments, studies
+from moe_lib.checkpoint import load_checkpoint
+from moe_lib.profiles import get_profile, output_paths
+paths = output_paths(profile)
+grid = studies.build_grid("routing", profile)
+print(json.dumps({
+    "moe_lib": moe_lib.__file__, "torch": torch.__file__, "profile": profile.name,
+    "stored_runs": len(experiments.load_results(grid, paths.results)), "grid_runs": len(grid.runs),
+    "checkpoint_params": sum(p.numel() for p in load_checkpoint(paths.saved_models / "01_basics")[0].parameters()),
+}))
+"""
+
+
+def test_stamped_first_cell_installs_and_finds_the_data_in_simulated_colab(tmp_path):
+    url = _repository_at_tag(tmp_path, "v-test")
+    python, site = _clean_python(tmp_path)
+    nb = nbformat.read(ROOT / "notebooks" / "02_routing_types.ipynb", as_version=4)
+    setup = next(c for c in nb.cells if colab.SETUP_MARKER in c.source)
+    cell = tmp_path / "first_cell.py"
+    cell.write_text(colab.stamp_setup_cell(setup.source, url, "v-test"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MOE_PROFILE", "MOE_PROJECT_ROOT")}
+    env["COURSE_DIR"] = str(tmp_path / "content" / "moe-course")
+    run = subprocess.run([python, "-c", CHECK, cell], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert Path(seen["moe_lib"]).is_relative_to(site) and not (site / "moe_lib").is_symlink()  # installed, not linked
+    assert (site / "torch").is_symlink()  # Colab's torch kept: pip did not reinstall it
+    assert seen["profile"] == "cpu" and seen["stored_runs"] == seen["grid_runs"] > 0  # the stored results, found
+    assert seen["checkpoint_params"] > 0
