@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The two commands of the README's quick start. Needs nothing but Python 3.10+.
+"""The two commands of the README's quick start. Needs nothing but Python 3.11+.
 
     python tasks.py course   # install, then execute every notebook (the whole course) headless
     python tasks.py test     # install, then run the full test suite: pytest --nbval

@@ -30,6 +30,7 @@ Both paths apply the same rule (:func:`capacity_keep_mask`), so they agree exact
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -156,16 +157,30 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _grouped_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs 16-byte aligned rows; on CUDA it needs bf16 on sm90+."""
+    """Whether ``torch._grouped_mm(a, w, offs=...)`` can run here; else :func:`grouped_matmul` loops.
+
+    Two conditions. (1) The kernel exists for this device and dtype: tried once on a tiny
+    input, the answer cached (:func:`_grouped_mm_runs`). The attribute alone says nothing:
+    torch 2.8 has no CPU kernel, and CUDA's need bf16 on recent GPUs. (2) Rows and base
+    pointers are 16-byte aligned, which the kernel requires of every call.
+    """
+    align = 16 // a.element_size()
+    aligned = a.shape[-1] % align == 0 and w.shape[-1] % align == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    return aligned and _grouped_mm_runs(a.device, a.dtype)
+
+
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """One tiny aligned ``torch._grouped_mm`` on ``device`` in ``dtype``: does it run and match a loop?"""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if a.device.type == "cuda":
-        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device)[0] < 9:
-            return False
-    elif a.device.type != "cpu":
+    a = (torch.arange(4 * 16, device=device) % 3).to(dtype).view(4, 16)  # 2 segments of 2 rows; small
+    w = (torch.arange(2 * 16 * 16, device=device) % 2).to(dtype).view(2, 16, 16)  # integers: exact in any dtype
+    try:
+        out = torch._grouped_mm(a, w, offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
+    except (RuntimeError, NotImplementedError):
         return False
-    align = 16 // a.element_size()
-    return a.shape[-1] % align == 0 and w.shape[-1] % align == 0
+    return torch.equal(out, torch.cat([a[:2] @ w[0], a[2:] @ w[1]]))
 
 
 PAD_BLOCK = 128

@@ -142,6 +142,17 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+def _real_slots(r: RoutingResult, valid: torch.Tensor | None):
+    """Mask of ``r.expert_indices``' slots that belong to real tokens: ``valid[n]`` for token
+    choice's ``[N, k]``, ``valid[token_indices]`` for expert choice's ``[E, C]``."""
+    if valid is None:
+        return slice(None)
+    valid = valid.to(r.expert_indices.device)
+    if r.token_indices is not None:
+        return valid[r.token_indices]
+    return valid.unsqueeze(-1).expand_as(r.expert_indices)
+
+
 class RoutingAccumulator:
     """Accumulates expert counts, entropy and logit magnitude per layer over many batches.
 
@@ -155,23 +166,34 @@ class RoutingAccumulator:
         self.entropy_sum: list[float] = []
         self.lse_sum: list[float] = []
         self.dropped_sum: list[float] = []
-        self.tokens: list[int] = []
+        self.slots: list[int] = []  # tokens routed, padding included (the dropped fraction's weights)
+        self.tokens: list[int] = []  # real tokens counted
 
     @torch.no_grad()
-    def add(self, routing: list[RoutingResult]) -> None:
+    def add(self, routing: list[RoutingResult], valid: torch.Tensor | None = None) -> None:
+        """Add one batch. ``valid`` ``[N]`` (``None``: all) marks real tokens; padding is left out
+        of the counts, entropy and logit size. The dropped fraction cannot be split that way
+        (the dispatcher reports one number per batch), so it stays pooled over all routed slots."""
         if not self.counts:
             self.counts = [torch.zeros(r.num_experts, dtype=torch.long) for r in routing]
             self.entropy_sum = [0.0] * len(routing)
             self.lse_sum = [0.0] * len(routing)
             self.dropped_sum = [0.0] * len(routing)
+            self.slots = [0] * len(routing)
             self.tokens = [0] * len(routing)
         for layer, r in enumerate(routing):
-            n = r.probs.shape[0]
-            self.counts[layer] += expert_counts(r.expert_indices, r.num_experts).cpu()
-            self.entropy_sum[layer] += routing_entropy(r.probs).item() * n
-            lse = float("nan") if r.logits is None else torch.logsumexp(r.logits.float(), -1).mean().item()
+            n_routed = r.probs.shape[0]
+            self.dropped_sum[layer] += float(r.dropped_fraction) * n_routed  # every batch routes N*k slots, k fixed
+            self.slots[layer] += n_routed
+            keep = slice(None) if valid is None else valid.to(r.probs.device)
+            probs, logits = r.probs[keep], None if r.logits is None else r.logits[keep]
+            n = probs.shape[0]
+            if n == 0:
+                continue
+            self.counts[layer] += expert_counts(r.expert_indices[_real_slots(r, valid)], r.num_experts).cpu()
+            self.entropy_sum[layer] += routing_entropy(probs).item() * n
+            lse = float("nan") if logits is None else torch.logsumexp(logits.float(), -1).mean().item()
             self.lse_sum[layer] += lse * n
-            self.dropped_sum[layer] += float(r.dropped_fraction) * n  # every batch routes N*k slots, k fixed
             self.tokens[layer] += n
 
     def utilization(self) -> list[list[float]]:
@@ -195,4 +217,4 @@ class RoutingAccumulator:
 
     def dropped_per_layer(self) -> list[float]:
         """Share of routed slots dropped by the capacity limit, per layer, pooled over batches."""
-        return [s / n for s, n in zip(self.dropped_sum, self.tokens)]
+        return [s / n for s, n in zip(self.dropped_sum, self.slots)]

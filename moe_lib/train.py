@@ -4,14 +4,22 @@
 ``config.train.steps`` optimizer steps and returns a :class:`TrainResult`: the model, a
 per-step history DataFrame and a flat dict of final metrics. Everything random is seeded
 from ``config.train.seed``: initialisation, data order, router noise and random routing.
+
+The run, top to bottom (each step a function below)::
+
+    PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
+    train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
+    train_step:  set_learning_rate -> forward_backward (micro-batches) -> optimizer_step (clip, step, zero)
 """
 
 from __future__ import annotations
 
 import functools
+import gc
+import importlib.metadata
 import math
 import platform
-import resource
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +28,17 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.std import tqdm
 
+from .checkpoint import save_checkpoint
 from .config import RunConfig, TrainConfig
+from .data import eval_batches, prepare_data, sample_batch
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
-from .perf import configure_cpu_allocator
+from .perf import configure_cpu_allocator, release_free_heap
+from .precision import Precision, resolve_precision
+from .precision import optimizer_step as scaled_optimizer_step
 from .routing import update_expert_biases
-from .precision import optimizer_step, resolve_precision
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -129,22 +141,29 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto") -> EvalResult:
-    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them."""
+    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them.
+
+    Padding positions (target -100) count nowhere: not in the loss, the accuracies or the
+    routing statistics. Evaluation runs on a fork of the global RNG (the random router draws
+    from it), so evaluating, however often, leaves the training run's random stream alone.
+    """
     was_training = model.training
     model.eval()
     loss_sum, hits1, hits3, count = 0.0, 0, 0, 0
     routing = RoutingAccumulator()
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast_context(device, precision):
-            out = model(x, y)
-        n_valid = int((y != -100).sum())
-        loss_sum += out.lm_loss.item() * n_valid
-        h1, _ = top_k_accuracy(out.logits, y, 1)
-        h3, _ = top_k_accuracy(out.logits, y, 3)
-        hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
-        if out.routing:
-            routing.add(out.routing)
+    with _forked_rng(device):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast_context(device, precision):
+                out = model(x, y)
+            valid = y != -100
+            n_valid = int(valid.sum())
+            loss_sum += out.lm_loss.item() * n_valid
+            h1, _ = top_k_accuracy(out.logits, y, 1)
+            h3, _ = top_k_accuracy(out.logits, y, 3)
+            hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
+            if out.routing:
+                routing.add(out.routing, valid=valid.reshape(-1))
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluation saw no tokens: the split is shorter than one window")
@@ -152,7 +171,14 @@ def evaluate(model: MoETransformer, batches, device: torch.device, precision: st
     return EvalResult(loss, perplexity(loss), hits1 / count, hits3 / count, count, routing)
 
 
-# --------------------------------------------------------------------------- training
+def _forked_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU generator and, on an accelerator, ``device``'s."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+# --------------------------------------------------------------------------- results, data and generation
 
 
 @dataclass
@@ -178,8 +204,6 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens=200, temperature
 
 @functools.lru_cache(maxsize=4)
 def _cached_data(data_cfg):
-    from .data import prepare_data
-
     return prepare_data(data_cfg)
 
 
@@ -188,24 +212,337 @@ def load_data(data_cfg):
     return _cached_data(data_cfg)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: max allocated since the run's reset. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if platform.system() == "Darwin" else rss / 1e6  # bytes on macOS, KiB on Linux
+# --------------------------------------------------------------------------- peak memory of one run
+
+PEAK_CUDA = "cuda max_memory_allocated"
+PEAK_RSS = "process peak RSS"
+PEAK_NONE = "not measured"
+
+
+@dataclass
+class PeakMemory:
+    """A run's peak memory, reset when the run starts (:meth:`start`) and read when it ends (:meth:`gb`).
+
+    ``measure`` says what the number is:
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, the peak of
+      tensor memory (the original studies' ``peak_memory_gb``).
+    * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
+      current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
+      (:func:`moe_lib.perf.release_free_heap`; a previous run's freed tensors would stay resident
+      otherwise). Everything resident counts, interpreter, libraries and data included: the
+      memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
+      so within a grid it would only ever rise.)
+    * elsewhere (macOS, Windows, MPS): NaN; no per-run peak is available there.
+    """
+
+    device: torch.device
+    measure: str
+
+    @classmethod
+    def start(cls, device: torch.device) -> PeakMemory:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls(device, PEAK_CUDA)
+        if device.type == "cpu" and _reset_peak_rss():
+            return cls(device, PEAK_RSS)
+        return cls(device, PEAK_NONE)
+
+    def gb(self) -> float:
+        if self.measure == PEAK_CUDA:
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        if self.measure == PEAK_RSS:
+            return _peak_rss_kib() * 1024 / 1e9
+        return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset Linux's ``VmHWM`` to the current RSS, after trimming the heap. Whether it worked."""
+    gc.collect()  # a finished run's tensors in reference cycles
+    release_free_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _peak_rss_kib() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _peak_rss_kib() -> int:
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError("/proc/self/status has no VmHWM line")
+    return int(match.group(1))
 
 
 def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("moe_lib", "datasets", "tokenizers", "transformers"):
         try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
     return versions
+
+
+# --------------------------------------------------------------------------- one training run, step by step
+
+
+@dataclass
+class TrainState:
+    """What a run changes while it trains: the model, its optimizers and the data order."""
+
+    config: RunConfig
+    device: torch.device
+    model: MoETransformer
+    optimizers: list[torch.optim.Optimizer]
+    base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
+    data_gen: torch.Generator  # draws the training batches
+    dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
+    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.precision)
+    scaler: torch.amp.GradScaler  # disabled unless fp16
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: losses averaged over its micro-batches, the last micro-batch's routing."""
+
+    losses: torch.Tensor  # [4]: total, lm, lb, z (lb and z: unweighted sums over layers)
+    routing: list
+    lr_factor: float
+    seconds: float
+
+
+@dataclass
+class TrainLog:
+    """What the loop records: the history rows, every step's wall time, the best periodic validation
+    (all on the same first ``eval_batches`` validation batches)."""
+
+    rows: list[dict[str, Any]]
+    step_times: list[float]
+    seconds: float
+    best_val_loss: float
+
+
+def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
+    """Seed, build the model on ``device`` and its optimizers, and the data-order generator.
+
+    One seed covers everything: ``torch.manual_seed`` before initialisation (and so router
+    noise and random routing after it), a separate CPU generator for the batch order.
+    """
+    if device.type == "cpu":
+        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
+    torch.manual_seed(config.train.seed)
+    model = MoETransformer(config.model).to(device)
+    optimizers = build_optimizer(model, config.train)
+    precision = resolve_precision(config.train.precision, device)
+    return TrainState(
+        config=config,
+        device=device,
+        model=model.train(),
+        optimizers=optimizers,
+        base_lrs=[[g["lr"] for g in opt.param_groups] for opt in optimizers],
+        data_gen=torch.Generator().manual_seed(config.train.seed),
+        dropped_sum=torch.zeros((), device=device),
+        precision=precision,
+        scaler=precision.grad_scaler(device),
+    )
+
+
+def set_learning_rate(state: TrainState, factor: float) -> None:
+    """Every param group's LR = its base LR x ``factor`` (see :func:`lr_factor`)."""
+    for opt, lrs in zip(state.optimizers, state.base_lrs):
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr * factor
+
+
+def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> tuple[torch.Tensor, list]:
+    """Forward and backward over the micro-batches, each adding ``grad(loss_m) / M`` to ``.grad``.
+
+    With ``M`` equal micro-batches the gradient is that of their mean loss: one batch ``M``
+    times larger, except for the load-balancing loss, which each micro-batch computes from its
+    own expert fractions (as each device does in Switch). Returns the losses
+    ``[total, lm, lb, z]`` averaged over the micro-batches and the last one's routing.
+    """
+    device, accum = state.device, len(micro_batches)
+    sums = torch.zeros(4, device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with state.precision.autocast(device):
+            out = state.model(x, y)
+        _check_finite(step, out)
+        state.scaler.scale(out.loss / accum).backward()
+        sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
+        if out.routing:  # slots the training capacity dropped, per layer
+            state.dropped_sum = state.dropped_sum + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
+    return sums / accum, out.routing
+
+
+def optimizer_step(state: TrainState) -> None:
+    """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
+    clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
+    biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`)."""
+    scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
+    update_expert_biases(state.model)  # aux-loss-free balancing: this step's loads, all micro-batches
+
+
+def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
+    """Optimizer step ``step`` (0-based): schedule the LR, accumulate gradients, update."""
+    t0 = time.perf_counter()
+    tcfg = state.config.train
+    factor = lr_factor(step, tcfg)
+    set_learning_rate(state, factor)
+    micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
+    losses, routing = forward_backward(state, micro_batches, step)
+    optimizer_step(state)
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)  # so that the step time is the step's
+    return StepOutput(losses, routing, factor, time.perf_counter() - t0)
+
+
+def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]:
+    """One row of the history: step, tokens, LR, losses, speed and the last micro-batch's routing."""
+    tcfg = state.config.train
+    total, lm, lb, z = out.losses.tolist()
+    row = {
+        "step": step + 1,
+        "tokens": (step + 1) * tcfg.tokens_per_step,
+        "lr": tcfg.lr * out.lr_factor,
+        "train_loss": total,
+        "lm_loss": lm,
+        "lb_loss": lb,
+        "z_loss": z,
+        "tokens_per_s": tcfg.tokens_per_step / out.seconds,
+    }
+    row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))
+    return row
+
+
+def validation_batches(data, tcfg: TrainConfig, max_batches: int | None):
+    return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
+
+
+def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
+    """``steps`` optimizer steps; a history row every ``log_every`` steps, a validation every ``eval_every``.
+
+    The last step is always logged and validated.
+    """
+    tcfg = state.config.train
+    rows: list[dict[str, Any]] = []
+    step_times: list[float] = []
+    best_val = float("inf")
+    bar = _progress_bar(tcfg, run_id)
+    start = time.perf_counter()
+    for step in range(tcfg.steps):
+        out = train_step(state, data.train.tokens, step)
+        step_times.append(out.seconds)
+        is_last = step == tcfg.steps - 1
+        validate = (step + 1) % tcfg.eval_every == 0 or is_last
+        if step % tcfg.log_every == 0 or validate:
+            row = history_row(state, step, out)
+            if validate:
+                val = evaluate(state.model, validation_batches(data, tcfg, tcfg.eval_batches), state.device, tcfg.precision)
+                best_val = min(best_val, val.loss)
+                row.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy, val_top3_accuracy=val.top3_accuracy)
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+    bar.close()
+    return TrainLog(rows, step_times, time.perf_counter() - start, best_val)
+
+
+def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
+    """The trained model on validation and test: ``final_eval_batches`` batches each (``None``: the whole split)."""
+    tcfg = state.config.train
+    val = evaluate(state.model, validation_batches(data, tcfg, tcfg.final_eval_batches), state.device, tcfg.precision)
+    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
+    return val, evaluate(state.model, test_batches, state.device, tcfg.precision)
+
+
+def run_metrics(
+    state: TrainState, data, log: TrainLog, val: EvalResult, test: EvalResult, memory: PeakMemory, profile: str | None
+) -> dict[str, Any]:
+    """The flat dict of a run's final numbers, one results-CSV row.
+
+    ``val_*`` and ``test_*`` are the final model on ``final_eval_batches`` batches of each
+    split (the whole split by default). ``best_val_*`` is the best of the periodic validations
+    during training, ALL on the same first ``eval_batches`` validation batches, the last step's
+    included; it is comparable with the history's ``val_loss``, not with ``val_loss`` here.
+    """
+    config, tcfg, mcfg, device = state.config, state.config.train, state.config.model, state.device
+    steady = log.step_times[1:] or log.step_times  # the first step pays one-off warm-up costs
+    counts = count_parameters(state.model)
+    steps_seen = tcfg.steps * tcfg.grad_accum_steps
+    train_dropped = (state.dropped_sum / steps_seen).reshape(-1).tolist() if mcfg.is_moe else []
+    cvs, entropies = val.routing.cv_per_layer(), val.routing.entropy_per_layer()
+    metrics: dict[str, Any] = {
+        "val_loss": val.loss,
+        "val_perplexity": val.perplexity,
+        "val_accuracy": val.accuracy,
+        "val_top3_accuracy": val.top3_accuracy,
+        "best_val_loss": log.best_val_loss,
+        "best_val_perplexity": perplexity(log.best_val_loss),
+        "test_loss": test.loss,
+        "test_perplexity": test.perplexity,
+        "test_accuracy": test.accuracy,
+        "test_top3_accuracy": test.top3_accuracy,
+        "expert_usage_cv": _mean(cvs),  # per-layer CV, mean over layers
+        "expert_usage_cv_pooled": val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
+        "expert_maxvio": _mean(val.routing.max_violation_per_layer()),
+        "router_entropy": _mean(entropies),
+        "router_logsumexp": _mean(val.routing.logsumexp_per_layer()),
+        "val_dropped_fraction": _mean(val.routing.dropped_per_layer()),  # at capacity_factor_eval
+        "train_dropped_fraction": _mean(train_dropped),  # at capacity_factor, mean over training
+        "training_time_minutes": log.seconds / 60,
+        "ms_per_step": 1000 * sum(steady) / len(steady),
+        "tokens_per_second": tcfg.tokens_per_step * len(steady) / sum(steady),
+        "peak_memory_gb": memory.gb(),
+        "peak_memory_measure": memory.measure,
+        "total_params": counts.total,
+        "active_params": counts.active,
+        "train_tokens": tcfg.steps * tcfg.tokens_per_step,
+        "device": _device_name(device),
+        "precision": tcfg.precision,
+        "profile": profile or "custom",
+        "corpus": config.data.corpus,
+        "tokenizer": config.data.tokenizer,
+        "vocab_size": data.vocab_size,
+        **{f"{k}_version": v for k, v in library_versions().items()},
+    }
+    for layer, (cv, h, drop) in enumerate(zip(cvs, entropies, val.routing.dropped_per_layer())):
+        metrics[f"val_cv_L{layer}"] = cv
+        metrics[f"val_entropy_L{layer}"] = h
+        metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
+        metrics[f"val_dropped_L{layer}"] = drop
+    for layer, drop in enumerate(train_dropped):
+        metrics[f"train_dropped_L{layer}"] = drop
+    metrics.update({f"val_maxvio_L{layer}": v for layer, v in enumerate(val.routing.max_violation_per_layer())})
+    return metrics
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    run_id: str = "run",
+    checkpoint_dir: str | Path | None = None,
+    data=None,
+    profile: str | None = None,
+) -> TrainResult:
+    """Train one model as ``config`` says and evaluate it on validation and test."""
+    data = data if data is not None else load_data(config.data)
+    if config.model.vocab_size != data.vocab_size:
+        config = config.with_model(vocab_size=data.vocab_size)
+    device = resolve_device(config.train.device)
+    memory = PeakMemory.start(device)
+    state = init_train_state(config, device)
+    log = train_loop(state, data, run_id)
+    val, test = final_evaluation(state, data)
+    metrics = run_metrics(state, data, log, val, test, memory, profile)
+    if checkpoint_dir is not None:
+        save_checkpoint(state.model, config, metrics, checkpoint_dir)
+    return TrainResult(model=state.model, config=config, history=pd.DataFrame(log.rows), metrics=metrics, data=data)
+
+
+# --------------------------------------------------------------------------- small helpers
 
 
 def _routing_columns(prefix: str, stats) -> dict[str, float]:
@@ -233,155 +570,7 @@ def _check_finite(step: int, out) -> None:
 
 def _progress_bar(cfg: TrainConfig, desc: str):
     """A text tqdm bar: redraws in place in terminals and notebooks alike, at most once a second."""
-    from tqdm.std import tqdm
-
     return tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, leave=False, mininterval=1.0, dynamic_ncols=True)
-
-
-def train_run(
-    config: RunConfig,
-    *,
-    run_id: str = "run",
-    checkpoint_dir: str | Path | None = None,
-    data=None,
-    profile: str | None = None,
-) -> TrainResult:
-    """Train one model as ``config`` says and evaluate it on validation and test."""
-    from .data import eval_batches, sample_batch
-
-    data = data if data is not None else load_data(config.data)
-    if config.model.vocab_size != data.vocab_size:
-        config = config.with_model(vocab_size=data.vocab_size)
-    tcfg, mcfg = config.train, config.model
-    device = resolve_device(tcfg.device)
-    if device.type == "cpu":
-        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
-
-    torch.manual_seed(tcfg.seed)
-    model = MoETransformer(mcfg).to(device)
-    optimizers = build_optimizer(model, tcfg)
-    prec = resolve_precision(tcfg.precision, device)  # bf16, or fp16 + GradScaler without native bf16
-    scaler = prec.grad_scaler(device)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    data_gen = torch.Generator().manual_seed(tcfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def val_batches(max_batches):
-        return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
-
-    rows: list[dict[str, Any]] = []
-    best_val = float("inf")
-    train_dropped = torch.zeros((), device=device)  # becomes [layers]: sum over micro-batches
-    tokens_per_step = tcfg.tokens_per_step
-    step_times: list[float] = []
-    bar = _progress_bar(tcfg, run_id)
-    model.train()
-    train_start = time.perf_counter()
-    for step in range(tcfg.steps):
-        t0 = time.perf_counter()
-        factor = lr_factor(step, tcfg)
-        for opt, lrs in zip(optimizers, base_lrs):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr * factor
-        sums = torch.zeros(4, device=device)  # total, lm, lb, z (lb and z: unweighted sums over layers)
-        for _ in range(tcfg.grad_accum_steps):
-            x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with prec.autocast(device):
-                out = model(x, y)
-            _check_finite(step, out)
-            scaler.scale(out.loss / tcfg.grad_accum_steps).backward()
-            sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
-            if out.routing:  # slots the training capacity dropped, per layer
-                train_dropped = train_dropped + torch.stack([torch.as_tensor(r.dropped_fraction, device=device) for r in out.routing])
-        optimizer_step(optimizers, scaler, model.parameters(), tcfg.grad_clip)
-        update_expert_biases(model)  # aux-loss-free balancing: this step's loads, all micro-batches
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_times.append(time.perf_counter() - t0)
-
-        is_last = step == tcfg.steps - 1
-        if step % tcfg.log_every == 0 or is_last or (step + 1) % tcfg.eval_every == 0:
-            total, lm, lb, z = (sums / tcfg.grad_accum_steps).tolist()
-            row = {
-                "step": step + 1,
-                "tokens": (step + 1) * tokens_per_step,
-                "lr": tcfg.lr * factor,
-                "train_loss": total,
-                "lm_loss": lm,
-                "lb_loss": lb,
-                "z_loss": z,
-                "tokens_per_s": tokens_per_step / step_times[-1],
-            }
-            row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))
-            if (step + 1) % tcfg.eval_every == 0 or is_last:
-                val = evaluate(model, val_batches(tcfg.eval_batches), device, tcfg.precision)
-                best_val = min(best_val, val.loss)
-                row.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy, val_top3_accuracy=val.top3_accuracy)
-            rows.append(row)
-            bar.set_postfix(loss=f"{lm:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-    bar.close()
-    train_seconds = time.perf_counter() - train_start
-
-    final_val = evaluate(model, val_batches(tcfg.final_eval_batches), device, tcfg.precision)
-    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
-    test = evaluate(model, test_batches, device, tcfg.precision)
-    best_val = min(best_val, final_val.loss)
-    history = pd.DataFrame(rows)
-    steady = step_times[1:] or step_times  # the first step pays one-off warm-up costs
-    counts = count_parameters(model)
-    train_dropped_per_layer = (train_dropped / (tcfg.steps * tcfg.grad_accum_steps)).reshape(-1).tolist() if mcfg.is_moe else []
-    cvs, entropies = final_val.routing.cv_per_layer(), final_val.routing.entropy_per_layer()
-    metrics: dict[str, Any] = {
-        "val_loss": final_val.loss,
-        "val_perplexity": final_val.perplexity,
-        "val_accuracy": final_val.accuracy,
-        "val_top3_accuracy": final_val.top3_accuracy,
-        "best_val_loss": best_val,
-        "best_val_perplexity": perplexity(best_val),
-        "test_loss": test.loss,
-        "test_perplexity": test.perplexity,
-        "test_accuracy": test.accuracy,
-        "test_top3_accuracy": test.top3_accuracy,
-        "expert_usage_cv": sum(cvs) / len(cvs) if cvs else float("nan"),  # per-layer CV, mean over layers
-        "expert_usage_cv_pooled": final_val.routing.cv_pooled_over_layers(),  # the original's: layers' counts summed
-        "expert_maxvio": _mean(final_val.routing.max_violation_per_layer()),
-        "router_entropy": sum(entropies) / len(entropies) if entropies else float("nan"),
-        "router_logsumexp": _mean(final_val.routing.logsumexp_per_layer()),
-        "val_dropped_fraction": _mean(final_val.routing.dropped_per_layer()),  # at capacity_factor_eval
-        "train_dropped_fraction": _mean(train_dropped_per_layer),  # at capacity_factor, mean over training
-        "training_time_minutes": train_seconds / 60,
-        "ms_per_step": 1000 * sum(steady) / len(steady),
-        "tokens_per_second": tokens_per_step * len(steady) / sum(steady),
-        "peak_memory_gb": peak_memory_gb(device),
-        "total_params": counts.total,
-        "active_params": counts.active,
-        "train_tokens": tcfg.steps * tokens_per_step,
-        "device": _device_name(device),
-        "precision": tcfg.precision,
-        "profile": profile or "custom",
-        "corpus": config.data.corpus,
-        "tokenizer": config.data.tokenizer,
-        "vocab_size": data.vocab_size,
-        **{f"{k}_version": v for k, v in library_versions().items()},
-    }
-    dropped = final_val.routing.dropped_per_layer()
-    for layer, (cv, h, drop) in enumerate(zip(cvs, entropies, dropped)):
-        metrics[f"val_cv_L{layer}"] = cv
-        metrics[f"val_entropy_L{layer}"] = h
-        metrics[f"val_util_std_L{layer}"] = cv / mcfg.num_experts  # std = CV * mean, mean = 1/E
-        metrics[f"val_dropped_L{layer}"] = drop
-    for layer, drop in enumerate(train_dropped_per_layer):
-        metrics[f"train_dropped_L{layer}"] = drop
-    metrics.update({f"val_maxvio_L{layer}": v for layer, v in enumerate(final_val.routing.max_violation_per_layer())})
-    result = TrainResult(model=model, config=config, history=history, metrics=metrics, data=data)
-    if checkpoint_dir is not None:
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(model, config, metrics, checkpoint_dir)
-    return result
 
 
 def _mean(values: list[float]) -> float:

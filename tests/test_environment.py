@@ -46,6 +46,19 @@ def test_environment_yml_matches_pyproject():
     assert environment_requirements() == pyproject_requirements()
 
 
+def test_python_floor_is_the_same_everywhere():
+    """3.11: tomllib (these tests) and the only Python CI has a local torch wheel for; Colab runs 3.12."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    assert requires == ">=3.11" and "python>=3.11" in env
+    assert "Python 3.11+" in (ROOT / "README.md").read_text() and "Python 3.11+" in (ROOT / "tasks.py").read_text()
+
+
+def test_torch_floor_has_muon_and_a_cpu_grouped_mm():
+    """torch.optim.Muon arrived in 2.9, as did torch._grouped_mm's CPU kernel (2.8 raises NotImplementedError)."""
+    assert pyproject_requirements()["torch"] == ">=2.9"
+
+
 def test_torch_is_never_pinned_for_users():
     spec = pyproject_requirements()["torch"]
     assert spec.startswith(">=") and "<" not in spec and "==" not in spec

@@ -142,11 +142,15 @@ def test_router_noise_only_in_training():
     assert torch.equal(c.logits, a.logits)  # noise is on the routing decision, not the clean logits
 
 
-def test_model_eval_is_deterministic_with_noise():
+def test_model_in_eval_mode_routes_without_noise():
+    """Eval: exactly the logits of the same weights with noise_std=0. Train: noisy routing changes them."""
     torch.manual_seed(0)
-    model = MoETransformer(tiny(noise_std=0.5)).eval()
+    noisy = MoETransformer(tiny(noise_std=0.5))
+    clean = MoETransformer(tiny(noise_std=0.0))
+    clean.load_state_dict(noisy.state_dict())
     x, _ = batch()
-    assert torch.equal(model(x).logits, model(x).logits)
+    assert torch.equal(noisy.eval()(x).logits, clean.eval()(x).logits)
+    assert not torch.equal(noisy.train()(x).logits, clean.train()(x).logits)
 
 
 # 5 -----------------------------------------------------------------------------------
@@ -303,6 +307,59 @@ def test_padded_grouped_matmul_equals_per_segment_matmuls_in_bf16():
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
     assert grads[1][1].abs().sum() == 0  # the empty segment's expert gets no gradient
+
+
+@pytest.fixture
+def grouped_mm_spy(monkeypatch):
+    """Counts ``torch._grouped_mm`` calls; the cached availability probe starts afresh and is reset after."""
+    from moe_lib import experts
+
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kwargs: calls.append(args[0].shape) or real(*args, **kwargs))
+    experts._grouped_mm_runs.cache_clear()
+    yield calls
+    experts._grouped_mm_runs.cache_clear()
+
+
+def segment_inputs(d: int, m: int, dtype=torch.float32):
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    a = torch.randn(int(counts.sum()), d, dtype=dtype, requires_grad=True)
+    w = torch.randn(4, d, m, dtype=dtype, requires_grad=True)
+    return a, w, counts, torch.cumsum(counts, 0).to(torch.int32)
+
+
+def assert_matches_per_segment_matmuls(out, a, w, counts):
+    upstream = torch.randn(out.shape)
+    ref = torch.cat([p @ w[e] for e, p in enumerate(torch.split(a, counts.tolist()))])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(torch.autograd.grad((out * upstream).sum(), [a, w]), torch.autograd.grad((ref * upstream).sum(), [a, w])):
+        torch.testing.assert_close(g, r)
+
+
+def test_grouped_matmul_uses_the_kernel_only_for_16_byte_aligned_rows(grouped_mm_spy):
+    from moe_lib.experts import grouped_matmul
+
+    a, w, counts, offsets = segment_inputs(d=16, m=8)  # fp32 rows of 64 and 32 bytes: aligned
+    assert_matches_per_segment_matmuls(grouped_matmul(a, w, counts, offsets), a, w, counts)
+    assert grouped_mm_spy == [(4, 16), a.shape]  # the one-off probe, then the real call
+    grouped_mm_spy.clear()
+    a, w, counts, offsets = segment_inputs(d=6, m=5)  # rows of 24 and 20 bytes: the kernel would raise
+    assert_matches_per_segment_matmuls(grouped_matmul(a, w, counts, offsets), a, w, counts)
+    assert grouped_mm_spy == []  # the per-segment loop did it
+
+
+def test_grouped_matmul_falls_back_where_the_kernel_is_missing(monkeypatch, grouped_mm_spy):
+    """torch 2.8 has ``torch._grouped_mm`` but no CPU kernel: the attribute must not be trusted."""
+    from moe_lib.experts import grouped_matmul
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(torch, "_grouped_mm", missing)
+    a, w, counts, offsets = segment_inputs(d=16, m=8)
+    assert_matches_per_segment_matmuls(grouped_matmul(a, w, counts, offsets), a, w, counts)
 
 
 def test_pooled_usage_cv_is_the_originals_definition_by_hand():
