@@ -41,7 +41,6 @@ import random
 import re
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -54,6 +53,7 @@ from urllib.parse import urlparse
 import torch
 
 from .config import DataConfig, _fail
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -871,32 +871,28 @@ def _save_entry(entry: Path, settings: dict[str, Any], data: PreparedData) -> No
     """Write the entry into a temporary folder, then rename it into place in one step.
 
     A reader therefore sees a complete entry or none; an interrupted write leaves only a
-    ``.tmp-*`` folder, and when two processes race, the first rename wins.
+    hidden ``.<entry>.*.tmp`` folder, and when two processes race, the first rename wins.
     """
     from safetensors.torch import save_file
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".tmp-{entry.name}-"))
     try:
-        tensors = {}
-        for name, split in data.splits.items():
-            tensors[f"{name}.tokens"] = split.tokens.to(torch.int32)  # half the disk of int64; ids are < 2**31
-            tensors[f"{name}.doc_offsets"] = split.doc_offsets
-        save_file(tensors, str(tmp / "tokens.safetensors"))
-        meta = {
-            "settings": settings,
-            "tokenizer": {"name": data.tokenizer.name, "saved": data.tokenizer.save(tmp / "tokenizer.json")},
-            "documents": {name: split.documents for name, split in data.splits.items()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
-        os.replace(tmp, entry)
+        with atomic_path(entry, directory=True) as tmp:
+            tensors = {}
+            for name, split in data.splits.items():
+                tensors[f"{name}.tokens"] = split.tokens.to(torch.int32)  # half the disk of int64; ids are < 2**31
+                tensors[f"{name}.doc_offsets"] = split.doc_offsets
+            save_file(tensors, str(tmp / "tokens.safetensors"))
+            meta = {
+                "settings": settings,
+                "tokenizer": {"name": data.tokenizer.name, "saved": data.tokenizer.save(tmp / "tokenizer.json")},
+                "documents": {name: split.documents for name, split in data.splits.items()},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str), encoding="utf-8")
     except OSError:
         if not (entry / "meta.json").exists():
             raise
         log.info("another process wrote %s first; keeping its copy", entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_entry(entry: Path, cfg: DataConfig) -> PreparedData | None:

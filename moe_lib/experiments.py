@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import pandas as pd
 from scipy import stats
 
 from .config import RunConfig
+from .files import atomic_write_text
 
 # Columns every results row starts with (the grid's factors go between condition and seed).
 ID_COLUMNS = ("run_id", "condition")
@@ -297,34 +297,8 @@ class GridPaths:
         return self.folder / "history" / f"{run_id}.csv"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a hidden temp file beside ``path``, fsync it, then ``os.replace`` it in.
-
-    Readers see the old file or the new one, never a mix; on any error (Ctrl-C included)
-    the temp file is removed and the old file is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    _atomic_write_text(path, df.to_csv(index=False))
+    atomic_write_text(path, df.to_csv(index=False))
 
 
 # pandas >= 3 parses floats exactly by default (and deprecates the option); pandas 2 needs asking.
@@ -517,7 +491,7 @@ def _write_grid_json(grid: Grid, paths: GridPaths) -> None:
         old_runs = json.loads(paths.grid_json.read_text(encoding="utf-8")).get("runs", [])
         current = set(grid.run_ids)
         described["runs"] += [r for r in old_runs if r.get("run_id") not in current]
-    _atomic_write_text(paths.grid_json, json.dumps(described, indent=2, default=str) + "\n")
+    atomic_write_text(paths.grid_json, json.dumps(described, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------- statistics
