@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from .profiles import PROFILE_NAMES, default_profile_name
-from .studies import STUDIES
+from .reports import report_study
+from .studies import STUDIES, run_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         os.environ["MOE_PROFILE"] = args.profile
     if args.command == "run":
-        from .studies import report_study, run_study
-
         result = run_study(args.study, args.profile, seeds=args.seeds, fresh=args.fresh, save_checkpoints=args.save_checkpoints)
         report = report_study(result, show=False)
         print(f"\n{result.describe()}\nresults: {result.results_path}")
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.summary.to_string())
         return 0
-    from .course import run_course
+    from .course import run_course  # deferred: nbclient and a Jupyter kernel are needed only for `course`
 
     run_course(notebooks_dir=args.notebooks_dir, only=args.only, timeout=args.timeout)
     return 0
