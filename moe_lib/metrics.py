@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import expert_counts
+from .losses import expert_counts, mean_logsumexp
 from .routing import RoutingResult
 
 
@@ -62,7 +62,7 @@ def layer_routing_stats(routing: RoutingResult) -> LayerRoutingStats:
     if routing.logits is None:  # the random router has no logits
         mean_lse = max_abs = float("nan")
     else:
-        mean_lse = torch.logsumexp(routing.logits.float(), -1).mean().item()
+        mean_lse = mean_logsumexp(routing.logits)
         max_abs = routing.logits.abs().max().item()
     return LayerRoutingStats(
         entropy=entropy,
@@ -116,7 +116,7 @@ class RoutingAccumulator:
             n = r.probs.shape[0]
             self.counts[layer] += expert_counts(r.expert_indices, r.num_experts).cpu()
             self.entropy_sum[layer] += routing_entropy(r.probs).item() * n
-            lse = float("nan") if r.logits is None else torch.logsumexp(r.logits.float(), -1).mean().item()
+            lse = float("nan") if r.logits is None else mean_logsumexp(r.logits)
             self.lse_sum[layer] += lse * n
             self.dropped_sum[layer] += float(r.dropped_fraction) * n  # every batch routes N*k slots, k fixed
             self.tokens[layer] += n

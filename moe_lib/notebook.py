@@ -8,7 +8,8 @@ import platform
 import torch
 
 from .profiles import Profile, get_profile
-from .train import library_versions, resolve_device
+from .train import resolve_device
+from .versions import library_versions
 
 
 def _inline_figures() -> None:

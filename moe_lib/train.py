@@ -26,6 +26,7 @@ from .config import RunConfig, TrainConfig
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
 from .perf import configure_cpu_allocator
+from .versions import library_versions
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -196,18 +197,6 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e9 if platform.system() == "Darwin" else rss / 1e6  # bytes on macOS, KiB on Linux
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("moe_lib", "datasets", "tokenizers", "transformers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return versions
 
 
 def _routing_columns(prefix: str, stats) -> dict[str, float]:
