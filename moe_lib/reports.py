@@ -68,7 +68,30 @@ def _paired(study: StudyResult, metric: str, baseline: str) -> pd.DataFrame:
 
 
 def _ci_text(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    if pd.isna(low) or pd.isna(high):
+        return "no 95% CI (fewer than 2 seeds)"
     return f"95% CI [{low:+.{digits}f}{unit}, {high:+.{digits}f}{unit}]"
+
+
+def _interval_cell(low: float, high: float, digits: int, unit: str = "", sign: str = "") -> str:
+    """``"[94.15, 106.85]"`` for a table cell, ``"–"`` when there is no interval (one seed)."""
+    if pd.isna(low) or pd.isna(high):
+        return "–"
+    return f"[{low:{sign}.{digits}f}{unit}, {high:{sign}.{digits}f}{unit}]"
+
+
+def _p_text(p: float) -> str:
+    """``"0.023"``, or ``"–"`` when the paired t-test has no value (fewer than 2 pairs, or no spread in the differences)."""
+    return "–" if pd.isna(p) else f"{p:.3f}"
+
+
+def _cv_ratio_phrase(off: float, on: float) -> str:
+    """How many times lower the usage CV is with load balancing; words, never ``inf`` or ``nan``, when there is no ratio."""
+    if pd.isna(off) or pd.isna(on):
+        return "no value to compare."
+    if on == 0:
+        return "both are 0 (perfectly even usage), so there is no ratio." if off == 0 else "0 with it, so the ratio is unbounded."
+    return f"{off / on:.1f}x lower with lb 0.01."
 
 
 def _significance(low: float, high: float) -> str:
@@ -134,10 +157,10 @@ def noise_condition_table(study: StudyResult) -> pd.DataFrame:
         "lb weight": s.load_balancing_weight,
         "n": s.best_val_perplexity_n,
         "best val PPL": [format_mean_std(m, d, 2) for m, d in zip(s.best_val_perplexity_mean, s.best_val_perplexity_std)],
-        "PPL 95% CI": [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(s.best_val_perplexity_ci_low, s.best_val_perplexity_ci_high)],
+        "PPL 95% CI": [_interval_cell(lo, hi, 2) for lo, hi in zip(s.best_val_perplexity_ci_low, s.best_val_perplexity_ci_high)],
         "usage CV": [format_mean_std(m, d, 4) for m, d in zip(s.expert_usage_cv_mean, s.expert_usage_cv_std)],
-        "CV 95% CI": [f"[{lo:.4f}, {hi:.4f}]" for lo, hi in zip(s.expert_usage_cv_ci_low, s.expert_usage_cv_ci_high)],
-        "time (min)": [f"{m:.2f}" for m in s.training_time_minutes_mean],
+        "CV 95% CI": [_interval_cell(lo, hi, 4) for lo, hi in zip(s.expert_usage_cv_ci_low, s.expert_usage_cv_ci_high)],
+        "time (min)": [format_mean_std(m, float("nan"), 2) for m in s.training_time_minutes_mean],
     })
     return table.reset_index(drop=True)
 
@@ -174,10 +197,13 @@ def noise_verdicts(study: StudyResult) -> list[str]:
         base = f"noise=0.0, lb={lb}"
         for noise in NOISE_LEVELS[1:]:
             cmp = _paired(study, "best_val_perplexity", base).loc[f"noise={noise}, lb={lb}"]
+            if cmp.n_pairs == 0:
+                lines.append(f"noise {noise} vs 0 (lb {lb}): no seed has a best val PPL for both, so no comparison.")
+                continue
             lines.append(
                 f"noise {noise} vs 0 (lb {lb}): {-cmp.improvement_pct:+.1f}% best val PPL "
                 f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
-                f"paired t-test p = {cmp.p_value:.3f}): {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+                f"paired t-test p = {_p_text(cmp.p_value)}): {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
             )
     high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
     lines.append(
@@ -187,12 +213,16 @@ def noise_verdicts(study: StudyResult) -> list[str]:
     for noise in NOISE_LEVELS:
         on = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.01)].expert_usage_cv.mean()
         off = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.0)].expert_usage_cv.mean()
-        lines.append(f"noise {noise}: usage CV {off:.4f} without load balancing vs {on:.4f} with it: {off / on:.1f}x lower with lb 0.01.")
+        cv_off, cv_on = format_mean_std(off, float("nan"), 4), format_mean_std(on, float("nan"), 4)
+        lines.append(f"noise {noise}: usage CV {cv_off} without load balancing vs {cv_on} with it: {_cv_ratio_phrase(off, on)}")
     ratios = ", ".join(f"{x:.1f}x" for x in orig.cv_ratio.iloc[:-1]) + f" and {orig.cv_ratio.iloc[-1]:.1f}x"
     levels = ", ".join(f"{n:g}" for n in NOISE_LEVELS[:-1]) + f" and {NOISE_LEVELS[-1]:g}"
     lines.append(f"Original: lb 0.01 cut the CV {ratios} at noise {levels}.")
     for noise in NOISE_LEVELS:
         cmp = _paired(study, "best_val_perplexity", f"noise={noise}, lb=0.01").loc[f"noise={noise}, lb=0.0"]
+        if cmp.n_pairs == 0:
+            lines.append(f"lb 0 vs 0.01 at noise {noise}: no seed has a best val PPL for both, so no comparison.")
+            continue
         lines.append(
             f"lb 0 vs 0.01 at noise {noise}: {cmp.mean_difference:+.2f} best val PPL, "
             f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
@@ -225,8 +255,8 @@ def zloss_table(study: StudyResult) -> pd.DataFrame:
             c = paired.loc[condition]
             row.update({
                 "improvement vs baseline": f"{c.improvement_pct:+.2f}%",
-                "improvement 95% CI": f"[{c.improvement_pct_ci_low:+.2f}%, {c.improvement_pct_ci_high:+.2f}%]",
-                "p (paired t)": f"{c.p_value:.3f}",
+                "improvement 95% CI": _interval_cell(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, "%", "+"),
+                "p (paired t)": _p_text(c.p_value),
             })
         rows.append(row)
     return pd.DataFrame(rows).set_index("condition")
@@ -237,7 +267,7 @@ def _versus_reported(inside: bool, below: bool, improvement: float) -> str:
         return ": our runs are consistent with it."
     if not below:
         return ": at this scale z=0.01 helped more than reported."
-    mean = f"mean improvement {improvement:+.2f}%" if improvement > 0 else f"mean {-improvement:.2f}% worse than the baseline"
+    mean = f"mean improvement {improvement:+.2f}%" if improvement >= 0 else f"mean {-improvement:.2f}% worse than the baseline"
     return f": at this scale z=0.01 helped less than reported ({mean})."
 
 
@@ -252,13 +282,19 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
         lines.append(
             f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
             f"(improvement {c.improvement_pct:+.2f}%, {_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
-            f"p = {c.p_value:.3f}, {int(c.n_pairs)} paired seeds): "
+            f"p = {_p_text(c.p_value)}, {int(c.n_pairs)} paired seeds): "
             f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high)}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
     c = paired.loc["z=0.01"]
     reported = originals.ZLOSS.improvement_pct["z=0.01"]
     inside = c.improvement_pct_ci_low <= reported <= c.improvement_pct_ci_high
+    if pd.isna(c.improvement_pct_ci_low) or pd.isna(c.improvement_pct_ci_high):
+        lines.append(
+            f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
+            f"Ours is {c.improvement_pct:+.2f}% on {int(c.n_pairs)} paired seed(s): too few for an interval, so no comparison."
+        )
+        return lines
     lines.append(
         f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
         f"That is {'inside' if inside else 'outside'} "
