@@ -407,7 +407,7 @@ def run_grid(
     Interrupting (Ctrl-C) loses only the run in progress; call again to carry on.
     """
     if train_fn is None:
-        from .train import train_run as train_fn
+        from .train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     paths = GridPaths(Path(results_dir), grid.name)
     say = print if progress else (lambda *a, **k: None)
     if fresh:
@@ -454,7 +454,7 @@ def retrain_run(
     not kept). Same config and seed: on CPU the metrics come out the same, timings aside.
     """
     if train_fn is None:
-        from .train import train_run as train_fn
+        from .train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     runs = {r.run_id: r for r in grid.runs}
     if run_id not in runs:
         raise ValueError(f"no run {run_id!r} in grid {grid.name!r}; valid: {sorted(runs)}")

@@ -522,7 +522,7 @@ def top_pairs(trace: RoutingTrace, top: int = 3) -> pd.DataFrame:
 # =========================================================================== a passage in colour
 def expert_colors(num_experts: int) -> list[str]:
     """One light, distinct background colour per expert (matplotlib's tab10/tab20, mixed with white)."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, needed only for the colours of passage_html
 
     cmap = matplotlib.colormaps["tab10" if num_experts <= 10 else "tab20"]
     colors = []

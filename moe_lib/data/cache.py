@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..config import DataConfig
 from ..files import atomic_path
@@ -80,8 +81,6 @@ def _save_entry(entry: Path, settings: dict[str, Any], data: PreparedData) -> No
     A reader therefore sees a complete entry or none; an interrupted write leaves only a
     hidden ``.<entry>.*.tmp`` folder, and when two processes race, the first rename wins.
     """
-    from safetensors.torch import save_file
-
     try:
         with atomic_path(entry, directory=True) as tmp:
             tensors = {}
@@ -106,8 +105,6 @@ def _load_entry(entry: Path, cfg: DataConfig) -> PreparedData | None:
     """The cached data in ``entry``, or ``None`` if there is no complete entry."""
     if not (entry / "meta.json").is_file():
         return None
-    from safetensors.torch import load_file
-
     meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
     tensors = load_file(str(entry / "tokens.safetensors"))
     kind, _ = parse_tokenizer(cfg.tokenizer)

@@ -93,7 +93,7 @@ def _records_to_documents(records: Iterable[dict[str, Any]], corpus: str, source
 
 def _stream_dataset(path: str, cache_root: Path, **kwargs: Any) -> Iterable[dict[str, Any]]:
     """``datasets.load_dataset(path, split="train", streaming=True)``: records arrive lazily, so caps stop early."""
-    import datasets
+    import datasets  # deferred: a heavy optional import, needed only for Hub corpora
 
     datasets.disable_progress_bars()
     return datasets.load_dataset(path, split="train", streaming=True, cache_dir=_hf_datasets_cache(cache_root), **kwargs)

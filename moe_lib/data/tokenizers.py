@@ -3,6 +3,9 @@ trained on the training split, and any Hub tokenizer (``hf:<repo>``).
 
 Fixed tokenizers are loaded; trainable ones (``char``, ``bpe``) learn their vocabulary from the
 *training* split only, as a real tokenizer would never have seen the test set.
+
+Each tokenizer library (tiktoken, tokenizers, transformers) is imported inside the class that
+uses it: they are optional or slow to import, and most runs need only one of them.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class TiktokenGPT2(Tokenizer):
     """
 
     def __init__(self) -> None:
-        import tiktoken
+        import tiktoken  # deferred: optional, needed only for the gpt2 tokenizer
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
 
