@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
+from .files import atomic_path, atomic_write_bytes
 from .model import MoETransformer
 
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then ``os.replace`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -55,21 +39,10 @@ def save_checkpoint(model: MoETransformer, config: RunConfig, metrics: dict[str,
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if config.model.tie_weights:
         state.pop("lm_head.weight", None)  # the same tensor as embed.weight; safetensors stores no aliases
-    fd, tmp = tempfile.mkstemp(dir=_mkdir(directory), prefix=f".{WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "library": "moe_lib"})
-        os.replace(tmp, directory / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "library": "moe_lib"})
     atomic_write_json(directory / CONFIG, config.to_dict())
     atomic_write_json(directory / METRICS, metrics or {})
-    return directory
-
-
-def _mkdir(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .profiles import PROFILE_NAMES, default_profile_name
-from .studies import STUDIES
+from .reports import report_study
+from .studies import STUDIES, run_study
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,8 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         os.environ["MOE_PROFILE"] = args.profile
     if args.command == "run":
-        from .studies import report_study, run_study
-
         result = run_study(args.study, args.profile, seeds=args.seeds, fresh=args.fresh, save_checkpoints=args.save_checkpoints)
         report = report_study(result, show=False)
         print(f"\n{result.describe()}\nresults: {result.results_path}")
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config.with_train(steps=args.steps, warmup_steps=min(config.train.warmup_steps, args.steps - 1))
         torchrun_main(config)
         return 0
-    from .course import run_course
+    from .course import run_course  # deferred: nbclient and a Jupyter kernel are needed only for `course`
 
     run_course(notebooks_dir=args.notebooks_dir, only=args.only, timeout=args.timeout)
     return 0

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 from .profiles import project_root
 
 

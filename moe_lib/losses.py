@@ -40,3 +40,8 @@ def load_balancing_loss(probs: torch.Tensor, expert_indices: torch.Tensor) -> to
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """``mean(logsumexp(logits, -1) ** 2)`` over tokens."""
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def mean_logsumexp(logits: torch.Tensor) -> float:
+    """``mean(logsumexp(logits, -1))`` over tokens: the logit magnitude z-loss squares (a metric, no gradient)."""
+    return torch.logsumexp(logits.detach().float(), dim=-1).mean().item()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import expert_counts
+from .losses import expert_counts, mean_logsumexp
 from .routing import RoutingResult
 
 
@@ -115,7 +115,7 @@ def layer_routing_stats(routing: RoutingResult) -> LayerRoutingStats:
     if routing.logits is None:  # the random router has no logits
         mean_lse = max_abs = float("nan")
     else:
-        mean_lse = torch.logsumexp(routing.logits.float(), -1).mean().item()
+        mean_lse = mean_logsumexp(routing.logits)
         max_abs = routing.logits.abs().max().item()
     return LayerRoutingStats(
         entropy=entropy,
@@ -192,7 +192,7 @@ class RoutingAccumulator:
                 continue
             self.counts[layer] += expert_counts(r.expert_indices[_real_slots(r, valid)], r.num_experts).cpu()
             self.entropy_sum[layer] += routing_entropy(probs).item() * n
-            lse = float("nan") if logits is None else torch.logsumexp(logits.float(), -1).mean().item()
+            lse = float("nan") if logits is None else mean_logsumexp(logits)
             self.lse_sum[layer] += lse * n
             self.tokens[layer] += n
 

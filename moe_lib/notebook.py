@@ -9,7 +9,8 @@ import torch
 
 from .precision import resolve_precision
 from .profiles import Profile, get_profile
-from .train import library_versions, resolve_device
+from .train import resolve_device
+from .versions import library_versions
 
 
 def _inline_figures() -> None:

@@ -19,6 +19,7 @@ import pandas as pd
 import seaborn as sns
 
 from .profiles import Profile, output_paths
+from .statistics import capacity_label, mean_ci
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -137,8 +138,6 @@ def _mean_and_ci_bars(samples: Sequence, floor: float | None = None) -> tuple[np
     """Means of ``samples`` (one array of seed values per point) and their 95% t-interval as
     ``errorbar`` ``yerr``; a missing interval (one seed) draws no bar. ``floor`` (log axes) lifts
     means and interval ends below it up to it."""
-    from .experiments import mean_ci
-
     stats_ = [mean_ci(values) for values in samples]
     mean = np.array([s[0] for s in stats_])
     low_end = np.array([s[3] for s in stats_])
@@ -228,8 +227,6 @@ def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activ
 def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor sweep") -> plt.Figure:
     """Dropped fraction in training (left) and validation perplexity (right) against the capacity
     factor (dropless last), one line per load-balancing weight; several seeds give mean and 95% CI."""
-    from .studies import capacity_label
-
     finite = sorted(results.capacity_factor.dropna().unique())
     order = [capacity_label(c) for c in finite] + (["dropless"] if results.capacity_factor.isna().any() else [])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

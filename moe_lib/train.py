@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib.metadata
 import math
 import platform
 import re
@@ -39,6 +38,7 @@ from .perf import configure_cpu_allocator, release_free_heap
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
 from .routing import update_expert_biases
+from .versions import library_versions
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -272,16 +272,6 @@ def _peak_rss_kib() -> int:
     if match is None:
         raise ValueError("/proc/self/status has no VmHWM line")
     return int(match.group(1))
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("moe_lib", "datasets", "tokenizers", "transformers"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = "not installed"
-    return versions
 
 
 # --------------------------------------------------------------------------- one training run, step by step

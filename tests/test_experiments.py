@@ -18,19 +18,8 @@ import pytest
 
 from moe_lib import experiments as ex
 from moe_lib.config import RunConfig
-from moe_lib.experiments import (
-    Grid,
-    Run,
-    format_mean_std,
-    load_histories,
-    load_results,
-    mean_ci,
-    paired_comparison,
-    paired_differences,
-    run_grid,
-    summarize,
-    summary_table,
-)
+from moe_lib.experiments import Grid, Run, load_histories, load_results, run_grid
+from moe_lib.statistics import format_mean_std, mean_ci, paired_comparison, paired_differences, summarize, summary_table
 
 # Student's t quantiles. For 2 degrees of freedom the quantile has a closed form,
 # t_p = (2p - 1) / sqrt(2 p (1 - p)), so t_{0.975, 2} = 0.95 / sqrt(0.04875).
@@ -348,7 +337,7 @@ def test_bad_names_raise_clearly():
 
 
 def test_verdict_phrases_claim_a_winner_only_when_the_ci_excludes_zero():
-    from moe_lib.studies import _lower_is_better_phrase
+    from moe_lib.reports import _lower_is_better_phrase
 
     assert _lower_is_better_phrase("top-2", -0.1, -0.2, -0.05) == "top-2 is better (the CI excludes 0)"
     assert _lower_is_better_phrase("top-2", 0.1, 0.05, 0.2) == "top-2 is worse (the CI excludes 0)"

@@ -11,7 +11,7 @@ import torch
 
 from moe_lib import specialization as spec
 from moe_lib.config import DataConfig, ModelConfig
-from moe_lib.data import prepare_data
+from moe_lib.data import line_roles, prepare_data
 from moe_lib.model import MoETransformer
 
 
@@ -40,7 +40,7 @@ def test_plug_in_mi_of_independent_labels_is_about_the_miller_madow_bias():
 # --------------------------------------------------------------------------- play layout
 def test_line_roles_read_speakers_and_stage_directions_from_the_layout():
     text = "SCENE II. A hall.\n\nEnter HAMLET\n\nHAMLET\nSo much for this, sir.\n[Aside] Thou dost remember?\n\nThey fight\n\nExeunt"
-    assert spec.line_roles(text) == [
+    assert line_roles(text) == [
         "direction", "blank", "direction", "blank", "speaker", "speech", "speech", "blank", "direction", "blank", "direction",
     ]
     classes = spec.character_classes(text)

@@ -1,0 +1,62 @@
+"""The original studies' reported results, as data, with their source.
+
+The course compares its runs with what the originals reported; those numbers live here, once,
+and the verdicts in :mod:`moe_lib.reports` compute their comparisons from these tables. Labels
+(``condition``) are the course's condition labels, so a table joins on them directly. The
+sources are the documents in the course's seed material (see the README's sources).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+ROUTING_SOURCE = "moe-experiments README (tsh-03/moe-experiments, MIT), results table; one seed, 3,000 steps"
+# Test loss, top-3 accuracy, routing entropy and expert-utilization std per layer (5 layers).
+ROUTING = pd.DataFrame(
+    [
+        ("top-1", "Top-1", 2.46, 66.79, (1.11, 1.08, 1.06, 0.94, 0.78), (0.02, 0.11, 0.12, 0.11, 0.09)),
+        ("top-1 random", "Top-1 Random", 2.53, 65.57, (1.27,) * 5, (0.01,) * 5),
+        ("top-2", "Top-2", 2.42, 67.22, (1.06, 1.02, 0.95, 0.78, 0.65), (0.03, 0.02, 0.07, 0.05, 0.11)),
+        ("top-2 random", "Top-2 Random", 2.53, 65.63, (1.27,) * 5, (0.01,) * 5),
+    ],
+    columns=["condition", "model", "test_loss", "top3_accuracy_pct", "routing_entropy_per_layer", "utilization_std_per_layer"],
+).set_index("condition")
+
+NOISE_SOURCE = "routing-noise study write-up: results table (mean ± std over seeds 42, 43, 44), 400 steps"
+# Best validation perplexity (mean ± std over 3 seeds), expert-usage CV (pooled over layers), minutes.
+NOISE = pd.DataFrame(
+    [
+        (0.0, 0.01, 130.23, 0.94, 0.0696, 1.6),
+        (0.0, 0.00, 130.54, 1.02, 0.2064, 1.6),
+        (0.1, 0.01, 131.38, 1.00, 0.0640, 1.6),
+        (0.1, 0.00, 131.71, 1.09, 0.2279, 1.6),
+        (0.5, 0.01, 144.37, 1.40, 0.0639, 1.6),
+        (0.5, 0.00, 144.30, 0.54, 0.3345, 1.6),
+    ],
+    columns=["noise_std", "load_balancing_weight", "best_val_perplexity_mean", "best_val_perplexity_std", "expert_usage_cv", "training_time_minutes"],
+)
+NOISE_PER_SEED = pd.DataFrame(
+    [
+        (0.0, 0.01, 42, 129.75, 0.0661), (0.0, 0.01, 43, 131.55, 0.0867), (0.0, 0.01, 44, 129.40, 0.0560),
+        (0.0, 0.00, 42, 130.99, 0.2169), (0.0, 0.00, 43, 131.50, 0.2426), (0.0, 0.00, 44, 129.13, 0.1598),
+        (0.1, 0.01, 42, 130.86, 0.0620), (0.1, 0.01, 43, 132.79, 0.0835), (0.1, 0.01, 44, 130.51, 0.0465),
+        (0.1, 0.00, 42, 131.90, 0.2505), (0.1, 0.00, 43, 132.94, 0.2667), (0.1, 0.00, 44, 130.30, 0.1665),
+        (0.5, 0.01, 42, 144.55, 0.0541), (0.5, 0.01, 43, 145.99, 0.0808), (0.5, 0.01, 44, 142.57, 0.0567),
+        (0.5, 0.00, 42, 145.03, 0.4388), (0.5, 0.00, 43, 144.13, 0.3138), (0.5, 0.00, 44, 143.73, 0.2510),
+    ],
+    columns=["noise_std", "load_balancing_weight", "seed", "best_val_perplexity", "expert_usage_cv"],
+)
+
+ZLOSS_SOURCE = "z-loss tutorial: results table (one seed; its ms/step figures are implausible)"
+# Test perplexity, improvement vs the baseline (%), ms/step and router entropy (nats; none for the baseline).
+ZLOSS = pd.DataFrame(
+    [
+        ("baseline", "Baseline MoE (Control)", 12.46, float("nan"), 106_844.96, float("nan")),
+        ("z=0.001", "MoE with Z-Loss (0.001)", 12.33, 1.0, 100_612.23, 1.810),
+        ("z=0.001, no noise", "Z-Loss (0.001) + No Noise", 12.25, 1.7, 100_204.35, 1.805),
+        ("z=0.01", "Higher Z-Loss (0.01)", 11.75, 5.7, 100_918.52, 1.884),
+    ],
+    columns=["condition", "experiment", "test_perplexity", "improvement_pct", "ms_per_step", "router_entropy"],
+).set_index("condition")
+
+SOURCES = {"routing": ROUTING_SOURCE, "noise": NOISE_SOURCE, "zloss": ZLOSS_SOURCE}

@@ -1,0 +1,549 @@
+"""Tables, verdicts and figures of a finished study (a :class:`~moe_lib.studies.StudyResult`).
+
+Every number in a verdict is computed: ours from the results table (:mod:`moe_lib.statistics`),
+the originals' from :mod:`moe_lib.originals`. A comparison claims a winner only when its 95%
+confidence interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from . import originals, plots
+from . import specialization as spec
+from .statistics import capacity_label, format_mean_std, mean_ci, paired_comparison, summarize
+from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult
+
+
+ORIGINAL_NOISE_COLUMNS = [
+    "seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
+    "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv",
+    "expert_usage_cv_pooled",  # the original's expert_usage_cv: counts of all layers summed, then CV
+]
+
+
+def _mean_std(values: pd.Series, digits: int) -> str:
+    mean, std, *_ = mean_ci(values.astype(float))
+    return format_mean_std(mean, std, digits)
+
+
+def _conditions(study: StudyResult) -> list[str]:
+    return list(dict.fromkeys(run.condition for run in study.grid.runs))
+
+
+def _per_layer(rows: pd.DataFrame, prefix: str) -> str:
+    """Seed-mean of ``<prefix>_L<n>`` for each layer, as '1.10 1.05 ...'."""
+    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in rows.columns if c.startswith(prefix + "_L") and c.rsplit("_L", 1)[1].isdigit())
+    return " ".join(f"{rows[f'{prefix}_L{l}'].mean():.2f}" for l in layers)
+
+
+def routing_table(study: StudyResult) -> pd.DataFrame:
+    """Per condition: test loss/PPL (mean ± std), top-3 accuracy, entropy and usage std per layer."""
+    rows = []
+    for condition in _conditions(study):
+        part = study.results[study.results.condition == condition]
+        rows.append({
+            "condition": condition,
+            "seeds": len(part),
+            "test loss": _mean_std(part.test_loss, 3),
+            "test PPL": _mean_std(part.test_perplexity, 2),
+            "test top-3 acc. (%)": _mean_std(100 * part.test_top3_accuracy, 2),
+            "routing entropy per layer": _per_layer(part, "val_entropy"),
+            "usage std per layer": _per_layer(part, "val_util_std"),
+        })
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def best_condition(study: StudyResult, metric: str = "test_loss") -> str:
+    """The condition with the lowest seed-mean ``metric``."""
+    return study.results.groupby("condition")[metric].mean().idxmin()
+
+
+def _paired(study: StudyResult, metric: str, baseline: str) -> pd.DataFrame:
+    return paired_comparison(study.results, baseline=baseline, metric=metric).set_index("condition")
+
+
+def _ci_text(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    if pd.isna(low) or pd.isna(high):
+        return "no 95% CI (fewer than 2 seeds)"
+    return f"95% CI [{low:+.{digits}f}{unit}, {high:+.{digits}f}{unit}]"
+
+
+def _interval_cell(low: float, high: float, digits: int, unit: str = "", sign: str = "") -> str:
+    """``"[94.15, 106.85]"`` for a table cell, ``"–"`` when there is no interval (one seed)."""
+    if pd.isna(low) or pd.isna(high):
+        return "–"
+    return f"[{low:{sign}.{digits}f}{unit}, {high:{sign}.{digits}f}{unit}]"
+
+
+def _p_text(p: float) -> str:
+    """``"0.023"``, or ``"–"`` when the paired t-test has no value (fewer than 2 pairs, or no spread in the differences)."""
+    return "–" if pd.isna(p) else f"{p:.3f}"
+
+
+def _cv_ratio_phrase(off: float, on: float) -> str:
+    """How many times lower the usage CV is with load balancing; words, never ``inf`` or ``nan``, when there is no ratio."""
+    if pd.isna(off) or pd.isna(on):
+        return "no value to compare."
+    if on == 0:
+        return "both are 0 (perfectly even usage), so there is no ratio." if off == 0 else "0 with it, so the ratio is unbounded."
+    return f"{off / on:.1f}x lower with lb 0.01."
+
+
+def _significance(low: float, high: float) -> str:
+    if pd.isna(low) or pd.isna(high):
+        return "too few seeds for an interval"
+    return "the CI excludes 0" if low > 0 or high < 0 else "the CI includes 0, so this is within seed noise"
+
+
+def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float) -> str:
+    """``subject`` vs its baseline for a lower-is-better metric, claiming a winner only when the CI excludes 0."""
+    if pd.isna(low) or pd.isna(high):
+        return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean ({_significance(low, high)})"
+    if high < 0:
+        return f"{subject} is better (the CI excludes 0)"
+    if low > 0:
+        return f"{subject} is worse (the CI excludes 0)"
+    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0, so the difference is within seed noise"
+
+
+def routing_verdicts(study: StudyResult) -> list[str]:
+    """Plain-language comparisons computed from the routing study's results and the original's table."""
+    means = study.results.groupby("condition").test_loss.mean()
+    orig = originals.ROUTING
+    loss = orig.test_loss
+    learned_entropy = [h for c in ("top-1", "top-2") for h in orig.routing_entropy_per_layer[c]]
+    lines = []
+    for k in (1, 2):
+        learned, random = f"top-{k}", f"top-{k} random"
+        cmp = _paired(study, "test_loss", random).loc[learned]
+        lines.append(
+            f"Learned top-{k} vs random top-{k}: test loss {means[learned]:.3f} vs {means[random]:.3f}; "
+            f"paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+            f"The original found learned better ({loss['top-1']:.2f}/{loss['top-2']:.2f} vs {loss['top-1 random']:.2f}), on one seed."
+        )
+    cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
+    lines.append(
+        f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
+        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+        f"The original found top-2 best ({loss['top-2']:.2f} vs {loss['top-1']:.2f}), on one seed."
+    )
+    best = best_condition(study)
+    lines.append(f"Best condition by mean test loss: {best}. The original's best: {orig.model[loss.idxmin()]}.")
+    random_entropy = study.results[study.results.router == "random"].router_entropy
+    lines.append(
+        f"Random routing entropy: {random_entropy.mean():.4f} nats (ln 4 = 1.3863), as it must be; the original's {orig.routing_entropy_per_layer['top-1 random'][0]:.2f} "
+        "was the entropy of softmax([1,0,0,0]), not of the routing."
+    )
+    learned = study.results[study.results.router == "topk"]
+    lines.append(
+        f"Learned routers end below the uniform entropy: mean {learned.router_entropy.mean():.3f} nats "
+        f"(original: {min(learned_entropy):.2f}-{max(learned_entropy):.2f}, falling with depth)."
+    )
+    return lines
+
+
+def noise_condition_table(study: StudyResult) -> pd.DataFrame:
+    """Best val PPL, usage CV and time per condition: mean ± std and the 95% CI of the mean."""
+    metrics = ["best_val_perplexity", "expert_usage_cv", "training_time_minutes"]
+    s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=metrics)
+    table = pd.DataFrame({
+        "noise_std": s.noise_std,
+        "lb weight": s.load_balancing_weight,
+        "n": s.best_val_perplexity_n,
+        "best val PPL": [format_mean_std(m, d, 2) for m, d in zip(s.best_val_perplexity_mean, s.best_val_perplexity_std)],
+        "PPL 95% CI": [_interval_cell(lo, hi, 2) for lo, hi in zip(s.best_val_perplexity_ci_low, s.best_val_perplexity_ci_high)],
+        "usage CV": [format_mean_std(m, d, 4) for m, d in zip(s.expert_usage_cv_mean, s.expert_usage_cv_std)],
+        "CV 95% CI": [_interval_cell(lo, hi, 4) for lo, hi in zip(s.expert_usage_cv_ci_low, s.expert_usage_cv_ci_high)],
+        "time (min)": [format_mean_std(m, float("nan"), 2) for m in s.training_time_minutes_mean],
+    })
+    return table.reset_index(drop=True)
+
+
+def per_seed_table(study: StudyResult, metrics: list[str]) -> pd.DataFrame:
+    """Rows: conditions; columns: (metric, seed)."""
+    table = study.results.pivot_table(index="condition", columns="seed", values=metrics, sort=False)
+    return table.reindex(_conditions(study)).round(4)
+
+
+def _original_noise() -> pd.DataFrame:
+    """The original's noise table, one row per noise level: PPL cost of noise vs noise 0 and of lb 0 vs 0.01, and the CV ratio."""
+    t = originals.NOISE.set_index(["noise_std", "load_balancing_weight"])
+    ppl, cv = t.best_val_perplexity_mean, t.expert_usage_cv
+    rows = []
+    for noise in NOISE_LEVELS:
+        cost = [ppl[noise, lb] - ppl[0.0, lb] for lb in LB_WEIGHTS]
+        rows.append({
+            "noise_std": noise,
+            "noise_cost_ppl": np.mean(cost),
+            "noise_cost_pct": np.mean([100 * c / ppl[0.0, lb] for c, lb in zip(cost, LB_WEIGHTS)]),
+            "lb_edge_ppl": ppl[noise, 0.0] - ppl[noise, 0.01],
+            "cv_ratio": cv[noise, 0.0] / cv[noise, 0.01],
+        })
+    return pd.DataFrame(rows).set_index("noise_std")
+
+
+def noise_verdicts(study: StudyResult) -> list[str]:
+    """Noise and load-balancing effects (seed-paired, with CIs), each followed by what the original reported."""
+    r = study.results
+    orig = _original_noise()
+    lines = []
+    for lb in LB_WEIGHTS:
+        base = f"noise=0.0, lb={lb}"
+        for noise in NOISE_LEVELS[1:]:
+            cmp = _paired(study, "best_val_perplexity", base).loc[f"noise={noise}, lb={lb}"]
+            if cmp.n_pairs == 0:
+                lines.append(f"noise {noise} vs 0 (lb {lb}): no seed has a best val PPL for both, so no comparison.")
+                continue
+            lines.append(
+                f"noise {noise} vs 0 (lb {lb}): {-cmp.improvement_pct:+.1f}% best val PPL "
+                f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
+                f"paired t-test p = {_p_text(cmp.p_value)}): {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+            )
+    high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
+    lines.append(
+        f"Original: noise {NOISE_LEVELS[2]} cost about {high.noise_cost_ppl:+.0f} PPL ({high.noise_cost_pct:+.0f}%) at both lb settings; "
+        f"noise {NOISE_LEVELS[1]} about {low.noise_cost_ppl:+.0f} PPL ({low.noise_cost_pct:+.1f}%)."
+    )
+    for noise in NOISE_LEVELS:
+        for column, name in (("expert_usage_cv", "usage CV (per layer, mean over layers)"), ("expert_usage_cv_pooled", "pooled usage CV (the original's)")):
+            if column not in r.columns:
+                continue
+            on = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.01)][column].mean()
+            off = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.0)][column].mean()
+            cv_off, cv_on = format_mean_std(off, float("nan"), 4), format_mean_std(on, float("nan"), 4)
+            lines.append(f"noise {noise}: {name} {cv_off} without load balancing vs {cv_on} with it: {_cv_ratio_phrase(off, on)}")
+    ratios = ", ".join(f"{x:.1f}x" for x in orig.cv_ratio.iloc[:-1]) + f" and {orig.cv_ratio.iloc[-1]:.1f}x"
+    levels = ", ".join(f"{n:g}" for n in NOISE_LEVELS[:-1]) + f" and {NOISE_LEVELS[-1]:g}"
+    lines.append(f"Original (pooled CV): lb 0.01 cut the CV {ratios} at noise {levels}.")
+    for noise in NOISE_LEVELS:
+        cmp = _paired(study, "best_val_perplexity", f"noise={noise}, lb=0.01").loc[f"noise={noise}, lb=0.0"]
+        if cmp.n_pairs == 0:
+            lines.append(f"lb 0 vs 0.01 at noise {noise}: no seed has a best val PPL for both, so no comparison.")
+            continue
+        lines.append(
+            f"lb 0 vs 0.01 at noise {noise}: {cmp.mean_difference:+.2f} best val PPL, "
+            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+        )
+    lines.append(
+        f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
+        f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
+    )
+    return lines
+
+
+def zloss_table(study: StudyResult) -> pd.DataFrame:
+    """Test PPL, paired improvement vs baseline with its CI and p-value, ms/step, router entropy and logsumexp."""
+    paired = _paired(study, "test_perplexity", study.grid.baseline)
+    rows = []
+    for condition in _conditions(study):
+        part = study.results[study.results.condition == condition]
+        row = {
+            "condition": condition,
+            "seeds": len(part),
+            "test PPL": _mean_std(part.test_perplexity, 2),
+            "improvement vs baseline": "–",
+            "improvement 95% CI": "–",
+            "p (paired t)": "–",
+            "ms/step": f"{part.ms_per_step.mean():.0f}",
+            "router entropy": _mean_std(part.router_entropy, 3),
+            "router logsumexp": _mean_std(part.router_logsumexp, 3),
+        }
+        if condition in paired.index:
+            c = paired.loc[condition]
+            row.update({
+                "improvement vs baseline": f"{c.improvement_pct:+.2f}%",
+                "improvement 95% CI": _interval_cell(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, "%", "+"),
+                "p (paired t)": _p_text(c.p_value),
+            })
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def _versus_reported(inside: bool, below: bool, improvement: float) -> str:
+    if inside:
+        return ": our runs are consistent with it."
+    if not below:
+        return ": at this scale z=0.01 helped more than reported."
+    mean = f"mean improvement {improvement:+.2f}%" if improvement >= 0 else f"mean {-improvement:.2f}% worse than the baseline"
+    return f": at this scale z=0.01 helped less than reported ({mean})."
+
+
+def zloss_verdicts(study: StudyResult) -> list[str]:
+    paired = _paired(study, "test_perplexity", study.grid.baseline)
+    r = study.results
+    base_lse = r[r.condition == study.grid.baseline].router_logsumexp.mean()
+    base_h = r[r.condition == study.grid.baseline].router_entropy.mean()
+    lines = []
+    for condition, c in paired.iterrows():
+        part = r[r.condition == condition]
+        lines.append(
+            f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
+            f"(improvement {c.improvement_pct:+.2f}%, {_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
+            f"p = {_p_text(c.p_value)}, {int(c.n_pairs)} paired seeds): "
+            f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high)}. Router logsumexp {part.router_logsumexp.mean():.3f} "
+            f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
+        )
+    c = paired.loc["z=0.01"]
+    reported = originals.ZLOSS.improvement_pct["z=0.01"]
+    inside = c.improvement_pct_ci_low <= reported <= c.improvement_pct_ci_high
+    if pd.isna(c.improvement_pct_ci_low) or pd.isna(c.improvement_pct_ci_high):
+        lines.append(
+            f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
+            f"Ours is {c.improvement_pct:+.2f}% on {int(c.n_pairs)} paired seed(s): too few for an interval, so no comparison."
+        )
+        return lines
+    lines.append(
+        f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
+        f"That is {'inside' if inside else 'outside'} "
+        f"our 95% CI for the improvement, [{c.improvement_pct_ci_low:+.2f}%, {c.improvement_pct_ci_high:+.2f}%]"
+        + _versus_reported(inside, c.improvement_pct_ci_high < reported, c.improvement_pct)
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------- specialization (notebook 05)
+def _interval(mean: float, low: float, high: float, digits: int = 4) -> str:
+    if pd.isna(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def mi_comparison(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> pd.DataFrame:
+    """Per (variable, layer): learned and random-router MI (seed mean and 95% CI), their ratio, and the
+    seed-paired difference with its 95% CI and paired t-test p-value (numbers, for verdicts)."""
+    rows = []
+    for (variable, layer), part in analysis.mi.groupby(["variable", "layer"], sort=False):
+        a, b = mean_ci(part[part.condition == learned].mi_bits), mean_ci(part[part.condition == control].mi_bits)
+        cmp = paired_comparison(part, baseline=control, metric="mi_bits", lower_is_better=False).set_index("condition").loc[learned]
+        rows.append({
+            "variable": variable, "layer": layer,
+            "learned_mean": a[0], "learned_ci_low": a[3], "learned_ci_high": a[4],
+            "random_mean": b[0], "random_ci_low": b[3], "random_ci_high": b[4],
+            "ratio": a[0] / b[0] if b[0] > 0 else float("inf"),
+            "difference": cmp.mean_difference, "difference_ci_low": cmp.difference_ci_low, "difference_ci_high": cmp.difference_ci_high,
+            "p_value": cmp.p_value, "n_pairs": int(cmp.n_pairs),
+            "learned_fraction": part[part.condition == learned].mi_fraction.mean(),
+            "label_entropy_bits": part.label_entropy_bits.iloc[0],
+            "miller_madow_bits": part.miller_madow_bits.iloc[0],
+        })
+    return pd.DataFrame(rows)
+
+
+def mi_table(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> pd.DataFrame:
+    """:func:`mi_comparison` for display: MI in bits as "mean [95% CI]" over seeds."""
+    c = mi_comparison(analysis, learned, control)
+    table = pd.DataFrame({
+        "variable": c.variable,
+        "layer": c.layer,
+        f"{learned} (bits)": [_interval(m, lo, hi) for m, lo, hi in zip(c.learned_mean, c.learned_ci_low, c.learned_ci_high)],
+        f"{control} (bits)": [_interval(m, lo, hi) for m, lo, hi in zip(c.random_mean, c.random_ci_low, c.random_ci_high)],
+        "x chance": [f"{r:.1f}" for r in c.ratio],
+        "paired difference [95% CI]": [_interval(m, lo, hi) for m, lo, hi in zip(c.difference, c.difference_ci_low, c.difference_ci_high)],
+        "p (paired t)": [f"{p:.3f}" if pd.notna(p) else "–" for p in c.p_value],
+        "share of H(label)": [f"{100 * f:.2f}%" for f in c.learned_fraction],
+        "Miller-Madow bias": [f"{b:.5f}" for b in c.miller_madow_bits],
+    })
+    return table.set_index(["variable", "layer"])
+
+
+def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> list[str]:
+    """Plain-language findings computed from the traces: MI beyond chance, the strongest
+    class preferences and co-activations, each against the random router's chance level."""
+    c = mi_comparison(analysis, learned, control)
+    n_seeds = int(c.n_pairs.max()) if len(c) else 0
+    lines = []
+    for variable, part in c.groupby("variable", sort=False):
+        beyond = part[part.difference_ci_low > 0]
+        best = part.loc[part.difference.idxmax()]
+        lines.append(
+            f"I(expert; {variable}): the learned router beats the random-router control in {len(beyond)} of {len(part)} layers "
+            f"(counting a layer when the seed-paired 95% CI of the difference, {n_seeds} seeds, lies above 0). "
+            f"Largest difference at layer {int(best.layer)}: {best.learned_mean:.4f} bits "
+            f"vs {best.random_mean:.4f} by chance ({best.ratio:.1f}x), i.e. {100 * best.learned_fraction:.2f}% of "
+            f"H({variable}) = {best.label_entropy_bits:.3f} bits; {_significance(best.difference_ci_low, best.difference_ci_high)}."
+        )
+    mm = c.miller_madow_bits.mean()
+    rnd = c.random_mean.mean()
+    lines.append(
+        f"Estimator bias: the random router's plug-in MI averages {rnd:.5f} bits against a Miller-Madow expectation of {mm:.5f} "
+        f"bits for independent variables ({rnd / mm:.1f}x): {'the control MI is' if rnd / mm < 3 else 'the control MI is NOT'} "
+        f"of the size sampling noise alone predicts."
+    )
+    # Chance threshold: the largest value the random router produced over all its layers, experts
+    # (or pairs) and seeds, the maximum statistic of the control.
+    for label, kind in (("token_class", "token class"), ("genre", "genre")):
+        if label not in set(analysis.mi.variable):
+            continue
+        best = {}
+        for condition in (learned, control):
+            rows = []
+            for trace in analysis.traces_of(condition):
+                table = spec.label_utilization(trace, trace.labels(label), label)
+                rows.append(table.loc[table.lift.idxmax()])
+            best[condition] = rows
+        top = max(best[learned], key=lambda r: r.lift)
+        chance = max(r.lift for r in best[control])
+        lines.append(
+            f"Strongest {kind} preference (learned, any seed): layer {int(top.layer)} expert {int(top.expert)} takes "
+            f"{100 * top.share:.1f}% of the {top[label]} slots, {top.lift:.2f}x its overall share. The random router's largest "
+            f"such lift (any layer, expert, seed) is {chance:.2f}x, so this is "
+            f"{'beyond' if top.lift > chance else 'within'} what chance produced."
+        )
+    if analysis.trace(learned).top_k >= 2:
+        maxima = {}
+        for condition in (learned, control):
+            maxima[condition] = [float(np.nanmax(lift)) for trace in analysis.traces_of(condition) for lift in spec.coactivation(trace)[1]]
+        chance = max(maxima[control])
+        above = sum(m > chance for m in maxima[learned])
+        lines.append(
+            f"Co-activation: the most over-represented expert pair of a layer has lift {np.mean(maxima[learned]):.2f} on average "
+            f"for the learned router (over layers and seeds) and at most {chance:.2f} for the random router; "
+            f"{above} of {len(maxima[learned])} learned layer-seed maxima exceed that chance maximum."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- capacity (notebook 05)
+def capacity_table(study: StudyResult) -> pd.DataFrame:
+    """Per condition: dropped slots (in training at the run's capacity factor, mean over steps; mean over
+    layers and per layer), the floor ``1 - cf`` that any routing must drop when cf < 1, validation
+    perplexity (at the evaluation capacity, ``ModelConfig.capacity_factor_eval``) and its change vs
+    dropless at the same lb."""
+    r = study.results.copy()
+    rows = []
+    for condition in _conditions(study):
+        part = r[r.condition == condition]
+        cf, lb = part.capacity_factor.iloc[0], part.load_balancing_weight.iloc[0]
+        dropless = r[(r.capacity_factor.isna()) & (r.load_balancing_weight == lb)]
+        layer_cols = sorted((c for c in r.columns if c.startswith("train_dropped_L")), key=lambda c: int(c.rsplit("L", 1)[1]))
+        rows.append({
+            "capacity factor": capacity_label(cf),
+            "lb weight": lb,
+            "seeds": len(part),
+            "dropped (%)": f"{100 * part.train_dropped_fraction.mean():.2f}",
+            "dropped per layer (%)": " ".join(f"{100 * part[c].mean():.1f}" for c in layer_cols),
+            "floor 1 - cf (%)": f"{100 * max(0.0, 1 - cf):.0f}" if pd.notna(cf) else "0",
+            "val PPL": _mean_std(part.val_perplexity, 2),
+            "vs dropless": f"{100 * (part.val_perplexity.mean() / dropless.val_perplexity.mean() - 1):+.1f}%" if len(dropless) else "–",
+            "ms/step": f"{part.ms_per_step.mean():.0f}",
+        })
+    return pd.DataFrame(rows).set_index(["capacity factor", "lb weight"])
+
+
+def capacity_verdicts(study: StudyResult, seed_std: float | None = None, threshold: float = 0.01) -> list[str]:
+    """Findings computed from the capacity sweep. ``seed_std``: the seed-to-seed std of validation
+    perplexity for the dropless lb 0.01 configuration (from a multi-seed study), the yardstick for
+    whether a one-seed difference is more than noise."""
+    r = study.results
+    lines = []
+    below_one = r[r.capacity_factor < 1]
+    for _, row in below_one.iterrows():
+        floor = 1 - row.capacity_factor
+        lines.append(
+            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.train_dropped_fraction:.1f}% of slots dropped; "
+            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
+            f"{100 * floor:.0f}% must drop: {'consistent' if row.train_dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+        )
+    for lb, part in r.groupby("load_balancing_weight", sort=False):
+        finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
+        ok = finite[finite.train_dropped_fraction < threshold]
+        first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
+        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
+    for cf in (1.0, 1.25):
+        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].train_dropped_fraction.mean()
+        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].train_dropped_fraction.mean()
+        if pd.notna(on) and pd.notna(off):
+            lines.append(
+                f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "
+                + (f"the auxiliary loss cuts drops {off / on:.1f}x." if on > 0 and off > on else "load balancing does not reduce drops here." if off <= on else "no drops with load balancing.")
+            )
+    for lb, part in r.groupby("load_balancing_weight", sort=False):
+        base = part[part.capacity_factor.isna()].val_perplexity.mean()
+        if pd.isna(base):
+            continue
+        for _, row in part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor").iterrows():
+            diff = row.val_perplexity - base
+            noise = ""
+            if seed_std is not None and pd.notna(seed_std):
+                noise = f"; {'more' if abs(diff) > 2 * seed_std else 'less'} than 2 seed-std ({2 * seed_std:.2f} PPL) of the dropless model"
+            lines.append(
+                f"lb={lb}, cf={capacity_label(row.capacity_factor)}: val PPL {row.val_perplexity:.2f} vs dropless {base:.2f} "
+                f"({diff:+.2f}, {100 * diff / base:+.1f}%{noise})."
+            )
+    fast = r[r.capacity_factor == r.capacity_factor.min()].ms_per_step.mean()
+    slow = r[r.capacity_factor.isna()].ms_per_step.mean()
+    if pd.notna(fast) and pd.notna(slow):
+        lines.append(
+            f"Time per step: {fast:.0f} ms at cf={capacity_label(r.capacity_factor.min())} vs {slow:.0f} ms dropless "
+            "(wall-clock on this machine; on shared CPUs a rough guide only)."
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- dispatch (notebook 06)
+def dispatch_table(study: StudyResult) -> pd.DataFrame:
+    """Per dispatch: ms/step, tokens/s, test loss, and the largest gap in logged training loss to
+    the other dispatch on the same seed (the two compute the same function; float rounding differs)."""
+    h = study.histories
+    rows = []
+    for condition in _conditions(study):
+        part = study.results[study.results.condition == condition]
+        gaps = []
+        for seed in part.seed:
+            mine = h[(h.condition == condition) & (h.seed == seed)].set_index("step").lm_loss
+            other = h[(h.condition != condition) & (h.seed == seed)].set_index("step").lm_loss
+            if len(other):
+                gaps.append((mine - other).abs().max())
+        rows.append({
+            "dispatch": condition,
+            "seeds": len(part),
+            "ms/step": f"{part.ms_per_step.mean():.0f}",
+            "tokens/s": f"{part.tokens_per_second.mean():,.0f}",
+            "test loss": f"{part.test_loss.mean():.4f}",
+            "max |train loss gap|": f"{max(gaps):.2e}" if gaps else "–",
+        })
+    return pd.DataFrame(rows).set_index("dispatch")
+
+
+@dataclass
+class StudyReport:
+    summary: pd.DataFrame
+    figure_paths: list[Path]
+
+
+def report_study(study: StudyResult, show: bool = False) -> StudyReport:
+    """The study's main table and figures (saved under images/ except in the smoke profile)."""
+    name, h = study.grid.name, study.histories
+    num_experts = study.grid.runs[0].config.model.num_experts
+    figures = {
+        f"{name}_loss": plots.plot_loss_curves(h, title=f"{name}: LM loss"),
+        f"{name}_routing_entropy": plots.plot_routing_entropy(h, num_experts=num_experts),
+    }
+    if name == "noise_factorial":
+        summary = noise_condition_table(study)
+        s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=["best_val_perplexity"])
+        figures[f"{name}_interaction"] = plots.plot_interaction(
+            s, "noise_std", "load_balancing_weight", "best_val_perplexity", "best validation perplexity", "Noise x load balancing"
+        )
+    elif name == "zloss":
+        summary = zloss_table(study)
+        figures[f"{name}_logit_magnitude"] = plots.plot_layer_metric(h, "logsumexp", "mean logsumexp", "Router logit magnitude")
+    elif name == "dispatch":
+        summary = dispatch_table(study)
+    elif name == "capacity":
+        summary = capacity_table(study)
+        figures[f"{name}_sweep"] = plots.plot_capacity_sweep(study.results, title="Capacity factor: dropped slots and validation perplexity")
+    else:
+        summary = routing_table(study)
+    paths = [plots.save_figure(f, n, study.profile) for n, f in figures.items()]  # a temp folder under smoke
+    if not show:
+        for fig in figures.values():
+            plt.close(fig)
+    return StudyReport(summary, paths)

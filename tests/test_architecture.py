@@ -1,0 +1,100 @@
+"""The package's shape: every module imports, the import graph has no cycle, and no module
+imports another's private (``_name``) names. Read from the source with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "moe_lib"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str) -> list[tuple[str, list[str]]]:
+    """``(imported module, names)`` for every ``moe_lib`` import in the module, at any depth."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [a.name for a in node.names]
+            if not node.module and node.level:  # "from . import x": x is a module
+                found += [(f"{target}.{n}", []) for n in names if f"{target}.{n}" in MODULES]
+                continue
+            found.append((target, names))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+    return [(t, n) for t, n in found if t == "moe_lib" or t.startswith("moe_lib.")]
+
+
+def graph() -> dict[str, set[str]]:
+    return {name: {t for t, _ in imports_of(name) if t in MODULES and t != name} for name in MODULES}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as a list of modules (first == last), or None: depth-first search with colours."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"moe_lib.__main__"}))  # __main__ runs the CLI
+def test_every_module_imports(name):
+    importlib.import_module(name)
+
+
+def test_the_import_graph_has_no_cycle():
+    # A package imports its own submodules (its re-exports); those edges point down, not back.
+    edges = {m: {t for t in ts if not (MODULES[m].name == "__init__.py" and t.startswith(m + "."))} for m, ts in graph().items()}
+    assert find_cycle(edges) is None
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [
+        f"{name} imports {target}.{n}"
+        for name in MODULES
+        for target, names in imports_of(name)
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and target != name
+    ]
+    assert private == []
+
+
+def test_plots_depend_only_on_statistics_and_profiles():
+    assert graph()["moe_lib.plots"] <= {"moe_lib.statistics", "moe_lib.profiles"}

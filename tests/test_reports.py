@@ -1,0 +1,89 @@
+"""Tables and verdicts on edge cases: one seed, a CV of 0, NaN metrics. They must say what they
+cannot conclude, never print ``nan``/``inf`` or claim a comparison they have no interval for."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from moe_lib import originals, reports, studies
+from moe_lib.profiles import get_profile
+
+SMOKE = get_profile("smoke")
+
+
+def fake_study(name: str, seeds, **overrides) -> studies.StudyResult:
+    """A study whose every run has the same metrics (``overrides`` replace them), seed-dependent PPL."""
+    grid = studies.build_grid(name, SMOKE, seeds=seeds)
+    rows = []
+    for run in grid.runs:
+        metrics = {
+            "best_val_perplexity": 100.0 + run.seed % 3, "expert_usage_cv": 0.1, "training_time_minutes": 1.0,
+            "test_perplexity": 10.0 + run.seed % 2, "ms_per_step": 5.0, "router_entropy": 1.0, "router_logsumexp": 1.0,
+            "test_loss": 2.0 + 0.01 * run.seed, "test_top3_accuracy": 0.5,
+        }
+        metrics.update(overrides)
+        rows.append({"run_id": run.run_id, "condition": run.condition, **run.factors, "seed": run.seed, **metrics})
+    history = pd.DataFrame({"condition": grid.conditions, "seed": seeds[0], "step": 1, "lm_loss": 1.0})
+    return studies.StudyResult(grid, SMOKE, pd.DataFrame(rows), history, None)
+
+
+def text(table_or_lines) -> str:
+    return table_or_lines.to_string() if isinstance(table_or_lines, pd.DataFrame) else "\n".join(table_or_lines)
+
+
+def assert_clean(output: str) -> None:
+    lowered = output.lower()
+    assert "nan" not in lowered, output
+    assert "inf" not in lowered, output
+
+
+@pytest.mark.parametrize("name, table, verdicts", [
+    ("noise", reports.noise_condition_table, reports.noise_verdicts),
+    ("zloss", reports.zloss_table, reports.zloss_verdicts),
+    ("routing", reports.routing_table, reports.routing_verdicts),
+])
+def test_a_single_seed_gives_no_interval_and_no_nan(name, table, verdicts):
+    study = fake_study(name, (42,))
+    out = text(table(study)) + "\n" + text(verdicts(study))
+    assert_clean(out)
+    assert "excludes 0" not in out  # no significance claimed without an interval
+    if name != "routing":
+        assert "–" in text(table(study))
+
+
+def test_zloss_with_one_seed_does_not_compare_with_the_reported_improvement():
+    last = reports.zloss_verdicts(fake_study("zloss", (42,)))[-1]
+    assert "too few for an interval, so no comparison" in last
+    assert "outside" not in last and "inside" not in last
+    assert f"{originals.ZLOSS.improvement_pct['z=0.01']:.1f}%" in last
+
+
+def test_a_usage_cv_of_zero_gives_words_not_nan_or_inf():
+    lines = reports.noise_verdicts(fake_study("noise", (42, 43), expert_usage_cv=0.0))
+    cv_lines = [line for line in lines if "usage CV" in line]
+    assert len(cv_lines) == 3 and all("both are 0 (perfectly even usage), so there is no ratio." in line for line in cv_lines)
+    assert_clean("\n".join(lines))
+    study = fake_study("noise", (42, 43))
+    study.results["expert_usage_cv"] = 0.2 * (study.results.load_balancing_weight == 0)  # 0 with load balancing only
+    one_zero = reports.noise_verdicts(study)
+    assert all("ratio is unbounded" in line for line in one_zero if "usage CV" in line)
+
+
+def test_nan_metrics_give_dashes_and_no_comparison():
+    study = fake_study("noise", (42, 43), best_val_perplexity=float("nan"), expert_usage_cv=float("nan"),
+                       training_time_minutes=float("nan"))
+    table = reports.noise_condition_table(study)
+    assert (table[["best val PPL", "PPL 95% CI", "usage CV", "CV 95% CI", "time (min)"]] == "–").all().all()
+    lines = reports.noise_verdicts(study)
+    assert sum("no comparison" in line for line in lines) == 4 + 3
+    assert_clean(text(table) + "\n" + "\n".join(lines))
+
+
+def test_verdicts_take_the_originals_numbers_from_the_data():
+    original = originals.ZLOSS.copy()
+    try:
+        originals.ZLOSS.loc["z=0.01", "improvement_pct"] = 9.9
+        assert "9.9% lower test PPL" in reports.zloss_verdicts(fake_study("zloss", (42, 43)))[-1]
+    finally:
+        originals.ZLOSS.loc[:, :] = original
