@@ -3,18 +3,29 @@
 * :func:`mean_ci` - mean, std (ddof=1) and a Student-t confidence interval of the mean;
 * :func:`summarize` / :func:`summary_table` - those per condition, and as "mean ± std" text;
 * :func:`paired_differences` / :func:`paired_comparison` - seed-paired differences against a
-  baseline condition, with their t interval and a paired t-test (``scipy.stats.ttest_rel``).
+  baseline condition, with their t interval and a paired t-test (``scipy.stats.ttest_rel``);
+* :func:`sign_consistency` and :func:`minimum_detectable_effect` - what a small-n paired
+  comparison can and cannot say ("3/3 seeds", "inconclusive at n = 3, MDE 2.1 PPL");
+* :func:`t_errorbar` - the same t interval as an ``errorbar=`` for seaborn, so figures and tables agree;
+* :func:`factorial_anova` / :func:`factorial_contrasts` - a factorial design analysed as one:
+  two-way ANOVA with seed as a block (``statsmodels``), main effects and interaction contrasts.
+
+One statistical language throughout: every interval is the Student-t interval of :func:`mean_ci`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.formula.api import ols
+from statsmodels.stats.anova import anova_lm
+from statsmodels.stats.power import TTestPower
 
 # What summarize() reports when no metrics are named (those present in the table).
 DEFAULT_SUMMARY_METRICS = (
@@ -214,4 +225,115 @@ def paired_comparison(
                 "p_value": p_value,
             }
         )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- small-n and factorial designs
+
+
+def t_errorbar(confidence: float = 0.95) -> Callable[[Sequence[float]], tuple[float, float]]:
+    """An ``errorbar=`` callable for seaborn that draws the same Student-t interval as the tables.
+
+    seaborn's default ``("ci", 95)`` is a bootstrap interval, which with 3 seeds can never reach beyond
+    the smallest and largest seed; the tables use :func:`mean_ci`. With one value the bar has no length.
+    """
+
+    def interval(values: Sequence[float]) -> tuple[float, float]:
+        mean, _, n, low, high = mean_ci(values, confidence)
+        return (mean, mean) if n < 2 else (low, high)
+
+    return interval
+
+
+def sign_consistency(differences: Sequence[float] | np.ndarray) -> str:
+    """How many paired differences share the sign of their mean, e.g. ``"3/3 seeds"``; zeros count against."""
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return "0/0 seeds"
+    direction = np.sign(d.mean())
+    agreeing = int((np.sign(d) == direction).sum()) if direction != 0 else 0
+    return f"{agreeing}/{len(d)} seeds"
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean paired difference a two-sided paired t-test on ``n`` pairs detects with
+    probability ``power`` at level ``alpha``, for a paired standard deviation ``sd``: ``d * sd`` where
+    ``d`` solves the t-test power equation (``statsmodels`` ``TTestPower``). NaN when ``n < 2`` or sd is NaN.
+    """
+    if n < 2 or not np.isfinite(sd):
+        return float("nan")
+    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
+    return float(d) * float(sd)
+
+
+def factorial_anova(df: pd.DataFrame, response: str, factors: Sequence[str], block: str = "seed", log: bool = True) -> pd.DataFrame:
+    """Two-way (or n-way) ANOVA of a full factorial with ``block`` (the seed) as a block.
+
+    Fits ``response ~ C(f1) * C(f2) * ... + C(block)`` by ordinary least squares (``statsmodels``
+    formula API) and returns ``anova_lm(typ=2)``: one row per main effect, interaction, the block and
+    the residual, with ``sum_sq``, ``df``, ``F``, ``PR(>F)`` and the partial eta squared
+    ``SS_effect / (SS_effect + SS_residual)``. ``log=True`` models ``log(response)``, so effects are
+    multiplicative (perplexity ratios), which is how the course reports them.
+    """
+    for name in [response, *factors, block]:
+        if name not in df.columns:
+            raise ValueError(f"unknown column {name!r}: valid columns are {list(df.columns)}")
+    data = df[[response, *factors, block]].dropna().copy()
+    if log:
+        if (data[response] <= 0).any():
+            raise ValueError(f"log=True needs a positive {response!r}; got min {data[response].min()}")
+        data[response] = np.log(data[response])
+    names = {column: f"x{i}" for i, column in enumerate([response, *factors, block])}  # formula-safe names
+    data = data.rename(columns=names)
+    formula = f"{names[response]} ~ " + " * ".join(f"C({names[f]})" for f in factors) + f" + C({names[block]})"
+    table = anova_lm(ols(formula, data=data).fit(), typ=2)
+    back = {f"C({v})": k for k, v in names.items()}
+    table.index = [":".join(back.get(part, part) for part in term.split(":")) for term in table.index]
+    residual = table.loc["Residual", "sum_sq"]
+    table["partial_eta_sq"] = table["sum_sq"] / (table["sum_sq"] + residual)
+    table.loc["Residual", ["partial_eta_sq"]] = np.nan
+    return table
+
+
+def factorial_contrasts(
+    df: pd.DataFrame, response: str, factor: str, other: str, baseline: Any, block: str = "seed", log: bool = True, confidence: float = 0.95
+) -> pd.DataFrame:
+    """Effect sizes of a two-factor design, per seed, with the course's t-interval over seeds.
+
+    For each non-baseline level ``L`` of ``factor``: the **main effect** ``mean over levels of other of
+    [y(L) - y(baseline)]`` and, for each pair of levels of ``other``, the **interaction contrast**
+    ``[y(L) - y(base)] at other=a  minus  the same at other=b``, each computed within a seed (so seeds
+    pair) and summarised by :func:`mean_ci` over seeds. With ``log=True`` ``y = log(response)`` and the
+    effect is also given as a percentage change, ``100 * (exp(effect) - 1)``.
+    Columns: ``effect``, ``level``, ``mean``, ``ci_low``, ``ci_high``, ``pct``, ``pct_ci_low``,
+    ``pct_ci_high``, ``n``, ``signs``.
+    """
+    for name in (response, factor, other, block):
+        if name not in df.columns:
+            raise ValueError(f"unknown column {name!r}: valid columns are {list(df.columns)}")
+    levels = list(dict.fromkeys(df[factor]))
+    if baseline not in levels:
+        raise ValueError(f"baseline {baseline!r} is not a level of {factor!r}: valid levels are {levels}")
+    y = np.log(df[response]) if log else df[response]
+    cube = df.assign(_y=y).pivot_table(index=block, columns=[factor, other], values="_y", aggfunc="mean")
+    others = list(dict.fromkeys(df[other]))
+    rows = []
+
+    def add(effect: str, level: Any, per_seed: pd.Series) -> None:
+        mean, _, n, low, high = mean_ci(per_seed.to_numpy(), confidence)
+        pct = (lambda v: 100 * (math.exp(v) - 1)) if log else (lambda v: float("nan"))
+        rows.append({
+            "effect": effect, "level": level, "mean": mean, "ci_low": low, "ci_high": high,
+            "pct": pct(mean), "pct_ci_low": pct(low) if n >= 2 else float("nan"), "pct_ci_high": pct(high) if n >= 2 else float("nan"),
+            "n": n, "signs": sign_consistency(per_seed.to_numpy()),
+        })
+
+    for level in levels:
+        if level == baseline:
+            continue
+        simple = pd.DataFrame({o: cube[(level, o)] - cube[(baseline, o)] for o in others})
+        add(f"{factor} main effect", level, simple.mean(axis=1, skipna=False))
+        for a, b in itertools.combinations(others, 2):
+            add(f"{factor} x {other} interaction ({other} {a} minus {b})", level, simple[a] - simple[b])
     return pd.DataFrame(rows)
