@@ -337,6 +337,54 @@ def expert_label_mi(trace: RoutingTrace, labels, layer: int) -> float:
     return mutual_information(trace.experts[layer].ravel(), np.repeat(labels, trace.top_k))
 
 
+def conditional_mutual_information(x, y, z) -> float:
+    """``I(X; Y | Z) = H(X,Z) + H(Y,Z) - H(X,Y,Z) - H(Z)`` in bits (plug-in).
+
+    With ``Z`` the token id, ``I(expert; genre | token)`` asks whether the expert choice says anything
+    about the genre *beyond* what the token itself says: genres use different words, so a router that
+    only looks at the token already carries genre information without knowing anything about genre.
+    """
+    (cx, nx), (cy, ny), (cz, nz) = _codes(x), _codes(y), _codes(z)
+    if not cx.size == cy.size == cz.size:
+        raise ValueError(f"x, y and z must be equally long, got {cx.size}, {cy.size} and {cz.size}")
+
+    xz = np.ravel_multi_index((cx, cz), (nx, nz))
+    yz = np.ravel_multi_index((cy, cz), (ny, nz))
+    xyz = np.ravel_multi_index((cx, cy, cz), (nx, ny, nz))
+    return float(max(0.0, entropy_bits(xz) + entropy_bits(yz) - entropy_bits(xyz) - entropy_bits(cz)))
+
+
+def label_permutation_test(
+    trace: RoutingTrace, layer: int, label: str = "genre", unit: str = "play", permutations: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """Is ``I(expert; label)`` larger than for an arbitrary labelling of whole ``unit``s?
+
+    ``label`` (genre) is constant within each ``unit`` (play), so tokens are not independent draws:
+    anything that differs between plays (their vocabulary, their characters' names) shows up as
+    "genre information". The null keeps each play's tokens together and shuffles the labels *across
+    plays* (each permutation keeps how many plays carry each label). Returns the observed MI, the
+    null's mean and 95th percentile, and the permutation p-value ``(1 + #{null >= observed}) / (1 + P)``.
+    """
+    unit_of_token = trace.labels(unit)
+    label_of_token = trace.labels(label)
+    units, unit_codes = np.unique(unit_of_token.astype(str), return_inverse=True)
+    unit_label = {}
+    for u, lab in zip(unit_codes, label_of_token):
+        if unit_label.setdefault(u, lab) != lab:
+            raise ValueError(f"label {label!r} is not constant within {unit!r} {units[u]!r}: permute a coarser unit")
+    labels_per_unit = np.array([unit_label[u] for u in range(len(units))], dtype=object)
+    observed = expert_label_mi(trace, labels_per_unit[unit_codes], layer)
+    rng = np.random.default_rng(seed)
+    null = np.array([expert_label_mi(trace, rng.permutation(labels_per_unit)[unit_codes], layer) for _ in range(permutations)])
+    return {
+        "mi_bits": observed,
+        "null_mean_bits": float(null.mean()),
+        "null_q95_bits": float(np.quantile(null, 0.95)),
+        "p_value": float((1 + (null >= observed).sum()) / (1 + permutations)),
+        "units": len(units),
+    }
+
+
 def mi_by_layer(trace: RoutingTrace, variables: Sequence[str] = ("genre", "token_class")) -> pd.DataFrame:
     """One row per (layer, variable): ``mi_bits``, the label's entropy ``label_entropy_bits``,
     ``mi_fraction = mi / H(label)`` (the share of the label's uncertainty the expert choice

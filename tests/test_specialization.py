@@ -114,3 +114,47 @@ def test_random_router_trace_is_reproducible_and_near_chance(plays):
     mi = spec.mi_by_layer(a, ("token_class",))
     # the random router's MI with the token class is of the size of the estimator's bias, not more
     assert (mi.mi_bits < 5 * mi.miller_madow_bits).all()
+
+
+# --------------------------------------------------------------------------- genre beyond play and token
+def _trace(doc_of_token, documents, experts, tokens):
+    n = len(doc_of_token)
+    annotation = spec.SplitAnnotation(
+        token_ids=np.asarray(tokens), doc_index=np.asarray(doc_of_token), doc_offsets=np.zeros(len(documents) + 1, dtype=int),
+        token_text=[""] * n, token_class=np.zeros(n, dtype=int), documents=documents,
+    )
+    return spec.RoutingTrace(annotation, np.asarray(experts, dtype=np.int16).reshape(1, n, 1), np.ones((1, n, 1), np.float32), 4)
+
+
+def test_conditional_mi_is_zero_when_the_token_explains_the_expert():
+    rng = np.random.default_rng(0)
+    token = rng.integers(0, 20, 4000)
+    genre = np.where(token < 10, "comedy", "tragedy")  # genres use different words
+    expert = token // 5  # a router that only looks at the token
+    assert spec.mutual_information(expert, genre) > 0.9  # "genre information" (about 1 bit) without knowing genre
+    assert spec.conditional_mutual_information(expert, genre, token) == pytest.approx(0.0, abs=1e-12)
+    # by hand on a tiny case: X = Y within each Z, two equiprobable values -> I(X;Y|Z) = 1 bit
+    x, y, z = [0, 1, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1]
+    assert spec.conditional_mutual_information(x, y, z) == pytest.approx(1.0)
+
+
+def test_genre_permutation_test_shuffles_whole_plays():
+    rng = np.random.default_rng(1)
+    plays = [f"play{i}" for i in range(12)]
+    genres = ["comedy"] * 6 + ["tragedy"] * 6
+    documents = [{"play": p, "genre": g} for p, g in zip(plays, genres)]
+    doc = np.repeat(np.arange(12), 300)
+    # each play has its own favourite expert, unrelated to its genre: play-level clustering only
+    favourite = rng.integers(0, 4, 12)
+    experts = np.where(rng.random(doc.size) < 0.7, favourite[doc], rng.integers(0, 4, doc.size))
+    clustered = spec.label_permutation_test(_trace(doc, documents, experts, doc), 0, permutations=200, seed=0)
+    assert clustered["mi_bits"] > 10 * spec.miller_madow_bias(doc.size, 4, 2)  # a token-level test would call it significant
+    assert clustered["p_value"] > 0.05 and clustered["units"] == 12
+    # experts that really follow genre: the observed MI is beyond every relabelling of plays
+    by_genre = np.where(rng.random(doc.size) < 0.7, np.where(np.asarray(genres)[doc] == "comedy", 0, 3), rng.integers(0, 4, doc.size))
+    real = spec.label_permutation_test(_trace(doc, documents, by_genre, doc), 0, permutations=200, seed=0)
+    assert real["p_value"] <= 0.01
+    mixed = [dict(d) for d in documents]
+    mixed.append({"play": "play0", "genre": "tragedy"})
+    with pytest.raises(ValueError, match="not constant"):
+        spec.label_permutation_test(_trace(np.append(doc, 12), mixed, np.append(experts, 0), np.append(doc, 0)), 0)
