@@ -109,13 +109,8 @@ class TopKRouter(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts) if balanced else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
-        # fp32 routing (ST-MoE): autocast would cast F.linear's inputs back to bf16, so switch it off here.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # [N, E] fp32
-            noisy = logits
-            if self.training and self.noise_std > 0:
-                noisy = logits + self.noise_std * torch.randn_like(logits)
-            scores, probs = expert_scores(noisy, self.score_func)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 routing, see router_scores
+            logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
             top_probs, expert_indices = self.select(scores)
             gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
             return RoutingResult(
@@ -173,6 +168,19 @@ def expert_scores(logits: torch.Tensor, score_func: str) -> tuple[torch.Tensor, 
     raise ValueError(f"score_func={score_func!r} is invalid: expected one of ['softmax', 'sigmoid']")
 
 
+def router_scores(x: torch.Tensor, weight: torch.Tensor, noise_std: float, score_func: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, scores, probs)`` for tokens ``x [N, d]``: clean ``logits = x W^T [N, E]`` in fp32, and
+    :func:`expert_scores` of the logits plus ``N(0, noise_std^2)`` noise (pass 0 outside training).
+
+    Call it with autocast disabled: ST-MoE keeps the router in fp32, and autocast would cast
+    ``F.linear``'s inputs back to bf16 whatever ``x.float()`` asked for.
+    """
+    logits = F.linear(x.float(), weight.float())  # [N, E] fp32
+    noisy = logits + noise_std * torch.randn_like(logits) if noise_std > 0 else logits
+    scores, probs = expert_scores(noisy, score_func)
+    return logits, scores, probs
+
+
 def update_expert_biases(model: nn.Module) -> None:
     """After an optimizer step: update every auxiliary-loss-free router's selection bias."""
     for module in model.modules():
@@ -202,13 +210,9 @@ class ExpertChoiceRouter(nn.Module):
         return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, cf))
 
     def forward(self, x: torch.Tensor) -> RoutingResult:
-        with torch.autocast(device_type=x.device.type, enabled=False):  # routing in fp32
-            logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + self.noise_std * torch.randn_like(logits)
-        scores, probs = expert_scores(noisy, self.score_func)
-        gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 routing, see router_scores
+            logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
+            gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
         expert_indices = torch.arange(self.num_experts, device=x.device).unsqueeze(1).expand_as(token_indices)
         return RoutingResult(
             logits=logits,
