@@ -16,7 +16,10 @@ import pandas as pd
 
 from . import originals, plots
 from . import specialization as spec
-from .statistics import capacity_label, format_mean_std, mean_ci, paired_comparison, summarize
+from .statistics import (
+    capacity_label, format_mean_std, mean_ci, minimum_detectable_effect, paired_comparison, paired_differences,
+    sign_consistency, summarize,
+)
 from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult
 
 
@@ -36,10 +39,14 @@ def _conditions(study: StudyResult) -> list[str]:
     return list(dict.fromkeys(run.condition for run in study.grid.runs))
 
 
+def _layer_means(rows: pd.DataFrame, prefix: str) -> list[float]:
+    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in rows.columns if c.startswith(prefix + "_L") and c.rsplit("_L", 1)[1].isdigit())
+    return [float(rows[f"{prefix}_L{l}"].mean()) for l in layers]
+
+
 def _per_layer(rows: pd.DataFrame, prefix: str) -> str:
     """Seed-mean of ``<prefix>_L<n>`` for each layer, as '1.10 1.05 ...'."""
-    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in rows.columns if c.startswith(prefix + "_L") and c.rsplit("_L", 1)[1].isdigit())
-    return " ".join(f"{rows[f'{prefix}_L{l}'].mean():.2f}" for l in layers)
+    return " ".join(f"{v:.2f}" for v in _layer_means(rows, prefix))
 
 
 def routing_table(study: StudyResult) -> pd.DataFrame:
@@ -95,13 +102,36 @@ def _cv_ratio_phrase(off: float, on: float) -> str:
     return f"{off / on:.1f}x lower with lb 0.01."
 
 
-def _significance(low: float, high: float) -> str:
+def _pair_values(study: StudyResult, metric: str, baseline: str, condition: str, column: str = "difference") -> np.ndarray:
+    """The per-seed paired ``column`` (``difference`` or ``improvement_pct``) of ``condition`` vs ``baseline``."""
+    pairs = paired_differences(study.results, baseline=baseline, metric=metric)
+    return pairs.loc[pairs.condition == condition, column].to_numpy(dtype=float)
+
+
+def _inconclusive(differences, digits: int = 2, unit: str = "") -> str:
+    """``"inconclusive at n = 3 (3/3 seeds point the same way; MDE 2.1 PPL at 80% power)"``.
+
+    MDE: the smallest true mean difference a paired t-test on these n seeds would detect with 80%
+    power at the observed paired SD (:func:`~moe_lib.statistics.minimum_detectable_effect`).
+    """
+    if differences is None:
+        return "inconclusive"
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    mde = minimum_detectable_effect(float(d.std(ddof=1)) if n >= 2 else float("nan"), n)
+    mde_text = f"MDE {mde:.{digits}f}{unit} at 80% power" if np.isfinite(mde) else "too few seeds for an MDE"
+    return f"inconclusive at n = {n} ({sign_consistency(d)} point the same way; {mde_text})"
+
+
+def _significance(low: float, high: float, differences=None, digits: int = 2, unit: str = "") -> str:
+    """Whether the CI excludes 0; if not, "inconclusive at n = N" with sign consistency and MDE of ``differences``."""
     if pd.isna(low) or pd.isna(high):
         return "too few seeds for an interval"
-    return "the CI excludes 0" if low > 0 or high < 0 else "the CI includes 0, so this is within seed noise"
+    return "the CI excludes 0" if low > 0 or high < 0 else f"the CI includes 0: {_inconclusive(differences, digits, unit)}"
 
 
-def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float) -> str:
+def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float, differences=None, digits: int = 3, unit: str = " nats") -> str:
     """``subject`` vs its baseline for a lower-is-better metric, claiming a winner only when the CI excludes 0."""
     if pd.isna(low) or pd.isna(high):
         return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean ({_significance(low, high)})"
@@ -109,7 +139,16 @@ def _lower_is_better_phrase(subject: str, difference: float, low: float, high: f
         return f"{subject} is better (the CI excludes 0)"
     if low > 0:
         return f"{subject} is worse (the CI excludes 0)"
-    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0, so the difference is within seed noise"
+    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0: {_inconclusive(differences, digits, unit)}"
+
+
+def _depth_trend(values) -> str:
+    """``"falls with depth"`` / ``"rises with depth"`` / ``"is flat with depth"``: the sign of the least-squares slope over layers."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return "has one layer, so no trend"
+    slope = np.polyfit(np.arange(len(v)), v, 1)[0]
+    return "falls with depth" if slope < -1e-3 else "rises with depth" if slope > 1e-3 else "is flat with depth"
 
 
 def routing_verdicts(study: StudyResult) -> list[str]:
@@ -117,7 +156,6 @@ def routing_verdicts(study: StudyResult) -> list[str]:
     means = study.results.groupby("condition").test_loss.mean()
     orig = originals.ROUTING
     loss = orig.test_loss
-    learned_entropy = [h for c in ("top-1", "top-2") for h in orig.routing_entropy_per_layer[c]]
     lines = []
     for k in (1, 2):
         learned, random = f"top-{k}", f"top-{k} random"
@@ -125,13 +163,13 @@ def routing_verdicts(study: StudyResult) -> list[str]:
         lines.append(
             f"Learned top-{k} vs random top-{k}: test loss {means[learned]:.3f} vs {means[random]:.3f}; "
             f"paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}. "
             f"The original found learned better ({loss['top-1']:.2f}/{loss['top-2']:.2f} vs {loss['top-1 random']:.2f}), on one seed."
         )
     cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
         f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', 'top-1', 'top-2'))}. "
         f"The original found top-2 best ({loss['top-2']:.2f} vs {loss['top-1']:.2f}), on one seed."
     )
     best = best_condition(study)
@@ -142,10 +180,19 @@ def routing_verdicts(study: StudyResult) -> list[str]:
         "was the entropy of softmax([1,0,0,0]), not of the routing."
     )
     learned = study.results[study.results.router == "topk"]
-    lines.append(
-        f"Learned routers end below the uniform entropy: mean {learned.router_entropy.mean():.3f} nats "
-        f"(original: {min(learned_entropy):.2f}-{max(learned_entropy):.2f}, falling with depth)."
-    )
+    lines.append(f"Learned routers end below the uniform entropy (ln 4 = 1.3863): mean {learned.router_entropy.mean():.3f} nats.")
+    for k in (1, 2):
+        ours = _layer_means(study.results[study.results.condition == f"top-{k}"], "val_entropy")
+        theirs = orig.routing_entropy_per_layer[f"top-{k}"]
+        if not ours:
+            continue
+        ours_trend, their_trend = _depth_trend(ours), _depth_trend(theirs)
+        lowest = int(np.argmin(ours))
+        lines.append(
+            f"Top-{k} routing entropy per layer: ours {' '.join(f'{h:.2f}' for h in ours)} nats "
+            f"({ours_trend}, lowest in layer {lowest}); the original's {' '.join(f'{h:.2f}' for h in theirs)} ({their_trend}): "
+            + ("the same trend." if ours_trend == their_trend else "the opposite of the original's \"later layers more confident\"." if "rises" in ours_trend and "falls" in their_trend else "a different trend.")
+        )
     return lines
 
 
@@ -204,7 +251,8 @@ def noise_verdicts(study: StudyResult) -> list[str]:
             lines.append(
                 f"noise {noise} vs 0 (lb {lb}): {-cmp.improvement_pct:+.1f}% best val PPL "
                 f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
-                f"paired t-test p = {_p_text(cmp.p_value)}): {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+                f"paired t-test p = {_p_text(cmp.p_value)}): "
+                f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', base, f'noise={noise}, lb={lb}'), 1, ' PPL')}."
             )
     high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
     lines.append(
@@ -229,7 +277,8 @@ def noise_verdicts(study: StudyResult) -> list[str]:
             continue
         lines.append(
             f"lb 0 vs 0.01 at noise {noise}: {cmp.mean_difference:+.2f} best val PPL, "
-            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: "
+            f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', f'noise={noise}, lb=0.01', f'noise={noise}, lb=0.0'), 1, ' PPL')}."
         )
     lines.append(
         f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
@@ -287,7 +336,7 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
             f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
             f"(improvement {c.improvement_pct:+.2f}%, {_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
             f"p = {_p_text(c.p_value)}, {int(c.n_pairs)} paired seeds): "
-            f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high)}. Router logsumexp {part.router_logsumexp.mean():.3f} "
+            f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high, _pair_values(study, 'test_perplexity', study.grid.baseline, condition, 'improvement_pct'), 2, '%')}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
     c = paired.loc["z=0.01"]
@@ -353,6 +402,13 @@ def mi_table(analysis: SpecializationAnalysis, learned: str = "learned top-2", c
     return table.set_index(["variable", "layer"])
 
 
+def _mi_differences(analysis: SpecializationAnalysis, variable: str, layer: int, learned: str, control: str) -> np.ndarray:
+    """Per-seed learned - control MI (bits) of ``variable`` at ``layer``."""
+    part = analysis.mi[(analysis.mi.variable == variable) & (analysis.mi.layer == layer)]
+    pairs = paired_differences(part, baseline=control, metric="mi_bits", lower_is_better=False)
+    return pairs.loc[pairs.condition == learned, "difference"].to_numpy(dtype=float)
+
+
 def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> list[str]:
     """Plain-language findings computed from the traces: MI beyond chance, the strongest
     class preferences and co-activations, each against the random router's chance level."""
@@ -367,7 +423,8 @@ def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "le
             f"(counting a layer when the seed-paired 95% CI of the difference, {n_seeds} seeds, lies above 0). "
             f"Largest difference at layer {int(best.layer)}: {best.learned_mean:.4f} bits "
             f"vs {best.random_mean:.4f} by chance ({best.ratio:.1f}x), i.e. {100 * best.learned_fraction:.2f}% of "
-            f"H({variable}) = {best.label_entropy_bits:.3f} bits; {_significance(best.difference_ci_low, best.difference_ci_high)}."
+            f"H({variable}) = {best.label_entropy_bits:.3f} bits; "
+            f"{_significance(best.difference_ci_low, best.difference_ci_high, _mi_differences(analysis, variable, best.layer, learned, control), 4, ' bits')}."
         )
     mm = c.miller_madow_bits.mean()
     rnd = c.random_mean.mean()

@@ -341,6 +341,7 @@ def test_verdict_phrases_claim_a_winner_only_when_the_ci_excludes_zero():
 
     assert _lower_is_better_phrase("top-2", -0.1, -0.2, -0.05) == "top-2 is better (the CI excludes 0)"
     assert _lower_is_better_phrase("top-2", 0.1, 0.05, 0.2) == "top-2 is worse (the CI excludes 0)"
-    noisy = _lower_is_better_phrase("top-2", -0.1, -0.3, 0.1)
-    assert "lower mean" in noisy and "within seed noise" in noisy and "better" not in noisy
+    noisy = _lower_is_better_phrase("top-2", -0.1, -0.3, 0.1, [-0.05, -0.1, -0.15])
+    assert "lower mean" in noisy and "inconclusive at n = 3 (3/3 seeds" in noisy and "better" not in noisy
+    assert "seed noise" not in noisy
     assert "too few seeds" in _lower_is_better_phrase("top-2", 0.1, float("nan"), float("nan"))

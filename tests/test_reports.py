@@ -87,3 +87,42 @@ def test_verdicts_take_the_originals_numbers_from_the_data():
         assert "9.9% lower test PPL" in reports.zloss_verdicts(fake_study("zloss", (42, 43)))[-1]
     finally:
         originals.ZLOSS.loc[:, :] = original
+
+
+def test_a_ci_that_includes_zero_is_inconclusive_with_signs_and_minimum_detectable_effect():
+    from moe_lib.statistics import minimum_detectable_effect
+
+    study = fake_study("noise", (42, 43, 44))
+    shift = {42: 1.0, 43: 3.0, 44: -1.0}  # noise 0.1 minus noise 0 per seed: the CI includes 0, 2 of 3 signs agree
+    study.results["best_val_perplexity"] = [
+        100.0 + (shift[s] if n == 0.1 else 0.0) for n, s in zip(study.results.noise_std, study.results.seed)
+    ]
+    lines = reports.noise_verdicts(study)
+    assert not any("seed noise" in line for line in lines)
+    line = next(l for l in lines if l.startswith("noise 0.1 vs 0 (lb 0.01)"))
+    mde = minimum_detectable_effect(float(pd.Series(list(shift.values())).std()), 3)
+    assert f"inconclusive at n = 3 (2/3 seeds point the same way; MDE {mde:.1f} PPL at 80% power)" in line, line
+
+
+def _routing_study_with_entropy(per_layer):
+    study = fake_study("routing", (42, 43))
+    for layer, value in enumerate(per_layer):
+        study.results[f"val_entropy_L{layer}"] = value
+    return study
+
+
+def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
+    rising = reports.routing_verdicts(_routing_study_with_entropy([0.5, 0.9, 1.1, 1.2]))
+    top1 = next(l for l in rising if l.startswith("Top-1 routing entropy per layer"))
+    assert "rises with depth, lowest in layer 0" in top1 and "(falls with depth)" in top1 and "opposite" in top1
+    falling = reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+    top2 = next(l for l in falling if l.startswith("Top-2 routing entropy per layer"))
+    assert "falls with depth, lowest in layer 3" in top2 and "the same trend" in top2
+    original = originals.ROUTING.copy()
+    try:  # the original's trend is read from its data, not typed
+        originals.ROUTING.at["top-2", "routing_entropy_per_layer"] = (0.6, 0.7, 0.8, 0.9, 1.0)
+        top2 = next(l for l in reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+                    if l.startswith("Top-2 routing entropy per layer"))
+        assert "(rises with depth): a different trend" in top2
+    finally:
+        originals.ROUTING.loc[:, :] = original
