@@ -126,3 +126,40 @@ def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
         assert "(rises with depth): a different trend" in top2
     finally:
         originals.ROUTING.loc[:, :] = original
+
+
+@pytest.mark.parametrize("name", ["routing", "noise", "zloss"])
+def test_setup_comparison_puts_the_originals_data_next_to_ours_computed_from_the_grid(name):
+    table = reports.setup_comparison(name, SMOKE)
+    assert list(table.columns) == ["original", "ours (smoke)"]
+    assert list(table.index) == [*originals.SETUP_ROWS, "source"]
+    assert table.loc["source", "original"] == originals.SETUP_SOURCES[name]
+    grid = studies.build_grid(name, SMOKE)
+    t = grid.runs[0].config.train
+    assert f"= {t.steps * t.batch_size * t.seq_len:,} tokens" in table.loc["steps and tokens", f"ours (smoke)"]
+    assert f"d_model {SMOKE.base.model.d_model}," in table.loc["model size", "ours (smoke)"]
+    assert_clean(table.to_string())
+
+
+def test_setup_comparison_reads_each_original_from_the_data_and_rejects_unknown_studies():
+    assert "1 SwiGLU expert" in reports.setup_comparison("routing", SMOKE).loc["shared expert", "original"]
+    assert "summed over layers" in reports.setup_comparison("noise", SMOKE).loc["auxiliary-loss reduction", "ours (smoke)"]
+    noise = reports.setup_comparison("noise", SMOKE).loc["router noise", "ours (smoke)"]
+    assert noise == "noise_std 0, 0.1, 0.5"
+    with pytest.raises(ValueError, match="unknown study 'capacity'.*valid choices"):
+        reports.setup_comparison("capacity", SMOKE)
+
+
+def test_scale_statement_computes_parameters_tokens_and_epochs():
+    from moe_lib.model import MoETransformer, count_parameters
+    from moe_lib.train import load_data
+
+    text_ = reports.scale_statement(SMOKE)
+    counts = count_parameters(MoETransformer(SMOKE.base.model))
+    t = SMOKE.base.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    train = len(load_data(SMOKE.base.data).train)
+    assert f"{counts.total:,} parameters" in text_ and f"{counts.active:,} active" in text_
+    assert f"= {tokens:,} tokens" in text_
+    assert f"{tokens / counts.total:.2f} tokens per parameter" in text_
+    assert f"{tokens / train:.2f} epochs over the {train:,}-token training split" in text_
