@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from . import originals, plots
 from . import specialization as spec
@@ -21,8 +22,8 @@ from .config import ModelConfig
 from .model import MoETransformer, count_parameters
 from .profiles import Profile
 from .statistics import (
-    capacity_label, format_mean_std, mean_ci, minimum_detectable_effect, paired_comparison, paired_differences,
-    sign_consistency, summarize,
+    capacity_label, factorial_anova, factorial_contrasts, format_mean_std, mean_ci, minimum_detectable_effect, paired_comparison,
+    paired_differences, sign_consistency, summarize,
 )
 from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult, build_grid
 from .train import load_data
@@ -374,6 +375,75 @@ def noise_verdicts(study: StudyResult) -> list[str]:
         f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
         f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
     )
+    return lines
+
+
+FACTORS = ("noise_std", "load_balancing_weight")
+
+
+def noise_factorial_analysis(study: StudyResult, metric: str = "best_val_perplexity") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The noise study analysed as the 3 x 2 factorial it is, on log ``metric`` with the seed as a block.
+
+    Returns ``(anova, contrasts)``: :func:`~moe_lib.statistics.factorial_anova` (main effects of noise
+    and lb, their interaction, the seed block, partial eta squared) and the effect sizes of
+    :func:`~moe_lib.statistics.factorial_contrasts` for both factors (noise vs 0; lb 0 vs 0.01), each
+    main effect and interaction contrast with its seed-paired t interval, as % change in ``metric``.
+    """
+    r = study.results
+    anova = factorial_anova(r, metric, list(FACTORS), block="seed", log=True)
+    contrasts = pd.concat([
+        factorial_contrasts(r, metric, "noise_std", "load_balancing_weight", baseline=NOISE_LEVELS[0]),
+        factorial_contrasts(r, metric, "load_balancing_weight", "noise_std", baseline=LB_WEIGHTS[0]),
+    ], ignore_index=True)
+    return anova, contrasts
+
+
+def _contrast_mde_pct(row: pd.Series, confidence: float = 0.95) -> float:
+    """The MDE (80% power) of a contrast in %, from the per-seed SD its t interval implies:
+    ``sd = (high - low) / 2 * sqrt(n) / t_{(1+confidence)/2, n-1}`` on the log scale."""
+    if row.n < 2 or pd.isna(row.ci_low):
+        return float("nan")
+    sd = (row.ci_high - row.ci_low) / 2 * np.sqrt(row.n) / stats.t.ppf((1 + confidence) / 2, row.n - 1)
+    return 100 * (np.exp(minimum_detectable_effect(float(sd), int(row.n))) - 1)
+
+
+def _contrast_text(row: pd.Series) -> str:
+    """``+8.1% (95% CI [+2.0%, +14.6%], 3/3 seeds)`` and what the interval says."""
+    head = f"{row.pct:+.1f}% ({_ci_text(row.pct_ci_low, row.pct_ci_high, 1, '%')}, {row.signs})"
+    if pd.isna(row.ci_low):
+        return f"{head}: too few seeds for an interval"
+    if row.ci_low > 0 or row.ci_high < 0:
+        return f"{head}: the CI excludes 0"
+    mde = _contrast_mde_pct(row)
+    mde_text = f"MDE {mde:.1f}% at 80% power" if np.isfinite(mde) else "too few seeds for an MDE"
+    return f"{head}: the CI includes 0: inconclusive at n = {int(row.n)} ({row.signs} point the same way; {mde_text})"
+
+
+def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplexity") -> list[str]:
+    """Main effects and the noise x lb interaction, from :func:`noise_factorial_analysis`, in words."""
+    anova, contrasts = noise_factorial_analysis(study, metric)
+    lines = []
+    for term in anova.index.drop(["Residual", "seed"], errors="ignore"):
+        row = anova.loc[term]
+        p = "–" if pd.isna(row["PR(>F)"]) else "< 0.001" if row["PR(>F)"] < 0.001 else f"= {row['PR(>F)']:.3f}"
+        lines.append(f"ANOVA on log {metric}, {term.replace(':', ' x ')}: F = {row.F:.2f}, p {p}, partial eta squared {row.partial_eta_sq:.2f}.")
+    for _, row in contrasts.iterrows():
+        if row.effect == "noise_std main effect":
+            lines.append(f"Noise {row.level:g} vs 0, averaged over lb: {_contrast_text(row)}.")
+        elif row.effect == "load_balancing_weight main effect":
+            lines.append(f"lb {row.level:g} vs {LB_WEIGHTS[0]:g}, averaged over noise: {_contrast_text(row)}.")
+    for _, row in contrasts[contrasts.effect.str.startswith("noise_std x")].iterrows():
+        bounded = pd.notna(row.pct_ci_low)
+        claim = (
+            "no interval, so the seed's claim of a limited interaction is untested here" if not bounded else
+            f"no evidence of an interaction, consistent with the seed's claim that it is limited, but only to the CI's "
+            f"resolution: interactions from {row.pct_ci_low:+.1f}% to {row.pct_ci_high:+.1f}% remain possible" if row.ci_low <= 0 <= row.ci_high else
+            "the interaction is real here, against the seed's claim that it is limited"
+        )
+        lines.append(
+            f"Noise x lb interaction at noise {row.level:g} (the noise effect with lb {LB_WEIGHTS[0]:g} minus with lb {LB_WEIGHTS[1]:g}): "
+            f"{_contrast_text(row)}; {claim}."
+        )
     return lines
 
 

@@ -3,6 +3,8 @@ cannot conclude, never print ``nan``/``inf`` or claim a comparison they have no 
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -163,3 +165,37 @@ def test_scale_statement_computes_parameters_tokens_and_epochs():
     assert f"= {tokens:,} tokens" in text_
     assert f"{tokens / counts.total:.2f} tokens per parameter" in text_
     assert f"{tokens / train:.2f} epochs over the {train:,}-token training split" in text_
+
+
+def _factorial_study(interaction: float) -> studies.StudyResult:
+    """A noise study whose log PPL is additive in noise, lb and seed, plus ``interaction`` at (noise 0.5, lb 0)
+    and a small seed x condition wobble, so the residual is not 0."""
+    import math
+
+    study = fake_study("noise", (42, 43, 44))
+    r = study.results
+    wobble = [0.004 * ((i * 7) % 5 - 2) for i in range(len(r))]
+    log_ppl = (math.log(100) + 0.08 * (r.noise_std == 0.5) + 0.015 * (r.load_balancing_weight == 0.0) + 0.01 * (r.seed - 43)
+               + interaction * ((r.noise_std == 0.5) & (r.load_balancing_weight == 0.0)) + wobble)
+    r["best_val_perplexity"] = [math.exp(v) for v in log_ppl]
+    return study
+
+
+def test_noise_factorial_analysis_gives_anova_terms_and_effect_sizes():
+    anova, contrasts = reports.noise_factorial_analysis(_factorial_study(0.0))
+    assert {"noise_std", "load_balancing_weight", "noise_std:load_balancing_weight", "seed", "Residual"} <= set(anova.index)
+    assert anova.loc["noise_std", "PR(>F)"] < 0.001
+    main = contrasts.set_index(["effect", "level"])
+    assert main.loc[("noise_std main effect", 0.5), "pct"] == pytest.approx(100 * (math.exp(0.08) - 1), abs=0.5)
+    assert main.loc[("load_balancing_weight main effect", 0.0), "signs"] == "3/3 seeds"
+
+
+def test_noise_factorial_verdicts_test_the_seeds_limited_interaction_claim():
+    additive = reports.noise_factorial_verdicts(_factorial_study(0.0))
+    at_high = next(l for l in additive if l.startswith("Noise x lb interaction at noise 0.5"))
+    assert "no evidence of an interaction" in at_high and "inconclusive at n = 3" in at_high
+    assert any(l.startswith("Noise 0.5 vs 0, averaged over lb:") and "the CI excludes 0" in l for l in additive)
+    strong = reports.noise_factorial_verdicts(_factorial_study(-0.2))
+    at_high = next(l for l in strong if l.startswith("Noise x lb interaction at noise 0.5"))
+    assert "the interaction is real here, against the seed's claim" in at_high
+    assert_clean("\n".join(additive + strong))
