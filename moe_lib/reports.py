@@ -257,6 +257,19 @@ def routing_verdicts(study: StudyResult) -> list[str]:
             f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}. "
             f"The original found learned better ({loss['top-1']:.2f}/{loss['top-2']:.2f} vs {loss['top-1 random']:.2f}), on one seed."
         )
+    learned, random = "top-2 + shared", "top-2 random + shared"
+    if {learned, random} <= set(study.results.condition):
+        cmp = _paired(study, "test_loss", random).loc[learned]
+        plain = _paired(study, "test_loss", "top-2 random").loc["top-2"]
+        lines.append(
+            f"With one shared expert (as in every layer of the original): learned vs random top-2, paired difference "
+            f"{cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}; "
+            f"without it {plain.mean_difference:+.3f} nats. "
+            + ("The shared expert narrows the gap, as the original's explanation predicts." if abs(cmp.mean_difference) < abs(plain.mean_difference)
+               else "The shared expert does not narrow the gap here.")
+            + " (Point estimates; the gaps' own difference has no interval here.)"
+        )
     cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
         f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "

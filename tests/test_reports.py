@@ -199,3 +199,13 @@ def test_noise_factorial_verdicts_test_the_seeds_limited_interaction_claim():
     at_high = next(l for l in strong if l.startswith("Noise x lb interaction at noise 0.5"))
     assert "the interaction is real here, against the seed's claim" in at_high
     assert_clean("\n".join(additive + strong))
+
+
+def test_routing_verdicts_compare_learned_and_random_with_a_shared_expert():
+    study = fake_study("routing", (42, 43, 44))
+    r = study.results
+    gap = {"top-2": 0.0, "top-2 random": 0.2, "top-2 + shared": 0.0, "top-2 random + shared": 0.05}
+    r["test_loss"] = [2.0 + gap.get(c, 0.0) + 0.01 * s for c, s in zip(r.condition, r.seed)]
+    line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
+    assert "paired difference -0.050 nats" in line and "without it -0.200 nats" in line
+    assert "narrows the gap" in line
