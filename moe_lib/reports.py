@@ -668,45 +668,63 @@ def capacity_table(study: StudyResult) -> pd.DataFrame:
 
 
 def capacity_verdicts(study: StudyResult, seed_std: float | None = None, threshold: float = 0.01) -> list[str]:
-    """Findings computed from the capacity sweep. ``seed_std``: the seed-to-seed std of validation
-    perplexity for the dropless lb 0.01 configuration (from a multi-seed study), the yardstick for
-    whether a one-seed difference is more than noise."""
-    r = study.results
+    """Findings computed from the capacity sweep, seed means with seed-paired 95% CIs where there are seeds.
+
+    ``seed_std``: with one seed only, the seed-to-seed std of validation perplexity of the dropless
+    lb 0.01 configuration (from a multi-seed study), the yardstick for a one-seed difference.
+    """
+    r = study.results.copy()
+    r["cf"] = r.capacity_factor.map(capacity_label)
+    n_seeds = r.seed.nunique()
     lines = []
-    below_one = r[r.capacity_factor < 1]
-    for _, row in below_one.iterrows():
-        floor = 1 - row.capacity_factor
+    for (cf, lb), part in r[r.capacity_factor < 1].groupby(["capacity_factor", "load_balancing_weight"], sort=False):
+        floor = 1 - cf
         lines.append(
-            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.train_dropped_fraction:.1f}% of slots dropped; "
-            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
-            f"{100 * floor:.0f}% must drop: {'consistent' if row.train_dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+            f"cf={capacity_label(cf)}, lb={lb}: {100 * part.train_dropped_fraction.mean():.1f}% of slots dropped (mean of {len(part)} seed(s)); "
+            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * cf:.0f}% of the routed slots, so at least "
+            f"{100 * floor:.0f}% must drop: {'consistent' if (part.train_dropped_fraction >= floor - 1e-6).all() else 'INCONSISTENT'} with the formula."
         )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
-        finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
-        ok = finite[finite.train_dropped_fraction < threshold]
-        first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
-        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
-    for cf in (1.0, 1.25):
-        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].train_dropped_fraction.mean()
-        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].train_dropped_fraction.mean()
-        if pd.notna(on) and pd.notna(off):
+        means = part.dropna(subset=["capacity_factor"]).groupby("capacity_factor").train_dropped_fraction.mean().sort_index()
+        ok = means[means < threshold]
+        first = f"cf={capacity_label(ok.index[0])}" if len(ok) else "no finite capacity factor in the sweep"
+        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped (seed mean) first at {first}.")
+    for cf in sorted(r.capacity_factor.dropna().unique()):
+        at = r[r.capacity_factor == cf].assign(condition=lambda d: "lb=" + d.load_balancing_weight.astype(str))
+        if set(at.condition) != {"lb=0.01", "lb=0.0"}:
+            continue
+        for metric, name, scale, unit, digits in (("train_dropped_fraction", "dropped slots", 100, " points", 1), ("val_perplexity", "val PPL", 1, " PPL", 2)):
+            cmp = paired_comparison(at, baseline="lb=0.0", metric=metric).set_index("condition").loc["lb=0.01"]
+            diffs = scale * paired_differences(at, baseline="lb=0.0", metric=metric).difference.to_numpy(dtype=float)
             lines.append(
-                f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "
-                + (f"the auxiliary loss cuts drops {off / on:.1f}x." if on > 0 and off > on else "load balancing does not reduce drops here." if off <= on else "no drops with load balancing.")
+                f"cf={capacity_label(cf)}, lb 0.01 vs 0: {name} {scale * cmp.baseline_mean:.{digits}f} without load balancing vs "
+                f"{scale * cmp.treatment_mean:.{digits}f} with it, paired difference {scale * cmp.mean_difference:+.{digits}f}{unit}, "
+                f"{_ci_text(scale * cmp.difference_ci_low, scale * cmp.difference_ci_high, digits, unit)}: "
+                f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, diffs, digits, unit)}."
             )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
-        base = part[part.capacity_factor.isna()].val_perplexity.mean()
-        if pd.isna(base):
+        part = part.assign(condition=part.cf)
+        if "dropless" not in set(part.condition):
             continue
-        for _, row in part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor").iterrows():
-            diff = row.val_perplexity - base
+        for cf in sorted(part.capacity_factor.dropna().unique()):
+            label = capacity_label(cf)
+            if n_seeds >= 2:
+                cmp = paired_comparison(part, baseline="dropless", metric="val_perplexity").set_index("condition").loc[label]
+                diffs = paired_differences(part, baseline="dropless", metric="val_perplexity")
+                diffs = diffs[diffs.condition == label].difference.to_numpy(dtype=float)
+                lines.append(
+                    f"lb={lb}, cf={label} vs dropless: val PPL {cmp.treatment_mean:.2f} vs {cmp.baseline_mean:.2f}, paired difference "
+                    f"{cmp.mean_difference:+.2f} PPL, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: "
+                    f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, diffs, 2, ' PPL')}."
+                )
+                continue
+            base = part[part.condition == "dropless"].val_perplexity.mean()
+            value = part[part.condition == label].val_perplexity.mean()
+            diff = value - base
             noise = ""
             if seed_std is not None and pd.notna(seed_std):
                 noise = f"; {'more' if abs(diff) > 2 * seed_std else 'less'} than 2 seed-std ({2 * seed_std:.2f} PPL) of the dropless model"
-            lines.append(
-                f"lb={lb}, cf={capacity_label(row.capacity_factor)}: val PPL {row.val_perplexity:.2f} vs dropless {base:.2f} "
-                f"({diff:+.2f}, {100 * diff / base:+.1f}%{noise})."
-            )
+            lines.append(f"lb={lb}, cf={label}: val PPL {value:.2f} vs dropless {base:.2f} ({diff:+.2f}, {100 * diff / base:+.1f}%{noise}).")
     fast = r[r.capacity_factor == r.capacity_factor.min()].ms_per_step.mean()
     slow = r[r.capacity_factor.isna()].ms_per_step.mean()
     if pd.notna(fast) and pd.notna(slow):

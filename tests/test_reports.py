@@ -209,3 +209,29 @@ def test_routing_verdicts_compare_learned_and_random_with_a_shared_expert():
     line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
     assert "paired difference -0.050 nats" in line and "without it -0.200 nats" in line
     assert "narrows the gap" in line
+
+
+def _capacity_study(seeds=None) -> studies.StudyResult:
+    """lb 0.01 drops a quarter as much as lb 0 at every cf; PPL +2 off dropless, seeds pull lb 0.01 and 0 apart."""
+    grid = studies.build_grid("capacity", SMOKE, seeds=seeds)
+    rows = []
+    for run in grid.runs:
+        cf, lb = run.config.model.capacity_factor, run.config.model.load_balancing_weight
+        rows.append({"run_id": run.run_id, "condition": run.condition, **run.factors, "seed": run.seed,
+                     "train_dropped_fraction": 0.0 if cf is None else (0.1 if lb else 0.4) / cf + 0.01 * (run.seed - 43),
+                     "val_perplexity": 100 + (0 if cf is None else 2) + 0.5 * (run.seed - 43) * (1 if lb else -1), "ms_per_step": 200.0})
+    return studies.StudyResult(grid, SMOKE, pd.DataFrame(rows), None, None)
+
+
+def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
+    lines = reports.capacity_verdicts(_capacity_study((42, 43, 44)))
+    drops = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: dropped slots"))
+    assert "40.0 without load balancing vs 10.0 with it" in drops and "the CI excludes 0" in drops
+    ppl = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: val PPL"))
+    assert "inconclusive at n = 3" in ppl
+    assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: val PPL 102.00 vs 100.00") for l in lines)
+    assert len([l for l in lines if "must drop" in l]) == 0  # no cf < 1 in the sweep: nothing is forced to drop
+    one_seed = reports.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
+    assert any("too few seeds for an interval" in l for l in one_seed)
+    assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)
+    assert_clean("\n".join(lines + one_seed).replace("Time per step", ""))
