@@ -60,3 +60,56 @@ ZLOSS = pd.DataFrame(
 ).set_index("condition")
 
 SOURCES = {"routing": ROUTING_SOURCE, "noise": NOISE_SOURCE, "zloss": ZLOSS_SOURCE}
+
+
+# --------------------------------------------------------------------------- the originals' setups
+# What each original's code and write-up actually did, one entry per row of
+# :func:`moe_lib.reports.setup_comparison` (keys are :data:`SETUP_ROWS`). Facts read from the
+# originals' public code, summarised in the seed material's README ("What the originals' code
+# actually did"); "not stated" where neither the code summary nor the write-up gives a value.
+SETUP_ROWS = (
+    "data", "model size", "steps and tokens", "gate function", "shared expert",
+    "auxiliary-loss reduction", "CV definition", "router noise", "optimizer",
+)
+_LLM_PY = "the noise / z-loss studies' llm.py"
+SETUPS: dict[str, dict[str, str]] = {
+    "routing": {
+        "data": "character-level tokens: a sample of Alice in Wonderland, or TinyStories",
+        "model size": "d_model 128, 5 layers, 4 heads, context 64, 4 routed experts of width 256, top-1 or top-2; params not reported",
+        "steps and tokens": f"3,000 steps x batch 16 x 64 = {3000 * 16 * 64 / 1e6:.2f}M tokens",
+        "gate function": "sigmoid of the chosen top-k logits (weights do not sum to 1, so top-1 gets a gradient); "
+                         "random: torch.randint, may pick one expert twice, weights all 1",
+        "shared expert": "1 SwiGLU expert of width 256 in every MoE layer",
+        "auxiliary-loss reduction": "none: no load-balancing loss",
+        "CV definition": "none: expert-utilization std per layer",
+        "router noise": "none",
+        "optimizer": "not stated",
+    },
+    "noise": {
+        "data": "SmolLM corpus subset: 2,000 documents, 500,000 tokens",
+        "model size": "d_model 384, 6 layers, d_ff 1536, 8 experts top-2; params not reported",
+        "steps and tokens": f"400 steps x batch 24 x 512 = {400 * 24 * 512 / 1e6:.2f}M tokens ({400 * 24 * 512 / 500_000:.1f} passes over 500k tokens)",
+        "gate function": "softmax over the chosen top-k logits (renormalised)",
+        "shared expert": "none",
+        "auxiliary-loss reduction": "weight x per-layer loss, summed over layers (aux about 0.06 for 6 layers at 0.01)",
+        "CV definition": "pooled: counts of all layers summed per expert, then CV",
+        "router noise": "noise_std 0, 0.1, 0.5 on the logits",
+        "optimizer": "Muon for most 2-D weights + AdamW otherwise, AMP",
+    },
+    "zloss": {
+        "data": "SmolLM corpus subset",
+        "model size": f"{_LLM_PY}; sizes not stated in the tutorial",
+        "steps and tokens": "1,000 steps; batch and sequence not stated",
+        "gate function": "softmax over the chosen top-k logits (renormalised)",
+        "shared expert": "none",
+        "auxiliary-loss reduction": "per-layer loss summed over layers; the configured lb weight is never passed to the layer",
+        "CV definition": "pooled over layers (not reported in the tutorial)",
+        "router noise": "on (std not stated), off in the 'no noise' run",
+        "optimizer": f"Muon + AdamW hybrid ({_LLM_PY})",
+    },
+}
+SETUP_SOURCES = {
+    "routing": "tsh-03/moe-experiments code and README (seed 003)",
+    "noise": f"routing-noise write-up (seed 004) and {_LLM_PY}",
+    "zloss": f"z-loss tutorial and plan (seeds 000, 001) and {_LLM_PY}",
+}

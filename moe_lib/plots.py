@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import LogNorm
 import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from .profiles import Profile, output_paths
-from .statistics import capacity_label, mean_ci
+from .statistics import capacity_label, mean_ci, t_errorbar
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -40,10 +41,10 @@ def _hue(history: pd.DataFrame) -> str | None:
 
 
 def plot_loss_curves(history: pd.DataFrame, title: str = "Language-model loss") -> plt.Figure:
-    """Training LM loss (lines, mean and 95% band over seeds) and validation loss (markers)."""
+    """Training LM loss (lines, mean and 95% t-interval band over seeds) and validation loss (markers)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     hue = _hue(history)
-    sns.lineplot(data=history, x="step", y="lm_loss", hue=hue, errorbar=("ci", 95), ax=ax)
+    sns.lineplot(data=history, x="step", y="lm_loss", hue=hue, errorbar=t_errorbar(), ax=ax)
     if "val_loss" in history.columns and history["val_loss"].notna().any():
         val = history.dropna(subset=["val_loss"])
         sns.lineplot(data=val, x="step", y="val_loss", hue=hue, errorbar=None, ax=ax, marker="o", linestyle="--", legend=False)
@@ -84,20 +85,45 @@ def plot_routing_entropy(history: pd.DataFrame, num_experts: int, title: str = "
     )
 
 
+def _log_spread(values: np.ndarray, least: float = 1.01) -> float:
+    """``s`` such that ``[1/s, s]`` covers every positive finite ratio in ``values`` on a log scale centred on 1."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    return max(float(np.exp(np.max(np.abs(np.log(positive))))) if positive.size else 2.0, least)
+
+
+def _ratio_ticks(colorbar, spread: float) -> None:
+    """Label a log colour bar centred on 1 with plain ratios (1/8 ... 8) instead of powers of ten."""
+    ticks = [t for t in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0, 16.0) if 1 / spread <= t <= spread]
+    colorbar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    colorbar.minorticks_off()
+
+
+UTILIZATION_MAX_RATIO = 4.0  # colour scale of plot_expert_utilization: 1/4 to 4 times the uniform share
+
+
 def plot_expert_utilization(history: pd.DataFrame, title: str = "Expert utilization per layer") -> plt.Figure:
-    """One panel per layer, one line per expert: share of routed slots vs step (one run or a seed mean)."""
+    """One heatmap per layer (small multiples): experts x step, coloured by the expert's share of routed
+    slots relative to uniform (``share * E``; 1 = its fair share), on a log scale centred on 1.
+    One run, or the mean over the runs (seeds) in ``history``."""
     layers = layers_in(history, "util_std")
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.6), sharey=True, squeeze=False)
-    mean = history.groupby("step").mean(numeric_only=True).reset_index()
+    mean = history.groupby("step").mean(numeric_only=True)
+    ratios = {layer: mean[[f"util_L{layer}_E{e}" for e in experts_in(history, layer)]].T * len(experts_in(history, layer)) for layer in layers}
+    # Capped at 4x either way: a share of 0 in the first steps would otherwise wash out the rest of the scale.
+    spread = min(_log_spread(np.concatenate([r.to_numpy(dtype=float).ravel() for r in ratios.values()])), UTILIZATION_MAX_RATIO)
+    norm = LogNorm(vmin=1 / spread, vmax=spread)
+    num_experts = max(len(r) for r in ratios.values())
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 1.0, 0.32 * num_experts + 2.0), sharey=True, squeeze=False,
+                             layout="constrained")
     for ax, layer in zip(axes[0], layers):
-        experts = experts_in(history, layer)
-        for e in experts:
-            ax.plot(mean["step"], mean[f"util_L{layer}_E{e}"], label=f"E{e}", linewidth=1.2)
-        ax.axhline(1 / len(experts), color="grey", linestyle=":", label="uniform")
-        ax.set(title=f"layer {layer}", xlabel="optimizer step", ylabel="share of routed slots")
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="best")
+        grid = ratios[layer].clip(lower=1 / spread, upper=spread)
+        grid.index = [f"E{e}" for e in experts_in(history, layer)]
+        mesh = ax.pcolormesh(grid.columns.to_numpy(dtype=float), np.arange(len(grid)), grid.to_numpy(), cmap="vlag", norm=norm, shading="nearest")
+        ax.set_yticks(np.arange(len(grid)), grid.index)
+        ax.set(title=f"layer {layer}", xlabel="optimizer step")
+    axes[0][0].set_ylabel("expert")
+    axes[0][0].invert_yaxis()
+    _ratio_ticks(fig.colorbar(mesh, ax=axes[0].tolist(), extend="both", label="share / uniform share (log)"), spread)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -123,10 +149,10 @@ def plot_interaction(
 
 
 def plot_metric_by_condition(results: pd.DataFrame, metric: str, ylabel: str, title: str, order: Sequence[str] | None = None) -> plt.Figure:
-    """Bar of the mean per condition (95% CI) with every seed's value as a dot."""
+    """Bar of the mean per condition with its 95% t-interval (the tables' interval) and every seed's value as a dot."""
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * results["condition"].nunique()), 4.2))
     order = list(order) if order is not None else list(dict.fromkeys(results["condition"]))
-    sns.barplot(data=results, x="condition", y=metric, order=order, errorbar=("ci", 95), ax=ax, color="C0", alpha=0.55)
+    sns.barplot(data=results, x="condition", y=metric, order=order, errorbar=t_errorbar(), ax=ax, color="C0", alpha=0.55)
     sns.stripplot(data=results, x="condition", y=metric, order=order, ax=ax, color="black", size=5)
     ax.set(xlabel="", ylabel=ylabel, title=title)
     ax.tick_params(axis="x", labelrotation=20)
@@ -162,20 +188,29 @@ def plot_label_expert_heatmap(table: pd.DataFrame, label: str, value: str = "sha
     """
     layers = sorted(table["layer"].unique())
     num_experts = table["expert"].nunique()
-    center = 1.0 / num_experts if value == "share" else 1.0
-    spread = float(np.nanmax(np.abs(table[value].to_numpy(dtype=float) - center))) or 1e-9
+    values = table[value].to_numpy(dtype=float)
+    if value == "share":
+        center = 1.0 / num_experts
+        spread = float(np.nanmax(np.abs(values - center))) or 1e-9
+        scale = {"center": center, "vmin": center - spread, "vmax": center + spread}
+    else:  # a lift is >= 0 and multiplicative: a log scale centred on 1, 0.5 and 2 equally far from it
+        spread = _log_spread(values)
+        scale = {"norm": LogNorm(vmin=1 / spread, vmax=spread)}
     n_rows = table[label].nunique()
-    fig, axes = _layer_panels(len(layers), width=0.55 * num_experts + 1.4, height=0.5 * n_rows + 1.9)
+    fig, axes = _layer_panels(len(layers), width=0.6 * num_experts + 1.5, height=0.55 * n_rows + 1.9)
     for ax, layer in zip(axes, layers):
         grid = table[table.layer == layer].pivot(index=label, columns="expert", values=value)
         annot = (100 * grid).round(0).astype(int).astype(str) if value == "share" else grid.round(2).astype(str)
-        sns.heatmap(grid, ax=ax, cmap="vlag", center=center, vmin=center - spread, vmax=center + spread, annot=annot, fmt="",
-                    annot_kws={"fontsize": 7}, cbar=ax is axes[-1], linewidths=0.3,
-                    cbar_kws={"label": "share of slots" if value == "share" else "lift"} if ax is axes[-1] else None)
+        shown = grid if value == "share" else grid.clip(lower=1 / spread)  # a lift of 0 sits at the bottom of the log scale
+        sns.heatmap(shown, ax=ax, cmap="vlag", annot=annot, fmt="", annot_kws={"fontsize": 9}, cbar=ax is axes[-1], linewidths=0.3,
+                    cbar_kws={"label": "share of slots" if value == "share" else "lift (log scale, 1 = chance)"} if ax is axes[-1] else None,
+                    **scale)
         ax.set(title=f"layer {layer}", xlabel="expert", ylabel=label if ax is axes[0] else "")
         ax.tick_params(axis="y", labelrotation=0)
         if ax is not axes[0]:
             ax.set_yticklabels([])
+    if value != "share":
+        _ratio_ticks(axes[-1].collections[0].colorbar, spread)
     unit = "share of the row's slots (%), centre = uniform 1/E" if value == "share" else "lift: share / expert's overall share"
     fig.suptitle(f"{title}  ({unit})" if title else unit)
     fig.tight_layout()
@@ -213,10 +248,10 @@ def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activ
     num_experts = lifts[0].shape[0]
     finite = np.concatenate([l[np.isfinite(l)] for l in lifts]) if lifts else np.array([1.0])
     spread = float(np.max(np.abs(np.log2(np.clip(finite, 1e-3, None))))) if finite.size else 1.0
-    fig, axes = _layer_panels(len(lifts), width=0.5 * num_experts + 1.3, height=0.5 * num_experts + 0.9)
+    fig, axes = _layer_panels(len(lifts), width=0.6 * num_experts + 1.3, height=0.6 * num_experts + 0.9)
     for layer, (ax, lift) in enumerate(zip(axes, lifts)):
         sns.heatmap(np.log2(np.clip(lift, 1e-3, None)), ax=ax, cmap="vlag", center=0, vmin=-spread, vmax=spread,
-                    annot=np.round(lift, 1), fmt="", annot_kws={"fontsize": 6}, cbar=ax is axes[-1], square=True,
+                    annot=np.round(lift, 1), fmt="", annot_kws={"fontsize": 8}, cbar=ax is axes[-1], square=True,
                     mask=~np.isfinite(lift), cbar_kws={"label": "log2 lift"} if ax is axes[-1] else None)
         ax.set(title=f"layer {layer}", xlabel="expert", ylabel="expert" if ax is axes[0] else "")
     fig.suptitle(f"{title}: lift of each top-2 pair over what usage predicts (annotated; 1 = chance)")
@@ -264,10 +299,10 @@ def plot_dispatch_benchmark(layer: pd.DataFrame, tokens: int, title: str = "MoE 
         ax.barh(range(len(implementations)), rows.gflops, color=[colors[i] for i in implementations])
         for y, (g, pct) in enumerate(zip(rows.gflops, rows.pct_peak)):
             if pd.notna(g):
-                ax.text(g, y, f" {g:.0f} ({pct:.0f}%)", va="center", fontsize=8)
+                ax.text(g, y, f" {g:.0f} ({pct:.0f}%)", va="center", fontsize=9)
         peak = rows.peak_gflops.dropna().iloc[0]
         ax.axvline(peak, color="black", linestyle="--", linewidth=1)
-        ax.text(peak, len(implementations) - 0.4, " fp32 peak", fontsize=8, va="top")
+        ax.text(peak, len(implementations) - 0.4, " fp32 peak", fontsize=9, va="top")
         ax.set(title=f"{rows.label.dropna().iloc[0]}\n{shape}", xlabel="GFLOP/s (% of peak)", xlim=(0, peak * 1.35))
         ax.set_yticks(range(len(implementations)), implementations)
         ax.invert_yaxis()

@@ -7,17 +7,26 @@ confidence interval excludes 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from . import originals, plots
 from . import specialization as spec
-from .statistics import capacity_label, format_mean_std, mean_ci, paired_comparison, summarize
-from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult
+from .config import ModelConfig
+from .model import MoETransformer, count_parameters
+from .profiles import Profile
+from .statistics import (
+    capacity_label, factorial_anova, factorial_contrasts, format_mean_std, mean_ci, minimum_detectable_effect, paired_comparison,
+    paired_differences, sign_consistency, summarize,
+)
+from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult, build_grid
+from .train import load_data
 
 
 ORIGINAL_NOISE_COLUMNS = [
@@ -36,10 +45,99 @@ def _conditions(study: StudyResult) -> list[str]:
     return list(dict.fromkeys(run.condition for run in study.grid.runs))
 
 
+def _layer_means(rows: pd.DataFrame, prefix: str) -> list[float]:
+    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in rows.columns if c.startswith(prefix + "_L") and c.rsplit("_L", 1)[1].isdigit())
+    return [float(rows[f"{prefix}_L{l}"].mean()) for l in layers]
+
+
 def _per_layer(rows: pd.DataFrame, prefix: str) -> str:
     """Seed-mean of ``<prefix>_L<n>`` for each layer, as '1.10 1.05 ...'."""
-    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in rows.columns if c.startswith(prefix + "_L") and c.rsplit("_L", 1)[1].isdigit())
-    return " ".join(f"{rows[f'{prefix}_L{l}'].mean():.2f}" for l in layers)
+    return " ".join(f"{v:.2f}" for v in _layer_means(rows, prefix))
+
+
+# --------------------------------------------------------------------------- setup and scale
+@functools.lru_cache(maxsize=None)
+def _parameters(cfg: ModelConfig):
+    """Total and active parameters of a model built from ``cfg`` (memoised: configs are frozen)."""
+    return count_parameters(MoETransformer(cfg))
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _gate_description(cfg: ModelConfig) -> str:
+    """How a token's chosen experts are weighted, in words (see :class:`~moe_lib.config.ModelConfig`)."""
+    if cfg.router == "random":
+        if cfg.top_k == 1:
+            return "random top-1: one expert uniformly at random, weight 1"
+        return f"random top-{cfg.top_k}: {cfg.top_k} distinct experts uniformly at random, weight 1/{cfg.top_k} each"
+    scores = f"{cfg.score_func} scores over all {cfg.num_experts} experts"
+    kept = f"renormalised over the chosen {cfg.top_k}" if cfg.gate_renormalized else "the chosen experts' probabilities, not renormalised"
+    return f"top-{cfg.top_k}: {scores}, {kept}"
+
+
+def _distinct(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def setup_comparison(study_name: str, profile: Profile) -> pd.DataFrame:
+    """The original's setup next to ours, one row per :data:`~moe_lib.originals.SETUP_ROWS`.
+
+    The original's column is data from :mod:`moe_lib.originals` (its source in the last row); ours
+    is computed from the configs of ``study_name``'s grid under ``profile``.
+    """
+    if study_name not in originals.SETUPS:
+        raise ValueError(f"unknown study {study_name!r}: valid choices are {sorted(originals.SETUPS)}")
+    grid = build_grid(study_name, profile)
+    configs = [run.config for run in grid.runs]
+    models = _distinct(c.model for c in configs)
+    m, t, d = configs[0].model, configs[0].train, configs[0].data
+    params = _parameters(m)
+    active = sorted({_parameters(model).active for model in models})
+    shared = _distinct(model.num_shared_experts for model in models)
+    ours = {
+        "data": f"{d.corpus}, {d.tokenizer} tokens (vocab {m.vocab_size:,})",
+        "model size": (
+            f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, context {t.seq_len}, {m.num_experts} routed experts "
+            f"of width {m.d_ff}, top-{'/'.join(str(k) for k in _distinct(model.top_k for model in models))}; "
+            f"{_millions(params.total)} params, {'-'.join(_distinct(_millions(a) for a in (active[0], active[-1])))} active"
+        ),
+        "steps and tokens": f"{t.steps:,} steps x batch {t.batch_size} x {t.seq_len} = {t.steps * t.batch_size * t.seq_len:,} tokens",
+        "gate function": "; ".join(_distinct(_gate_description(model) for model in models)),
+        "shared expert": "; ".join(
+            "none" if s == 0 else f"{s} SwiGLU expert(s) of width {m.d_ff} in every MoE layer "
+            f"({', '.join(_distinct(r.condition for r in grid.runs if r.config.model.num_shared_experts == s))})"
+            for s in shared
+        ),
+        "auxiliary-loss reduction": "weight x per-layer loss, summed over layers; weight "
+                                    + ", ".join(f"{w:g}" for w in _distinct(model.load_balancing_weight for model in models)),
+        "CV definition": "per layer: CV of expert counts, mean over layers (expert_usage_cv); pooled over layers also logged",
+        "router noise": "noise_std " + ", ".join(f"{n:g}" for n in _distinct(model.noise_std for model in models)),
+        "optimizer": f"{_distinct(c.train.optimizer for c in configs)[0]}, lr {t.lr:g}, precision {t.precision}",
+    }
+    table = pd.DataFrame(
+        {"original": [originals.SETUPS[study_name][row] for row in originals.SETUP_ROWS],
+         f"ours ({profile.name})": [ours[row] for row in originals.SETUP_ROWS]},
+        index=list(originals.SETUP_ROWS),
+    )
+    table.loc["source"] = [originals.SETUP_SOURCES[study_name], f"moe_lib.studies.build_grid({study_name!r}, profile)"]
+    return table
+
+
+def scale_statement(profile: Profile) -> str:
+    """How big the profile's model is and how far it trains: parameters, tokens seen, tokens per
+    parameter and epochs over the training split, all computed from the profile's base config."""
+    cfg = profile.base
+    counts = _parameters(cfg.model)
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    train_tokens = len(load_data(cfg.data).train)
+    return (
+        f"Profile {profile.name}: {counts.total:,} parameters ({_millions(counts.total)}), {counts.active:,} active per token; "
+        f"training sees {cfg.train.steps:,} steps x {cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens, "
+        f"{tokens / counts.total:.2f} tokens per parameter (Chinchilla's compute-optimal ratio is about 20) and "
+        f"{tokens / train_tokens:.2f} epochs over the {train_tokens:,}-token training split."
+    )
 
 
 def routing_table(study: StudyResult) -> pd.DataFrame:
@@ -95,13 +193,36 @@ def _cv_ratio_phrase(off: float, on: float) -> str:
     return f"{off / on:.1f}x lower with lb 0.01."
 
 
-def _significance(low: float, high: float) -> str:
+def _pair_values(study: StudyResult, metric: str, baseline: str, condition: str, column: str = "difference") -> np.ndarray:
+    """The per-seed paired ``column`` (``difference`` or ``improvement_pct``) of ``condition`` vs ``baseline``."""
+    pairs = paired_differences(study.results, baseline=baseline, metric=metric)
+    return pairs.loc[pairs.condition == condition, column].to_numpy(dtype=float)
+
+
+def _inconclusive(differences, digits: int = 2, unit: str = "") -> str:
+    """``"inconclusive at n = 3 (3/3 seeds point the same way; MDE 2.1 PPL at 80% power)"``.
+
+    MDE: the smallest true mean difference a paired t-test on these n seeds would detect with 80%
+    power at the observed paired SD (:func:`~moe_lib.statistics.minimum_detectable_effect`).
+    """
+    if differences is None:
+        return "inconclusive"
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    mde = minimum_detectable_effect(float(d.std(ddof=1)) if n >= 2 else float("nan"), n)
+    mde_text = f"MDE {mde:.{digits}f}{unit} at 80% power" if np.isfinite(mde) else "too few seeds for an MDE"
+    return f"inconclusive at n = {n} ({sign_consistency(d)} point the same way; {mde_text})"
+
+
+def _significance(low: float, high: float, differences=None, digits: int = 2, unit: str = "") -> str:
+    """Whether the CI excludes 0; if not, "inconclusive at n = N" with sign consistency and MDE of ``differences``."""
     if pd.isna(low) or pd.isna(high):
         return "too few seeds for an interval"
-    return "the CI excludes 0" if low > 0 or high < 0 else "the CI includes 0, so this is within seed noise"
+    return "the CI excludes 0" if low > 0 or high < 0 else f"the CI includes 0: {_inconclusive(differences, digits, unit)}"
 
 
-def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float) -> str:
+def _lower_is_better_phrase(subject: str, difference: float, low: float, high: float, differences=None, digits: int = 3, unit: str = " nats") -> str:
     """``subject`` vs its baseline for a lower-is-better metric, claiming a winner only when the CI excludes 0."""
     if pd.isna(low) or pd.isna(high):
         return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean ({_significance(low, high)})"
@@ -109,7 +230,16 @@ def _lower_is_better_phrase(subject: str, difference: float, low: float, high: f
         return f"{subject} is better (the CI excludes 0)"
     if low > 0:
         return f"{subject} is worse (the CI excludes 0)"
-    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0, so the difference is within seed noise"
+    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0: {_inconclusive(differences, digits, unit)}"
+
+
+def _depth_trend(values) -> str:
+    """``"falls with depth"`` / ``"rises with depth"`` / ``"is flat with depth"``: the sign of the least-squares slope over layers."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return "has one layer, so no trend"
+    slope = np.polyfit(np.arange(len(v)), v, 1)[0]
+    return "falls with depth" if slope < -1e-3 else "rises with depth" if slope > 1e-3 else "is flat with depth"
 
 
 def routing_verdicts(study: StudyResult) -> list[str]:
@@ -117,7 +247,6 @@ def routing_verdicts(study: StudyResult) -> list[str]:
     means = study.results.groupby("condition").test_loss.mean()
     orig = originals.ROUTING
     loss = orig.test_loss
-    learned_entropy = [h for c in ("top-1", "top-2") for h in orig.routing_entropy_per_layer[c]]
     lines = []
     for k in (1, 2):
         learned, random = f"top-{k}", f"top-{k} random"
@@ -125,13 +254,26 @@ def routing_verdicts(study: StudyResult) -> list[str]:
         lines.append(
             f"Learned top-{k} vs random top-{k}: test loss {means[learned]:.3f} vs {means[random]:.3f}; "
             f"paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}. "
             f"The original found learned better ({loss['top-1']:.2f}/{loss['top-2']:.2f} vs {loss['top-1 random']:.2f}), on one seed."
+        )
+    learned, random = "top-2 + shared", "top-2 random + shared"
+    if {learned, random} <= set(study.results.condition):
+        cmp = _paired(study, "test_loss", random).loc[learned]
+        plain = _paired(study, "test_loss", "top-2 random").loc["top-2"]
+        lines.append(
+            f"With one shared expert (as in every layer of the original): learned vs random top-2, paired difference "
+            f"{cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
+            f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}; "
+            f"without it {plain.mean_difference:+.3f} nats. "
+            + ("The shared expert narrows the gap, as the original's explanation predicts." if abs(cmp.mean_difference) < abs(plain.mean_difference)
+               else "The shared expert does not narrow the gap here.")
+            + " (Point estimates; the gaps' own difference has no interval here.)"
         )
     cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
         f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
-        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high)}. "
+        f"{_lower_is_better_phrase('top-2', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', 'top-1', 'top-2'))}. "
         f"The original found top-2 best ({loss['top-2']:.2f} vs {loss['top-1']:.2f}), on one seed."
     )
     best = best_condition(study)
@@ -142,10 +284,19 @@ def routing_verdicts(study: StudyResult) -> list[str]:
         "was the entropy of softmax([1,0,0,0]), not of the routing."
     )
     learned = study.results[study.results.router == "topk"]
-    lines.append(
-        f"Learned routers end below the uniform entropy: mean {learned.router_entropy.mean():.3f} nats "
-        f"(original: {min(learned_entropy):.2f}-{max(learned_entropy):.2f}, falling with depth)."
-    )
+    lines.append(f"Learned routers end below the uniform entropy (ln 4 = 1.3863): mean {learned.router_entropy.mean():.3f} nats.")
+    for k in (1, 2):
+        ours = _layer_means(study.results[study.results.condition == f"top-{k}"], "val_entropy")
+        theirs = orig.routing_entropy_per_layer[f"top-{k}"]
+        if not ours:
+            continue
+        ours_trend, their_trend = _depth_trend(ours), _depth_trend(theirs)
+        lowest = int(np.argmin(ours))
+        lines.append(
+            f"Top-{k} routing entropy per layer: ours {' '.join(f'{h:.2f}' for h in ours)} nats "
+            f"({ours_trend}, lowest in layer {lowest}); the original's {' '.join(f'{h:.2f}' for h in theirs)} ({their_trend}): "
+            + ("the same trend." if ours_trend == their_trend else "the opposite of the original's \"later layers more confident\"." if "rises" in ours_trend and "falls" in their_trend else "a different trend.")
+        )
     return lines
 
 
@@ -204,7 +355,8 @@ def noise_verdicts(study: StudyResult) -> list[str]:
             lines.append(
                 f"noise {noise} vs 0 (lb {lb}): {-cmp.improvement_pct:+.1f}% best val PPL "
                 f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
-                f"paired t-test p = {_p_text(cmp.p_value)}): {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+                f"paired t-test p = {_p_text(cmp.p_value)}): "
+                f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', base, f'noise={noise}, lb={lb}'), 1, ' PPL')}."
             )
     high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
     lines.append(
@@ -229,12 +381,82 @@ def noise_verdicts(study: StudyResult) -> list[str]:
             continue
         lines.append(
             f"lb 0 vs 0.01 at noise {noise}: {cmp.mean_difference:+.2f} best val PPL, "
-            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: {_significance(cmp.difference_ci_low, cmp.difference_ci_high)}."
+            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: "
+            f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', f'noise={noise}, lb=0.01', f'noise={noise}, lb=0.0'), 1, ' PPL')}."
         )
     lines.append(
         f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
         f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
     )
+    return lines
+
+
+FACTORS = ("noise_std", "load_balancing_weight")
+
+
+def noise_factorial_analysis(study: StudyResult, metric: str = "best_val_perplexity") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The noise study analysed as the 3 x 2 factorial it is, on log ``metric`` with the seed as a block.
+
+    Returns ``(anova, contrasts)``: :func:`~moe_lib.statistics.factorial_anova` (main effects of noise
+    and lb, their interaction, the seed block, partial eta squared) and the effect sizes of
+    :func:`~moe_lib.statistics.factorial_contrasts` for both factors (noise vs 0; lb 0 vs 0.01), each
+    main effect and interaction contrast with its seed-paired t interval, as % change in ``metric``.
+    """
+    r = study.results
+    anova = factorial_anova(r, metric, list(FACTORS), block="seed", log=True)
+    contrasts = pd.concat([
+        factorial_contrasts(r, metric, "noise_std", "load_balancing_weight", baseline=NOISE_LEVELS[0]),
+        factorial_contrasts(r, metric, "load_balancing_weight", "noise_std", baseline=LB_WEIGHTS[0]),
+    ], ignore_index=True)
+    return anova, contrasts
+
+
+def _contrast_mde_pct(row: pd.Series, confidence: float = 0.95) -> float:
+    """The MDE (80% power) of a contrast in %, from the per-seed SD its t interval implies:
+    ``sd = (high - low) / 2 * sqrt(n) / t_{(1+confidence)/2, n-1}`` on the log scale."""
+    if row.n < 2 or pd.isna(row.ci_low):
+        return float("nan")
+    sd = (row.ci_high - row.ci_low) / 2 * np.sqrt(row.n) / stats.t.ppf((1 + confidence) / 2, row.n - 1)
+    return 100 * (np.exp(minimum_detectable_effect(float(sd), int(row.n))) - 1)
+
+
+def _contrast_text(row: pd.Series) -> str:
+    """``+8.1% (95% CI [+2.0%, +14.6%], 3/3 seeds)`` and what the interval says."""
+    head = f"{row.pct:+.1f}% ({_ci_text(row.pct_ci_low, row.pct_ci_high, 1, '%')}, {row.signs})"
+    if pd.isna(row.ci_low):
+        return f"{head}: too few seeds for an interval"
+    if row.ci_low > 0 or row.ci_high < 0:
+        return f"{head}: the CI excludes 0"
+    mde = _contrast_mde_pct(row)
+    mde_text = f"MDE {mde:.1f}% at 80% power" if np.isfinite(mde) else "too few seeds for an MDE"
+    return f"{head}: the CI includes 0: inconclusive at n = {int(row.n)} ({row.signs} point the same way; {mde_text})"
+
+
+def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplexity") -> list[str]:
+    """Main effects and the noise x lb interaction, from :func:`noise_factorial_analysis`, in words."""
+    anova, contrasts = noise_factorial_analysis(study, metric)
+    lines = []
+    for term in anova.index.drop(["Residual", "seed"], errors="ignore"):
+        row = anova.loc[term]
+        p = "–" if pd.isna(row["PR(>F)"]) else "< 0.001" if row["PR(>F)"] < 0.001 else f"= {row['PR(>F)']:.3f}"
+        lines.append(f"ANOVA on log {metric}, {term.replace(':', ' x ')}: F = {row.F:.2f}, p {p}, partial eta squared {row.partial_eta_sq:.2f}.")
+    for _, row in contrasts.iterrows():
+        if row.effect == "noise_std main effect":
+            lines.append(f"Noise {row.level:g} vs 0, averaged over lb: {_contrast_text(row)}.")
+        elif row.effect == "load_balancing_weight main effect":
+            lines.append(f"lb {row.level:g} vs {LB_WEIGHTS[0]:g}, averaged over noise: {_contrast_text(row)}.")
+    for _, row in contrasts[contrasts.effect.str.startswith("noise_std x")].iterrows():
+        bounded = pd.notna(row.pct_ci_low)
+        claim = (
+            "no interval, so the seed's claim of a limited interaction is untested here" if not bounded else
+            f"no evidence of an interaction, consistent with the seed's claim that it is limited, but only to the CI's "
+            f"resolution: interactions from {row.pct_ci_low:+.1f}% to {row.pct_ci_high:+.1f}% remain possible" if row.ci_low <= 0 <= row.ci_high else
+            "the interaction is real here, against the seed's claim that it is limited"
+        )
+        lines.append(
+            f"Noise x lb interaction at noise {row.level:g} (the noise effect with lb {LB_WEIGHTS[0]:g} minus with lb {LB_WEIGHTS[1]:g}): "
+            f"{_contrast_text(row)}; {claim}."
+        )
     return lines
 
 
@@ -287,7 +509,7 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
             f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
             f"(improvement {c.improvement_pct:+.2f}%, {_ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
             f"p = {_p_text(c.p_value)}, {int(c.n_pairs)} paired seeds): "
-            f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high)}. Router logsumexp {part.router_logsumexp.mean():.3f} "
+            f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high, _pair_values(study, 'test_perplexity', study.grid.baseline, condition, 'improvement_pct'), 2, '%')}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
     c = paired.loc["z=0.01"]
@@ -353,6 +575,13 @@ def mi_table(analysis: SpecializationAnalysis, learned: str = "learned top-2", c
     return table.set_index(["variable", "layer"])
 
 
+def _mi_differences(analysis: SpecializationAnalysis, variable: str, layer: int, learned: str, control: str) -> np.ndarray:
+    """Per-seed learned - control MI (bits) of ``variable`` at ``layer``."""
+    part = analysis.mi[(analysis.mi.variable == variable) & (analysis.mi.layer == layer)]
+    pairs = paired_differences(part, baseline=control, metric="mi_bits", lower_is_better=False)
+    return pairs.loc[pairs.condition == learned, "difference"].to_numpy(dtype=float)
+
+
 def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "learned top-2", control: str = "random top-2") -> list[str]:
     """Plain-language findings computed from the traces: MI beyond chance, the strongest
     class preferences and co-activations, each against the random router's chance level."""
@@ -367,7 +596,8 @@ def specialization_verdicts(analysis: SpecializationAnalysis, learned: str = "le
             f"(counting a layer when the seed-paired 95% CI of the difference, {n_seeds} seeds, lies above 0). "
             f"Largest difference at layer {int(best.layer)}: {best.learned_mean:.4f} bits "
             f"vs {best.random_mean:.4f} by chance ({best.ratio:.1f}x), i.e. {100 * best.learned_fraction:.2f}% of "
-            f"H({variable}) = {best.label_entropy_bits:.3f} bits; {_significance(best.difference_ci_low, best.difference_ci_high)}."
+            f"H({variable}) = {best.label_entropy_bits:.3f} bits; "
+            f"{_significance(best.difference_ci_low, best.difference_ci_high, _mi_differences(analysis, variable, best.layer, learned, control), 4, ' bits')}."
         )
     mm = c.miller_madow_bits.mean()
     rnd = c.random_mean.mean()
@@ -438,45 +668,63 @@ def capacity_table(study: StudyResult) -> pd.DataFrame:
 
 
 def capacity_verdicts(study: StudyResult, seed_std: float | None = None, threshold: float = 0.01) -> list[str]:
-    """Findings computed from the capacity sweep. ``seed_std``: the seed-to-seed std of validation
-    perplexity for the dropless lb 0.01 configuration (from a multi-seed study), the yardstick for
-    whether a one-seed difference is more than noise."""
-    r = study.results
+    """Findings computed from the capacity sweep, seed means with seed-paired 95% CIs where there are seeds.
+
+    ``seed_std``: with one seed only, the seed-to-seed std of validation perplexity of the dropless
+    lb 0.01 configuration (from a multi-seed study), the yardstick for a one-seed difference.
+    """
+    r = study.results.copy()
+    r["cf"] = r.capacity_factor.map(capacity_label)
+    n_seeds = r.seed.nunique()
     lines = []
-    below_one = r[r.capacity_factor < 1]
-    for _, row in below_one.iterrows():
-        floor = 1 - row.capacity_factor
+    for (cf, lb), part in r[r.capacity_factor < 1].groupby(["capacity_factor", "load_balancing_weight"], sort=False):
+        floor = 1 - cf
         lines.append(
-            f"cf={capacity_label(row.capacity_factor)}, lb={row.load_balancing_weight}: {100 * row.train_dropped_fraction:.1f}% of slots dropped; "
-            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * row.capacity_factor:.0f}% of the routed slots, so at least "
-            f"{100 * floor:.0f}% must drop: {'consistent' if row.train_dropped_fraction >= floor - 1e-6 else 'INCONSISTENT'} with the formula."
+            f"cf={capacity_label(cf)}, lb={lb}: {100 * part.train_dropped_fraction.mean():.1f}% of slots dropped (mean of {len(part)} seed(s)); "
+            f"the experts hold at most ceil(cf N k / E) x E ~ {100 * cf:.0f}% of the routed slots, so at least "
+            f"{100 * floor:.0f}% must drop: {'consistent' if (part.train_dropped_fraction >= floor - 1e-6).all() else 'INCONSISTENT'} with the formula."
         )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
-        finite = part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor")
-        ok = finite[finite.train_dropped_fraction < threshold]
-        first = f"cf={capacity_label(ok.capacity_factor.iloc[0])}" if len(ok) else "no finite capacity factor in the sweep"
-        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped first at {first}.")
-    for cf in (1.0, 1.25):
-        on = r[(r.capacity_factor == cf) & (r.load_balancing_weight > 0)].train_dropped_fraction.mean()
-        off = r[(r.capacity_factor == cf) & (r.load_balancing_weight == 0)].train_dropped_fraction.mean()
-        if pd.notna(on) and pd.notna(off):
+        means = part.dropna(subset=["capacity_factor"]).groupby("capacity_factor").train_dropped_fraction.mean().sort_index()
+        ok = means[means < threshold]
+        first = f"cf={capacity_label(ok.index[0])}" if len(ok) else "no finite capacity factor in the sweep"
+        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped (seed mean) first at {first}.")
+    for cf in sorted(r.capacity_factor.dropna().unique()):
+        at = r[r.capacity_factor == cf].assign(condition=lambda d: "lb=" + d.load_balancing_weight.astype(str))
+        if set(at.condition) != {"lb=0.01", "lb=0.0"}:
+            continue
+        for metric, name, scale, unit, digits in (("train_dropped_fraction", "dropped slots", 100, " points", 1), ("val_perplexity", "val PPL", 1, " PPL", 2)):
+            cmp = paired_comparison(at, baseline="lb=0.0", metric=metric).set_index("condition").loc["lb=0.01"]
+            diffs = scale * paired_differences(at, baseline="lb=0.0", metric=metric).difference.to_numpy(dtype=float)
             lines.append(
-                f"cf={cf}: {100 * on:.2f}% dropped with load balancing vs {100 * off:.2f}% without: "
-                + (f"the auxiliary loss cuts drops {off / on:.1f}x." if on > 0 and off > on else "load balancing does not reduce drops here." if off <= on else "no drops with load balancing.")
+                f"cf={capacity_label(cf)}, lb 0.01 vs 0: {name} {scale * cmp.baseline_mean:.{digits}f} without load balancing vs "
+                f"{scale * cmp.treatment_mean:.{digits}f} with it, paired difference {scale * cmp.mean_difference:+.{digits}f}{unit}, "
+                f"{_ci_text(scale * cmp.difference_ci_low, scale * cmp.difference_ci_high, digits, unit)}: "
+                f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, diffs, digits, unit)}."
             )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
-        base = part[part.capacity_factor.isna()].val_perplexity.mean()
-        if pd.isna(base):
+        part = part.assign(condition=part.cf)
+        if "dropless" not in set(part.condition):
             continue
-        for _, row in part.dropna(subset=["capacity_factor"]).sort_values("capacity_factor").iterrows():
-            diff = row.val_perplexity - base
+        for cf in sorted(part.capacity_factor.dropna().unique()):
+            label = capacity_label(cf)
+            if n_seeds >= 2:
+                cmp = paired_comparison(part, baseline="dropless", metric="val_perplexity").set_index("condition").loc[label]
+                diffs = paired_differences(part, baseline="dropless", metric="val_perplexity")
+                diffs = diffs[diffs.condition == label].difference.to_numpy(dtype=float)
+                lines.append(
+                    f"lb={lb}, cf={label} vs dropless: val PPL {cmp.treatment_mean:.2f} vs {cmp.baseline_mean:.2f}, paired difference "
+                    f"{cmp.mean_difference:+.2f} PPL, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: "
+                    f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, diffs, 2, ' PPL')}."
+                )
+                continue
+            base = part[part.condition == "dropless"].val_perplexity.mean()
+            value = part[part.condition == label].val_perplexity.mean()
+            diff = value - base
             noise = ""
             if seed_std is not None and pd.notna(seed_std):
                 noise = f"; {'more' if abs(diff) > 2 * seed_std else 'less'} than 2 seed-std ({2 * seed_std:.2f} PPL) of the dropless model"
-            lines.append(
-                f"lb={lb}, cf={capacity_label(row.capacity_factor)}: val PPL {row.val_perplexity:.2f} vs dropless {base:.2f} "
-                f"({diff:+.2f}, {100 * diff / base:+.1f}%{noise})."
-            )
+            lines.append(f"lb={lb}, cf={label}: val PPL {value:.2f} vs dropless {base:.2f} ({diff:+.2f}, {100 * diff / base:+.1f}%{noise}).")
     fast = r[r.capacity_factor == r.capacity_factor.min()].ms_per_step.mean()
     slow = r[r.capacity_factor.isna()].ms_per_step.mean()
     if pd.notna(fast) and pd.notna(slow):

@@ -1,15 +1,16 @@
 """The course's studies as experiment grids, sized by a profile, and how to run them.
 
 * ``routing`` - top-1, top-2, top-1 random and top-2 random routing with 4 experts
-  (the moe-experiments study).
+  (the moe-experiments study), and learned vs random top-2 with one shared expert (the
+  original's layers had one: does it explain why random routing came close?).
 * ``noise`` - routing noise_std {0, 0.1, 0.5} x load_balancing_weight {0.01, 0}
   (the routing-noise factorial; 6 conditions x seeds 42, 43, 44 = 18 runs).
 * ``zloss`` - baseline, z-loss 0.001, z-loss 0.001 without router noise, z-loss 0.01
   (the z-loss tutorial; the original ran one seed, we run several).
 * ``specialization`` - learned vs random top-2 routing (load balancing 0.01, dropless) on the
   profile's seeds, checkpoints kept: the models notebook 05 opens to see what experts learn.
-* ``capacity`` - capacity factor {0.5, 1.0, 1.25, 2.0, dropless} x load balancing {0.01, 0}
-  on one seed (42): 10 runs, the token-dropping trade-off of GShard and Switch.
+* ``capacity`` - capacity factor {1.0, 1.25, dropless} x load balancing {0.01, 0} on the
+  profile's seeds: the token-dropping trade-off of GShard and Switch, lb on/off paired by seed.
 * ``dispatch`` - the same model with the grouped-GEMM and the loop dispatch.
 
 :func:`run_study` trains what is missing, appends each finished run to
@@ -35,13 +36,18 @@ from .statistics import capacity_label
 from .train import load_data, resolve_device, train_run
 
 
+SHARED_EXPERT_CONDITIONS = {"top-2 + shared": "topk", "top-2 random + shared": "random"}
+
+
 def routing_grid(profile: Profile, seeds=None) -> Grid:
-    """Learned vs random routing, k = 1 and 2, with 4 experts as in the original grid."""
+    """Learned vs random routing, k = 1 and 2, with 4 experts as in the original grid; and learned vs
+    random top-2 with one shared expert (``num_shared_experts=1``), as in every layer of the original."""
     base = profile.base.with_model(num_experts=4, noise_std=0.0, load_balancing_weight=0.01, z_loss_weight=0.0)
     conditions = {
-        f"top-{k}" + (" random" if router == "random" else ""): {"router": router, "top_k": k}
+        f"top-{k}" + (" random" if router == "random" else ""): {"router": router, "top_k": k, "num_shared_experts": 0}
         for router, k in (("topk", 1), ("topk", 2), ("random", 1), ("random", 2))
     }
+    conditions.update({label: {"router": router, "top_k": 2, "num_shared_experts": 1} for label, router in SHARED_EXPERT_CONDITIONS.items()})
     return Grid.from_conditions("routing_types", base, conditions, seeds or profile.seeds, baseline="top-2")
 
 
@@ -87,22 +93,22 @@ def specialization_grid(profile: Profile, seeds=None) -> Grid:
     return Grid.from_conditions("specialization", base, conditions, seeds or profile.seeds, baseline="random top-2")
 
 
-CAPACITY_FACTORS: tuple[float | None, ...] = (0.5, 1.0, 1.25, 2.0, None)  # None = dropless
-CAPACITY_SEED = 42
+CAPACITY_FACTORS: tuple[float | None, ...] = (1.0, 1.25, None)  # None = dropless
 
 
 def capacity_grid(profile: Profile, seeds=None) -> Grid:
-    """capacity_factor x load_balancing_weight, learned top-2, on ONE seed (42) unless seeds are given.
+    """capacity_factor x load_balancing_weight, learned top-2, on the profile's seeds.
 
-    Ten runs at about a minute each on the cpu profile; a single seed keeps the sweep affordable,
-    so its perplexity differences come without a confidence interval.
+    Three levels x two lb weights x 3 seeds = 18 runs, about 14 minutes on the cpu profile: seeds
+    pair lb on/off at each capacity factor, so their difference comes with a confidence interval.
+    cf 1.0 (buffers exactly the even share) and 1.25 (Switch's default) are where lb can matter.
     """
     base = profile.base.with_model(top_k=2, router="topk", noise_std=0.0, z_loss_weight=0.0)
     conditions = {
         f"cf={capacity_label(cf)}, lb={lb}": {"capacity_factor": cf, "load_balancing_weight": lb}
         for lb, cf in itertools.product(LB_WEIGHTS, CAPACITY_FACTORS)
     }
-    return Grid.from_conditions("capacity", base, conditions, seeds or (CAPACITY_SEED,), baseline="cf=dropless, lb=0.01")
+    return Grid.from_conditions("capacity", base, conditions, seeds or profile.seeds, baseline="cf=dropless, lb=0.01")
 
 
 DISPATCH_SEED = 42

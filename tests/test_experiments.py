@@ -341,6 +341,34 @@ def test_verdict_phrases_claim_a_winner_only_when_the_ci_excludes_zero():
 
     assert _lower_is_better_phrase("top-2", -0.1, -0.2, -0.05) == "top-2 is better (the CI excludes 0)"
     assert _lower_is_better_phrase("top-2", 0.1, 0.05, 0.2) == "top-2 is worse (the CI excludes 0)"
-    noisy = _lower_is_better_phrase("top-2", -0.1, -0.3, 0.1)
-    assert "lower mean" in noisy and "within seed noise" in noisy and "better" not in noisy
+    noisy = _lower_is_better_phrase("top-2", -0.1, -0.3, 0.1, [-0.05, -0.1, -0.15])
+    assert "lower mean" in noisy and "inconclusive at n = 3 (3/3 seeds" in noisy and "better" not in noisy
+    assert "seed noise" not in noisy
     assert "too few seeds" in _lower_is_better_phrase("top-2", 0.1, float("nan"), float("nan"))
+
+
+def test_routing_grid_adds_learned_and_random_top2_with_a_shared_expert():
+    from moe_lib import studies
+    from moe_lib.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    grid = studies.build_grid("routing", smoke)
+    assert grid.conditions == ["top-1", "top-2", "top-1 random", "top-2 random", "top-2 + shared", "top-2 random + shared"]
+    shared = {r.condition: r.config.model for r in grid.runs if r.config.model.num_shared_experts}
+    assert set(shared) == {"top-2 + shared", "top-2 random + shared"}
+    assert {m.router for m in shared.values()} == {"topk", "random"} and all(m.top_k == 2 for m in shared.values())
+    assert len(grid.runs) == 6 * len(smoke.seeds)
+
+
+def test_capacity_grid_runs_on_the_profiles_seeds_so_lb_on_off_pair():
+    from moe_lib import studies
+    from moe_lib.profiles import get_profile
+
+    for name in ("smoke", "cpu"):
+        profile = get_profile(name)
+        grid = studies.build_grid("capacity", profile)
+        assert grid.seeds == list(profile.seeds)
+        assert len(grid.runs) <= 18  # about 14 minutes at ~45 s per cpu run
+        cfs = {r.config.model.capacity_factor for r in grid.runs}
+        assert {1.0, None} <= cfs
+        assert {r.config.model.load_balancing_weight for r in grid.runs} == {0.0, 0.01}

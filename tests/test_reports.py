@@ -3,6 +3,8 @@ cannot conclude, never print ``nan``/``inf`` or claim a comparison they have no 
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 
@@ -87,3 +89,149 @@ def test_verdicts_take_the_originals_numbers_from_the_data():
         assert "9.9% lower test PPL" in reports.zloss_verdicts(fake_study("zloss", (42, 43)))[-1]
     finally:
         originals.ZLOSS.loc[:, :] = original
+
+
+def test_a_ci_that_includes_zero_is_inconclusive_with_signs_and_minimum_detectable_effect():
+    from moe_lib.statistics import minimum_detectable_effect
+
+    study = fake_study("noise", (42, 43, 44))
+    shift = {42: 1.0, 43: 3.0, 44: -1.0}  # noise 0.1 minus noise 0 per seed: the CI includes 0, 2 of 3 signs agree
+    study.results["best_val_perplexity"] = [
+        100.0 + (shift[s] if n == 0.1 else 0.0) for n, s in zip(study.results.noise_std, study.results.seed)
+    ]
+    lines = reports.noise_verdicts(study)
+    assert not any("seed noise" in line for line in lines)
+    line = next(l for l in lines if l.startswith("noise 0.1 vs 0 (lb 0.01)"))
+    mde = minimum_detectable_effect(float(pd.Series(list(shift.values())).std()), 3)
+    assert f"inconclusive at n = 3 (2/3 seeds point the same way; MDE {mde:.1f} PPL at 80% power)" in line, line
+
+
+def _routing_study_with_entropy(per_layer):
+    study = fake_study("routing", (42, 43))
+    for layer, value in enumerate(per_layer):
+        study.results[f"val_entropy_L{layer}"] = value
+    return study
+
+
+def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
+    rising = reports.routing_verdicts(_routing_study_with_entropy([0.5, 0.9, 1.1, 1.2]))
+    top1 = next(l for l in rising if l.startswith("Top-1 routing entropy per layer"))
+    assert "rises with depth, lowest in layer 0" in top1 and "(falls with depth)" in top1 and "opposite" in top1
+    falling = reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+    top2 = next(l for l in falling if l.startswith("Top-2 routing entropy per layer"))
+    assert "falls with depth, lowest in layer 3" in top2 and "the same trend" in top2
+    original = originals.ROUTING.copy()
+    try:  # the original's trend is read from its data, not typed
+        originals.ROUTING.at["top-2", "routing_entropy_per_layer"] = (0.6, 0.7, 0.8, 0.9, 1.0)
+        top2 = next(l for l in reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+                    if l.startswith("Top-2 routing entropy per layer"))
+        assert "(rises with depth): a different trend" in top2
+    finally:
+        originals.ROUTING.loc[:, :] = original
+
+
+@pytest.mark.parametrize("name", ["routing", "noise", "zloss"])
+def test_setup_comparison_puts_the_originals_data_next_to_ours_computed_from_the_grid(name):
+    table = reports.setup_comparison(name, SMOKE)
+    assert list(table.columns) == ["original", "ours (smoke)"]
+    assert list(table.index) == [*originals.SETUP_ROWS, "source"]
+    assert table.loc["source", "original"] == originals.SETUP_SOURCES[name]
+    grid = studies.build_grid(name, SMOKE)
+    t = grid.runs[0].config.train
+    assert f"= {t.steps * t.batch_size * t.seq_len:,} tokens" in table.loc["steps and tokens", f"ours (smoke)"]
+    assert f"d_model {SMOKE.base.model.d_model}," in table.loc["model size", "ours (smoke)"]
+    assert_clean(table.to_string())
+
+
+def test_setup_comparison_reads_each_original_from_the_data_and_rejects_unknown_studies():
+    assert "1 SwiGLU expert" in reports.setup_comparison("routing", SMOKE).loc["shared expert", "original"]
+    assert "summed over layers" in reports.setup_comparison("noise", SMOKE).loc["auxiliary-loss reduction", "ours (smoke)"]
+    noise = reports.setup_comparison("noise", SMOKE).loc["router noise", "ours (smoke)"]
+    assert noise == "noise_std 0, 0.1, 0.5"
+    with pytest.raises(ValueError, match="unknown study 'capacity'.*valid choices"):
+        reports.setup_comparison("capacity", SMOKE)
+
+
+def test_scale_statement_computes_parameters_tokens_and_epochs():
+    from moe_lib.model import MoETransformer, count_parameters
+    from moe_lib.train import load_data
+
+    text_ = reports.scale_statement(SMOKE)
+    counts = count_parameters(MoETransformer(SMOKE.base.model))
+    t = SMOKE.base.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    train = len(load_data(SMOKE.base.data).train)
+    assert f"{counts.total:,} parameters" in text_ and f"{counts.active:,} active" in text_
+    assert f"= {tokens:,} tokens" in text_
+    assert f"{tokens / counts.total:.2f} tokens per parameter" in text_
+    assert f"{tokens / train:.2f} epochs over the {train:,}-token training split" in text_
+
+
+def _factorial_study(interaction: float) -> studies.StudyResult:
+    """A noise study whose log PPL is additive in noise, lb and seed, plus ``interaction`` at (noise 0.5, lb 0)
+    and a small seed x condition wobble, so the residual is not 0."""
+    import math
+
+    study = fake_study("noise", (42, 43, 44))
+    r = study.results
+    wobble = [0.004 * ((i * 7) % 5 - 2) for i in range(len(r))]
+    log_ppl = (math.log(100) + 0.08 * (r.noise_std == 0.5) + 0.015 * (r.load_balancing_weight == 0.0) + 0.01 * (r.seed - 43)
+               + interaction * ((r.noise_std == 0.5) & (r.load_balancing_weight == 0.0)) + wobble)
+    r["best_val_perplexity"] = [math.exp(v) for v in log_ppl]
+    return study
+
+
+def test_noise_factorial_analysis_gives_anova_terms_and_effect_sizes():
+    anova, contrasts = reports.noise_factorial_analysis(_factorial_study(0.0))
+    assert {"noise_std", "load_balancing_weight", "noise_std:load_balancing_weight", "seed", "Residual"} <= set(anova.index)
+    assert anova.loc["noise_std", "PR(>F)"] < 0.001
+    main = contrasts.set_index(["effect", "level"])
+    assert main.loc[("noise_std main effect", 0.5), "pct"] == pytest.approx(100 * (math.exp(0.08) - 1), abs=0.5)
+    assert main.loc[("load_balancing_weight main effect", 0.0), "signs"] == "3/3 seeds"
+
+
+def test_noise_factorial_verdicts_test_the_seeds_limited_interaction_claim():
+    additive = reports.noise_factorial_verdicts(_factorial_study(0.0))
+    at_high = next(l for l in additive if l.startswith("Noise x lb interaction at noise 0.5"))
+    assert "no evidence of an interaction" in at_high and "inconclusive at n = 3" in at_high
+    assert any(l.startswith("Noise 0.5 vs 0, averaged over lb:") and "the CI excludes 0" in l for l in additive)
+    strong = reports.noise_factorial_verdicts(_factorial_study(-0.2))
+    at_high = next(l for l in strong if l.startswith("Noise x lb interaction at noise 0.5"))
+    assert "the interaction is real here, against the seed's claim" in at_high
+    assert_clean("\n".join(additive + strong))
+
+
+def test_routing_verdicts_compare_learned_and_random_with_a_shared_expert():
+    study = fake_study("routing", (42, 43, 44))
+    r = study.results
+    gap = {"top-2": 0.0, "top-2 random": 0.2, "top-2 + shared": 0.0, "top-2 random + shared": 0.05}
+    r["test_loss"] = [2.0 + gap.get(c, 0.0) + 0.01 * s for c, s in zip(r.condition, r.seed)]
+    line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
+    assert "paired difference -0.050 nats" in line and "without it -0.200 nats" in line
+    assert "narrows the gap" in line
+
+
+def _capacity_study(seeds=None) -> studies.StudyResult:
+    """lb 0.01 drops a quarter as much as lb 0 at every cf; PPL +2 off dropless, seeds pull lb 0.01 and 0 apart."""
+    grid = studies.build_grid("capacity", SMOKE, seeds=seeds)
+    rows = []
+    for run in grid.runs:
+        cf, lb = run.config.model.capacity_factor, run.config.model.load_balancing_weight
+        rows.append({"run_id": run.run_id, "condition": run.condition, **run.factors, "seed": run.seed,
+                     "train_dropped_fraction": 0.0 if cf is None else (0.1 if lb else 0.4) / cf + 0.01 * (run.seed - 43),
+                     "val_perplexity": 100 + (0 if cf is None else 2) + 0.5 * (run.seed - 43) * (1 if lb else -1), "ms_per_step": 200.0})
+    return studies.StudyResult(grid, SMOKE, pd.DataFrame(rows), None, None)
+
+
+def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
+    lines = reports.capacity_verdicts(_capacity_study((42, 43, 44)))
+    drops = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: dropped slots"))
+    assert "40.0 without load balancing vs 10.0 with it" in drops and "the CI excludes 0" in drops
+    ppl = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: val PPL"))
+    assert "inconclusive at n = 3" in ppl
+    assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: val PPL 102.00 vs 100.00") for l in lines)
+    assert len([l for l in lines if "must drop" in l]) == 0  # no cf < 1 in the sweep: nothing is forced to drop
+    one_seed = reports.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
+    assert any("too few seeds for an interval" in l for l in one_seed)
+    assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)
+    assert_clean("\n".join(lines + one_seed).replace("Time per step", ""))
