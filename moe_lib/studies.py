@@ -11,6 +11,7 @@
 * ``capacity`` - capacity factor {0.5, 1.0, 1.25, 2.0, dropless} x load balancing {0.01, 0}
   on one seed (42): 10 runs, the token-dropping trade-off of GShard and Switch.
 * ``dispatch`` - the same model with the grouped-GEMM and the loop dispatch.
+* ``modern`` - notebook 07's grid, from :mod:`moe_lib.modern_studies`.
 
 :func:`run_study` trains what is missing, appends each finished run to
 ``results/<profile>/<study>.csv`` and returns the results with their histories. Tables,
@@ -30,6 +31,7 @@ import pandas as pd
 from . import specialization as spec
 from .checkpoint import load_checkpoint
 from .experiments import Grid, load_histories, load_results, retrain_run, run_grid
+from .modern_studies import MODERN_STUDIES
 from .profiles import Profile, describe_config, get_profile, output_paths
 from .statistics import capacity_label
 from .train import load_data, resolve_device, train_run
@@ -123,6 +125,7 @@ STUDIES: dict[str, Callable[..., Grid]] = {
     "specialization": specialization_grid,
     "capacity": capacity_grid,
     "dispatch": dispatch_grid,
+    **MODERN_STUDIES,
 }
 # Studies whose analysis opens the trained models: run_study always keeps their checkpoints.
 CHECKPOINTED_STUDIES = frozenset({"specialization"})

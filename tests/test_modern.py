@@ -379,12 +379,16 @@ def test_routing_trace_refuses_expert_choice():
 
 # --------------------------------------------------------------------------- notebook 07's grid
 def test_modern_grid_matches_what_each_comparison_holds_equal():
-    from moe_lib.modern_studies import modern_grid
+    from moe_lib.modern_studies import modern_conditions, modern_grid
     from moe_lib.profiles import get_profile
 
     profile = get_profile("cpu")
     grid = modern_grid(profile)
-    assert grid.baseline == "classic" and len(grid.runs) == 8 * len(profile.seeds)
+    assert grid.baseline == "classic" and len(grid.runs) == 7 * len(profile.seeds)  # "no balancing" is opt-in
+    full = modern_grid(profile, conditions=tuple(modern_conditions(profile.base)))
+    assert len(full.runs) == 8 * len(profile.seeds)
+    with pytest.raises(ValueError, match="must include 'classic'"):
+        modern_grid(profile, conditions=("sigmoid",))
     configs = {r.condition: r.config for r in grid.runs if r.seed == profile.seeds[0]}
     counts = {label: count_parameters(MoETransformer(c.model)) for label, c in configs.items()}
     classic = counts["classic"]
