@@ -110,7 +110,8 @@ def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, met
     subject = f"{condition} vs {baseline}, {what}"
     if n == 0:
         return f"{subject}: no seed has both runs, so there is nothing to compare."
-    head = f"{subject}: {c.mean_difference:+.2f} on average ({c.improvement_pct:+.1f}% better), lower in {k}/{n} seeds"
+    pct = f"{abs(c.improvement_pct):.1f}% {'better' if c.improvement_pct >= 0 else 'worse'}"
+    head = f"{subject}: {c.mean_difference:+.2f} on average ({pct}), lower in {k}/{n} seeds"
     if pd.isna(c.difference_ci_low):
         return f"{head}; no 95% CI with {n} pair, so inconclusive at n = {n}."
     ci = f"95% CI [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]"

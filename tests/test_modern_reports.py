@@ -38,7 +38,7 @@ def results() -> pd.DataFrame:
 def test_verdicts_name_a_winner_only_when_the_interval_excludes_zero():
     r = results()
     assert mr.verdict(r, "better").endswith("excludes 0: better is better.")
-    assert "lower in 3/3 seeds" in mr.verdict(r, "better")
+    assert "-1.00 on average (9.1% better), lower in 3/3 seeds" in mr.verdict(r, "better")
     noisy = mr.verdict(r, "noisy")
     assert noisy.endswith("includes 0: inconclusive at n = 3.") and "lower in 2/3 seeds" in noisy
     one = mr.verdict(r, "one seed")
@@ -53,7 +53,8 @@ def test_verdicts_name_a_winner_only_when_the_interval_excludes_zero():
 def test_worse_condition_is_called_worse():
     r = results()
     r.loc[r.condition == "better", "test_perplexity"] += 3  # now higher than classic in every seed
-    assert mr.verdict(r, "better").endswith("excludes 0: better is worse.")
+    worse = mr.verdict(r, "better")
+    assert worse.endswith("excludes 0: better is worse.") and "+2.00 on average (18.2% worse), lower in 0/3 seeds" in worse
 
 
 def test_comparison_table_counts_pairs_and_seeds_with_nan_and_one_seed():
