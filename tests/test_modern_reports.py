@@ -54,7 +54,7 @@ def test_worse_condition_is_called_worse():
     r = results()
     r.loc[r.condition == "better", "test_perplexity"] += 3  # now higher than classic in every seed
     worse = mr.verdict(r, "better")
-    assert worse.endswith("excludes 0: better is worse.") and "+2.00 on average (18.2% worse), lower in 0/3 seeds" in worse
+    assert worse.endswith("excludes 0: better is worse.") and "+2.00 on average (18.3% worse), lower in 0/3 seeds" in worse
 
 
 def test_comparison_table_counts_pairs_and_seeds_with_nan_and_one_seed():
