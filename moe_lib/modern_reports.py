@@ -143,11 +143,13 @@ def with_compute_axes(histories: pd.DataFrame, results: pd.DataFrame, flops: Map
 
 def plot_loss_vs_compute(histories: pd.DataFrame, results: pd.DataFrame, flops: Mapping[str, int],
                          conditions: Sequence[str] = (BASELINE, *DENSE_BASELINES)) -> plt.Figure:
-    """Validation loss (mean over seeds) against training tokens, training FLOPs and wall-clock seconds."""
+    """Validation loss (mean over seeds) against training tokens, training FLOPs and wall-clock seconds (means over seeds too)."""
     val = with_compute_axes(histories[histories.condition.isin(conditions)], results, flops)
+    # Seeds differ in seconds per step: average x and loss per (condition, step) so each curve is one line.
+    means = val.groupby(["condition", "step"], as_index=False)[["tokens", "train_flops", "train_seconds", "val_loss"]].mean()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     for ax, (x, label) in zip(axes, [("tokens", "training tokens"), ("train_flops", "training FLOPs"), ("train_seconds", "training seconds (this machine)")]):
-        sns.lineplot(data=val, x=x, y="val_loss", hue="condition", hue_order=list(conditions), marker="o", errorbar=None, ax=ax,
+        sns.lineplot(data=means, x=x, y="val_loss", hue="condition", hue_order=list(conditions), marker="o", sort=False, ax=ax,
                      legend=ax is axes[0])
         ax.set(xlabel=label, ylabel="validation loss (nats/token)")
     fig.suptitle("MoE vs dense: validation loss per token, per FLOP and per second")
@@ -168,7 +170,7 @@ def saturation_curve(snapshots: Mapping[int, dict[str, torch.Tensor]], final_mod
 
 
 def plot_saturation(curves: pd.DataFrame, title: str = "Router saturation: share of top-k experts shared with the final model") -> plt.Figure:
-    """Saturation against step, one panel per layer if ``curves`` has a ``condition`` column for the hue."""
+    """Saturation against step: a line style per layer, a colour per ``condition`` when ``curves`` has that column."""
     fig, ax = plt.subplots(figsize=(8, 4))
     sns.lineplot(data=curves, x="step", y="saturation", hue="condition" if "condition" in curves else None,
                  style="layer", marker="o", ax=ax)
