@@ -293,9 +293,16 @@ class TrainConfig(_ConfigBase):
     precision: PrecisionKind = "auto"
     seed: int = 42
     progress: bool = True
+    # Optimizer steps (1..steps) after which a copy of the weights is kept in memory, in
+    # TrainResult.snapshots: router saturation (OLMoE) compares them with the final model.
+    checkpoint_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
+        if not isinstance(self.checkpoint_steps, tuple) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= self.steps for s in self.checkpoint_steps
+        ):
+            _fail(owner, "checkpoint_steps", self.checkpoint_steps, f"a tuple of integers in 1..steps={self.steps}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum_steps", "eval_every", "eval_batches", "log_every"):
             check_positive(owner, name, getattr(self, name))
         if self.final_eval_batches is not None:

@@ -55,7 +55,7 @@ STUDY_METRICS = (
     "expert_usage_cv",
 )
 # Settings that change how a run is displayed or cached, not what it computes.
-HASH_IGNORED = {"train": ("progress",), "data": ("cache_dir",)}
+HASH_IGNORED = {"train": ("progress", "checkpoint_steps"), "data": ("cache_dir",)}
 # Fields added after results were stored, with the default that reproduces the older runs:
 # left out of the hash at that default, so the stored runs keep their hashes.
 HASH_OMITTED_DEFAULTS = {"model": {"num_shared_experts": 0, "score_func": "softmax", "bias_update_rate": 0.0}}

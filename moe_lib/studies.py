@@ -12,6 +12,7 @@
 * ``capacity`` - capacity factor {1.0, 1.25, dropless} x load balancing {0.01, 0} on the
   profile's seeds: the token-dropping trade-off of GShard and Switch, lb on/off paired by seed.
 * ``dispatch`` - the same model with the grouped-GEMM and the loop dispatch.
+* ``modern`` - notebook 07's grid, from :mod:`moe_lib.modern_studies`.
 
 :func:`run_study` trains what is missing, appends each finished run to
 ``results/<profile>/<study>.csv`` and returns the results with their histories. Tables,
@@ -31,6 +32,7 @@ import pandas as pd
 from . import specialization as spec
 from .checkpoint import load_checkpoint
 from .experiments import Grid, load_histories, load_results, retrain_run, run_grid
+from .modern_studies import MODERN_STUDIES
 from .profiles import Profile, describe_config, get_profile, output_paths
 from .statistics import capacity_label
 from .train import load_data, resolve_device, train_run
@@ -129,6 +131,7 @@ STUDIES: dict[str, Callable[..., Grid]] = {
     "specialization": specialization_grid,
     "capacity": capacity_grid,
     "dispatch": dispatch_grid,
+    **MODERN_STUDIES,
 }
 # Studies whose analysis opens the trained models: run_study always keeps their checkpoints.
 CHECKPOINTED_STUDIES = frozenset({"specialization"})

@@ -20,7 +20,7 @@ import math
 import platform
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,7 @@ class TrainResult:
     history: pd.DataFrame
     metrics: dict[str, Any]
     data: Any  # moe_lib.data.PreparedData
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # step -> state dict (checkpoint_steps)
 
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 40, seed: int = 0) -> str:
         return generate_text(self.model, self.data.tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
@@ -311,6 +312,7 @@ class TrainLog:
     step_times: list[float]
     seconds: float
     best_val_loss: float
+    snapshots: dict[int, dict[str, torch.Tensor]]  # after each of TrainConfig.checkpoint_steps
 
 
 def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
@@ -420,6 +422,7 @@ def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
     rows: list[dict[str, Any]] = []
     step_times: list[float] = []
     best_val = float("inf")
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
     bar = _progress_bar(tcfg, run_id)
     start = time.perf_counter()
     for step in range(tcfg.steps):
@@ -435,9 +438,11 @@ def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
                 row.update(val_loss=val.loss, val_perplexity=val.perplexity, val_accuracy=val.accuracy, val_top3_accuracy=val.top3_accuracy)
             rows.append(row)
             bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        if step + 1 in tcfg.checkpoint_steps:
+            snapshots[step + 1] = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         bar.update(1)
     bar.close()
-    return TrainLog(rows, step_times, time.perf_counter() - start, best_val)
+    return TrainLog(rows, step_times, time.perf_counter() - start, best_val, snapshots)
 
 
 def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
@@ -529,7 +534,8 @@ def train_run(
     metrics = run_metrics(state, data, log, val, test, memory, profile)
     if checkpoint_dir is not None:
         save_checkpoint(state.model, config, metrics, checkpoint_dir)
-    return TrainResult(model=state.model, config=config, history=pd.DataFrame(log.rows), metrics=metrics, data=data)
+    return TrainResult(model=state.model, config=config, history=pd.DataFrame(log.rows), metrics=metrics, data=data,
+                       snapshots=log.snapshots)
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -139,6 +139,29 @@ def test_train_run_history_metrics_and_determinism(smoke, data):
     assert m["profile"] == "smoke" and m["corpus"] == "shakespeare"
 
 
+def test_checkpoint_steps_keep_the_weights_after_those_steps(smoke, data):
+    """Snapshots after steps 2 and 6 (the last): the last equals the final model, the earlier one differs,
+    and router saturation of the final model against itself is 1."""
+    from moe_lib.experiments import config_hash
+    from moe_lib.metrics import router_saturation
+
+    config = smoke.base.with_train(checkpoint_steps=(2, smoke.base.train.steps), final_eval_batches=1)
+    result = train_run(config, data=data)
+    assert sorted(result.snapshots) == [2, smoke.base.train.steps]
+    final = result.model.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in result.snapshots[smoke.base.train.steps].items())
+    assert not all(torch.equal(v, final[k]) for k, v in result.snapshots[2].items())
+    early = MoETransformer(result.config.model)
+    early.load_state_dict(result.snapshots[2])
+    batches = list(eval_batches(data.val.tokens, config.train.seq_len, 2, max_batches=1))
+    assert router_saturation(result.model, result.model, batches) == [1.0] * config.model.n_layers
+    assert all(0 <= s <= 1 for s in router_saturation(early, result.model, batches))
+    assert config_hash(config) == config_hash(config.with_train(checkpoint_steps=()))  # snapshots change no result
+    for bad in ((0,), (smoke.base.train.steps + 1,), [2], (2.0,)):
+        with pytest.raises(ValueError, match="checkpoint_steps"):
+            TrainConfig(steps=smoke.base.train.steps, checkpoint_steps=bad)
+
+
 def test_eval_every_leaves_a_random_router_run_alone(smoke, data):
     """The random router draws from the global RNG, in evaluation too: evaluation runs on a fork."""
     config = smoke.base.with_model(router="random").with_train(final_eval_batches=1)

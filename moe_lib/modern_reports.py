@@ -1,0 +1,195 @@
+"""Tables, verdicts and figures of notebook 07 (the ``modern`` study of :mod:`moe_lib.modern_studies`).
+
+Pure functions of a results table (one row per run) and a history table, so that they can be
+checked on hand-made frames. A comparison names a winner only when its 95% t interval
+excludes 0; otherwise it says "inconclusive at n = <pairs>", never "no effect".
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import torch
+
+from .config import RunConfig
+from .metrics import router_saturation
+from .model import MoETransformer, flops_per_token
+from .statistics import format_mean_std, mean_ci, paired_comparison, paired_differences
+
+BASELINE = "classic"
+DENSE_BASELINES = ("dense (same active)", "dense (same total)")
+
+
+def _conditions(results: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(results["condition"]))
+
+
+def _mean_std(values: pd.Series, digits: int) -> str:
+    mean, std, *_ = mean_ci(values.astype(float))
+    return format_mean_std(mean, std, digits)
+
+
+def flops_by_condition(configs: Mapping[str, RunConfig], vocab_size: int) -> dict[str, int]:
+    """Training FLOPs per token of each condition (:func:`~moe_lib.model.flops_per_token`) at the corpus's vocabulary."""
+    return {c: flops_per_token(cfg.model.replace(vocab_size=vocab_size), cfg.train.seq_len) for c, cfg in configs.items()}
+
+
+def condition_table(results: pd.DataFrame, flops: Mapping[str, int]) -> pd.DataFrame:
+    """Per condition: val/test PPL (mean ± std over seeds), parameters, FLOPs/token, ms/step, usage CV and MaxVio.
+
+    Usage CV and MaxVio (``max load / mean load - 1``) are the final model's on the validation
+    set, averaged over layers; both are 0 for a dense model, which has nothing to balance.
+    """
+    rows = []
+    for condition in _conditions(results):
+        part = results[results.condition == condition]
+        rows.append({
+            "condition": condition,
+            "seeds": len(part),
+            "val PPL": _mean_std(part.val_perplexity, 2),
+            "test PPL": _mean_std(part.test_perplexity, 2),
+            "active params (M)": f"{part.active_params.iloc[0] / 1e6:.2f}",
+            "total params (M)": f"{part.total_params.iloc[0] / 1e6:.2f}",
+            "MFLOPs/token": f"{flops[condition] / 1e6:.1f}" if condition in flops else "–",
+            "ms/step": _mean_std(part.ms_per_step, 0),
+            "usage CV": _mean_std(part.expert_usage_cv.fillna(0.0), 3),
+            "MaxVio": _mean_std(part.expert_maxvio.fillna(0.0), 3),
+        })
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def per_layer_balance(results: pd.DataFrame, conditions: Sequence[str]) -> pd.DataFrame:
+    """Seed-mean usage CV and MaxVio of every layer (columns ``CV L0``, ..., ``MaxVio L0``, ...), one row per condition."""
+    layers = sorted(int(c.rsplit("_L", 1)[1]) for c in results.columns if c.startswith("val_cv_L"))
+    rows = []
+    for condition in conditions:
+        part = results[results.condition == condition]
+        row = {"condition": condition}
+        row.update({f"CV L{l}": round(part[f"val_cv_L{l}"].mean(), 3) for l in layers})
+        row.update({f"MaxVio L{l}": round(part[f"val_maxvio_L{l}"].mean(), 3) for l in layers})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def sign_consistency(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity") -> tuple[int, int]:
+    """``(k, n)``: in k of the n seed pairs ``condition`` has the lower ``metric`` than ``baseline``."""
+    pairs = paired_differences(results, baseline, metric)
+    part = pairs[pairs.condition == condition]
+    return int((part.difference < 0).sum()), len(part)
+
+
+def comparison_table(results: pd.DataFrame, metric: str = "test_perplexity", baseline: str = BASELINE) -> pd.DataFrame:
+    """Every condition against ``baseline``, paired by seed: mean difference, its 95% t interval,
+    the % change (positive = better) and "k/n seeds" in which the condition is better."""
+    cmp = paired_comparison(results, baseline=baseline, metric=metric)
+    rows = []
+    for _, c in cmp.iterrows():
+        k, n = sign_consistency(results, c.condition, baseline, metric)
+        rows.append({
+            "condition": c.condition,
+            "pairs": c.n_pairs,
+            f"Δ {metric}": "–" if pd.isna(c.mean_difference) else f"{c.mean_difference:+.2f}",
+            "95% CI": "–" if pd.isna(c.difference_ci_low) else f"[{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]",
+            "better (%)": "–" if pd.isna(c.improvement_pct) else f"{c.improvement_pct:+.1f}",
+            "better in": f"{k}/{n} seeds",
+        })
+    return pd.DataFrame(rows).set_index("condition")
+
+
+def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
+            what: str = "test perplexity") -> str:
+    """One sentence on ``condition`` vs ``baseline`` (lower ``metric`` is better), computed from the paired seeds."""
+    row = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition")
+    if condition not in row.index:
+        raise ValueError(f"unknown condition {condition!r}: valid conditions are {list(row.index)}")
+    c = row.loc[condition]
+    k, n = sign_consistency(results, condition, baseline, metric)
+    subject = f"{condition} vs {baseline}, {what}"
+    if n == 0:
+        return f"{subject}: no seed has both runs, so there is nothing to compare."
+    pct = f"{abs(c.improvement_pct):.1f}% {'better' if c.improvement_pct >= 0 else 'worse'}"
+    head = f"{subject}: {c.mean_difference:+.2f} on average ({pct}), lower in {k}/{n} seeds"
+    if pd.isna(c.difference_ci_low):
+        return f"{head}; no 95% CI with {n} pair, so inconclusive at n = {n}."
+    ci = f"95% CI [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]"
+    if c.difference_ci_high < 0:
+        return f"{head}; {ci} excludes 0: {condition} is better."
+    if c.difference_ci_low > 0:
+        return f"{head}; {ci} excludes 0: {condition} is worse."
+    return f"{head}; {ci} includes 0: inconclusive at n = {n}."
+
+
+def ratio_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "ms_per_step", what: str = "ms/step") -> str:
+    """``"dense (same active) takes 0.62x the ms/step of classic"`` from the seed means; words when there is no ratio."""
+    means = results.groupby("condition", sort=False)[metric].mean()
+    if pd.isna(means.get(condition)) or pd.isna(means.get(baseline)) or means[baseline] == 0:
+        return f"{condition} vs {baseline}: no {what} to compare."
+    return f"{condition} takes {means[condition] / means[baseline]:.2f}x the {what} of {baseline} (seed means)."
+
+
+# --------------------------------------------------------------------------- curves: loss vs tokens, FLOPs, wall-clock
+def with_compute_axes(histories: pd.DataFrame, results: pd.DataFrame, flops: Mapping[str, int]) -> pd.DataFrame:
+    """The validation rows of ``histories`` with ``train_flops = tokens x FLOPs/token`` and
+    ``train_seconds = step x the run's mean ms/step`` (optimizer steps only, evaluation excluded)."""
+    val = histories.dropna(subset=["val_loss"]).copy()
+    val["train_flops"] = val.tokens * val.condition.map(flops)
+    ms = results.set_index("run_id").ms_per_step
+    val["train_seconds"] = val.step * val.run_id.map(ms) / 1000
+    return val
+
+
+def plot_loss_vs_compute(histories: pd.DataFrame, results: pd.DataFrame, flops: Mapping[str, int],
+                         conditions: Sequence[str] = (BASELINE, *DENSE_BASELINES)) -> plt.Figure:
+    """Validation loss (mean over seeds) against training tokens, training FLOPs and wall-clock seconds (means over seeds too)."""
+    val = with_compute_axes(histories[histories.condition.isin(conditions)], results, flops)
+    # Seeds differ in seconds per step: average x and loss per (condition, step) so each curve is one line.
+    means = val.groupby(["condition", "step"], as_index=False)[["tokens", "train_flops", "train_seconds", "val_loss"]].mean()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    for ax, (x, label) in zip(axes, [("tokens", "training tokens"), ("train_flops", "training FLOPs"), ("train_seconds", "training seconds (this machine)")]):
+        sns.lineplot(data=means, x=x, y="val_loss", hue="condition", hue_order=list(conditions), marker="o", sort=False, ax=ax,
+                     legend=ax is axes[0])
+        ax.set(xlabel=label, ylabel="validation loss (nats/token)")
+    fig.suptitle("MoE vs dense: validation loss per token, per FLOP and per second")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- router saturation and the causality leak
+def saturation_curve(snapshots: Mapping[int, dict[str, torch.Tensor]], final_model: MoETransformer, batches) -> pd.DataFrame:
+    """OLMoE's router saturation of each snapshot (step -> state dict) against ``final_model``: one row per (step, layer)."""
+    batches = list(batches)
+    model = MoETransformer(final_model.cfg).to(next(final_model.parameters()).device)
+    rows = []
+    for step in sorted(snapshots):
+        model.load_state_dict(snapshots[step])
+        rows += [{"step": step, "layer": l, "saturation": s} for l, s in enumerate(router_saturation(model, final_model, batches))]
+    return pd.DataFrame(rows, columns=["step", "layer", "saturation"])
+
+
+def plot_saturation(curves: pd.DataFrame, title: str = "Router saturation: share of top-k experts shared with the final model") -> plt.Figure:
+    """Saturation against step: a line style per layer, a colour per ``condition`` when ``curves`` has that column."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    sns.lineplot(data=curves, x="step", y="saturation", hue="condition" if "condition" in curves else None,
+                 style="layer", marker="o", ax=ax)
+    ax.set(ylim=(0, 1.02), xlabel="optimizer step of the checkpoint", ylabel="router saturation", title=title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def earlier_output_change(model: MoETransformer, x: torch.Tensor, replacements: Sequence[int] = (1, 2, 3, 5, 8)) -> float:
+    """Largest change of sequence 0's logits at positions ``0..T-2`` when only its LAST token is replaced
+    by ``(token + v) mod V`` for each ``v``: 0 for a causal model, whatever the weights."""
+    was_training = model.training
+    model.eval()
+    base = model(x).logits[0, :-1]
+    change = 0.0
+    for v in replacements:
+        changed = x.clone()
+        changed[0, -1] = (x[0, -1] + v) % model.cfg.vocab_size
+        change = max(change, (model(changed).logits[0, :-1] - base).abs().max().item())
+    model.train(was_training)
+    return change

@@ -1,0 +1,86 @@
+"""Notebook 07's tables and verdicts on a hand-made results table whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from moe_lib import modern_reports as mr
+
+NAN = float("nan")
+# test PPL per seed (42, 43, 44): "better" is lower in every seed by about 1; "noisy" goes both ways;
+# "one seed" has a single run; "gap" lost seed 44's value.
+PPL = {
+    "classic": [10.0, 11.0, 12.0],
+    "better": [9.0, 10.1, 10.9],
+    "noisy": [9.0, 12.0, 11.5],
+    "one seed": [9.5],
+    "gap": [9.0, 10.0, NAN],
+}
+
+
+def results() -> pd.DataFrame:
+    rows = []
+    for condition, values in PPL.items():
+        for seed, ppl in zip((42, 43, 44), values):
+            dense = condition == "gap"  # stands in for a dense model: no routing statistics
+            rows.append({
+                "run_id": f"{condition}-{seed}", "condition": condition, "seed": seed, "val_perplexity": ppl, "test_perplexity": ppl,
+                "active_params": 2_000_000, "total_params": 5_000_000, "ms_per_step": 100.0 if condition == "classic" else 50.0,
+                "expert_usage_cv": NAN if dense else 0.1, "expert_maxvio": NAN if dense else 0.5,
+                "val_cv_L0": NAN if dense else 0.1, "val_maxvio_L0": NAN if dense else 0.5,
+            })
+    return pd.DataFrame(rows)
+
+
+def test_verdicts_name_a_winner_only_when_the_interval_excludes_zero():
+    r = results()
+    assert mr.verdict(r, "better").endswith("excludes 0: better is better.")
+    assert "-1.00 on average (9.1% better), lower in 3/3 seeds" in mr.verdict(r, "better")
+    noisy = mr.verdict(r, "noisy")
+    assert noisy.endswith("includes 0: inconclusive at n = 3.") and "lower in 2/3 seeds" in noisy
+    one = mr.verdict(r, "one seed")
+    assert "no 95% CI with 1 pair" in one and "inconclusive at n = 1" in one
+    gap = mr.verdict(r, "gap")  # seed 44's NaN leaves 2 pairs, both exactly 1 lower: a zero-width interval
+    assert "lower in 2/2 seeds" in gap and gap.endswith("excludes 0: gap is better.")
+    assert "no effect" not in " ".join(mr.verdict(r, c) for c in PPL if c != "classic")
+    with pytest.raises(ValueError, match="unknown condition 'nope'"):
+        mr.verdict(r, "nope")
+
+
+def test_worse_condition_is_called_worse():
+    r = results()
+    r.loc[r.condition == "better", "test_perplexity"] += 3  # now higher than classic in every seed
+    worse = mr.verdict(r, "better")
+    assert worse.endswith("excludes 0: better is worse.") and "+2.00 on average (18.3% worse), lower in 0/3 seeds" in worse
+
+
+def test_comparison_table_counts_pairs_and_seeds_with_nan_and_one_seed():
+    table = mr.comparison_table(results())
+    assert table.loc["gap", "pairs"] == 2 and table.loc["gap", "better in"] == "2/2 seeds"
+    assert table.loc["one seed", "95% CI"] == "–" and table.loc["one seed", "better in"] == "1/1 seeds"
+    assert table.loc["better", "better in"] == "3/3 seeds"
+    assert table.loc["better", "Δ test_perplexity"] == "-1.00"
+
+
+def test_condition_table_shows_mean_std_and_zero_balance_for_dense():
+    table = mr.condition_table(results(), flops={"classic": 12_000_000})
+    assert table.loc["classic", "test PPL"] == "11.00 ± 1.00"
+    assert table.loc["one seed", "test PPL"] == "9.50"  # one run: no std
+    assert table.loc["gap", "seeds"] == 3 and table.loc["gap", "test PPL"] == "9.50 ± 0.71"  # the NaN run is left out
+    assert table.loc["gap", "usage CV"] == "0.000 ± 0.000" and table.loc["classic", "MaxVio"] == "0.500 ± 0.000"
+    assert table.loc["classic", "MFLOPs/token"] == "12.0" and table.loc["better", "MFLOPs/token"] == "–"
+    assert table.loc["classic", "active params (M)"] == "2.00"
+    balance = mr.per_layer_balance(results(), ["classic", "gap"])
+    assert balance.loc["classic", "MaxVio L0"] == 0.5 and math.isnan(balance.loc["gap", "CV L0"])
+
+
+def test_ratio_phrase_and_compute_axes():
+    r = results()
+    assert mr.ratio_phrase(r, "better") == "better takes 0.50x the ms/step of classic (seed means)."
+    assert mr.ratio_phrase(r, "better", metric="expert_maxvio", baseline="gap", what="MaxVio").endswith("no MaxVio to compare.")
+    hist = pd.DataFrame({"run_id": ["classic-42"] * 2, "condition": ["classic"] * 2, "step": [5, 10], "tokens": [50, 100], "val_loss": [NAN, 3.0]})
+    axes = mr.with_compute_axes(hist, r, {"classic": 7})
+    assert axes.step.tolist() == [10] and axes.train_flops.tolist() == [700] and axes.train_seconds.tolist() == [1.0]
