@@ -121,7 +121,7 @@ def _colab() -> Profile:
             model=ModelConfig(vocab_size=4096, d_model=256, n_heads=4, n_layers=6, d_ff=1024, max_seq_len=256, num_experts=8, top_k=2),
             data=DataConfig(corpus="shakespeare", tokenizer="bpe", bpe_vocab_size=4096),
             train=TrainConfig(
-                steps=400, batch_size=32, seq_len=256, optimizer="muon", lr=3e-3, warmup_steps=30,
+                steps=400, batch_size=24, seq_len=256, optimizer="muon", lr=3e-3, warmup_steps=30,
                 eval_every=100, eval_batches=20, final_eval_batches=50, log_every=10, precision="auto",
             ),
         ),
