@@ -318,9 +318,15 @@ def mutual_information(x, y) -> float:
     cy, ny = _codes(y)
     if cx.size != cy.size:
         raise ValueError(f"x and y must be equally long, got {cx.size} and {cy.size}")
-    if cx.size == 0:
+    return mi_from_counts(np.bincount(cx * ny + cy, minlength=nx * ny).reshape(nx, ny))
+
+
+def mi_from_counts(joint_counts: np.ndarray) -> float:
+    """Plug-in mutual information (bits) of a contingency table ``joint_counts[x, y]``."""
+    total = joint_counts.sum()
+    if total == 0:
         return 0.0
-    joint = np.bincount(cx * ny + cy, minlength=nx * ny).reshape(nx, ny) / cx.size
+    joint = joint_counts / total
     px, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
     nz = joint > 0
     return float(max(0.0, (joint[nz] * np.log2(joint[nz] / (px @ py)[nz])).sum()))
@@ -373,9 +379,21 @@ def label_permutation_test(
         if unit_label.setdefault(u, lab) != lab:
             raise ValueError(f"label {label!r} is not constant within {unit!r} {units[u]!r}: permute a coarser unit")
     labels_per_unit = np.array([unit_label[u] for u in range(len(units))], dtype=object)
-    observed = expert_label_mi(trace, labels_per_unit[unit_codes], layer)
+    label_codes, num_labels = _codes(labels_per_unit)
+    # Counts of each unit's slots at each expert, [units, E]; a labelling of the units then gives
+    # the label x expert table as a sum of rows, so each permutation costs O(units x E).
+    slots_unit = np.repeat(unit_codes, trace.top_k)
+    unit_expert = np.bincount(slots_unit * trace.num_experts + trace.experts[layer].ravel(),
+                              minlength=len(units) * trace.num_experts).reshape(len(units), trace.num_experts)
+
+    def mi_of(codes: np.ndarray) -> float:
+        table = np.zeros((num_labels, trace.num_experts), dtype=np.int64)
+        np.add.at(table, codes, unit_expert)
+        return mi_from_counts(table)
+
+    observed = mi_of(label_codes)
     rng = np.random.default_rng(seed)
-    null = np.array([expert_label_mi(trace, rng.permutation(labels_per_unit)[unit_codes], layer) for _ in range(permutations)])
+    null = np.array([mi_of(rng.permutation(label_codes)) for _ in range(permutations)])
     return {
         "mi_bits": observed,
         "null_mean_bits": float(null.mean()),

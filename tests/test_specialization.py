@@ -158,3 +158,31 @@ def test_genre_permutation_test_shuffles_whole_plays():
     mixed.append({"play": "play0", "genre": "tragedy"})
     with pytest.raises(ValueError, match="not constant"):
         spec.label_permutation_test(_trace(np.append(doc, 12), mixed, np.append(experts, 0), np.append(doc, 0)), 0)
+
+
+def test_genre_controls_separate_genre_following_experts_from_play_clustering():
+    from types import SimpleNamespace
+
+    from moe_lib import reports
+
+    rng = np.random.default_rng(2)
+    genres = ["comedy"] * 6 + ["tragedy"] * 6
+    documents = [{"play": f"play{i}", "genre": g} for i, g in enumerate(genres)]
+    doc = np.repeat(np.arange(12), 300)
+    tokens = rng.integers(0, 20, doc.size)
+    traces = {}
+    for seed in (42, 43, 44):
+        follows = np.where(rng.random(doc.size) < 0.7, np.where(np.asarray(genres)[doc] == "comedy", 0, 3), rng.integers(0, 4, doc.size))
+        traces[("learned top-2", seed)] = _trace(doc, documents, follows, tokens)
+        traces[("random top-2", seed)] = _trace(doc, documents, rng.integers(0, 4, doc.size), tokens)
+    controls = reports.genre_controls(SimpleNamespace(traces=traces), permutations=99)
+    assert len(controls) == 6 and set(controls.condition) == {"learned top-2", "random top-2"}
+    # the fast permutation path computes the same observed MI as the plain estimator
+    trace = traces[("learned top-2", 42)]
+    row = controls[(controls.condition == "learned top-2") & (controls.seed == 42)].iloc[0]
+    assert row.mi_bits == pytest.approx(spec.expert_label_mi(trace, trace.labels("genre"), 0), abs=1e-12)
+    assert (controls[controls.condition == "learned top-2"].p_value <= 0.01).all()
+    table = reports.genre_control_table(controls)
+    assert table.loc[0, "learned top-2: seeds p < 0.05"] == "3/3"
+    lines = reports.genre_control_verdicts(controls)
+    assert "3 of 3 layer-seed pairs" in lines[0] and "in 1 of 1 layers" in lines[2]
