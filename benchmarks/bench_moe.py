@@ -61,7 +61,7 @@ from moe_lib.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
-from moe_lib.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio  # noqa: E402
+from moe_lib.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio, optimizer_step  # noqa: E402
 from moe_lib.train import autocast_context, build_optimizer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -460,6 +460,7 @@ class TrainStep:
         self.model = MoETransformer(mcfg).train()
         self.tcfg = tcfg.replace(optimizer="adamw")
         self.optimizers = build_optimizer(self.model, self.tcfg)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32 and bf16 need no loss scaling
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
         self.y = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
@@ -477,11 +478,8 @@ class TrainStep:
             out.loss.backward()
         t2 = time.perf_counter()
         with rf("optimizer (clip + AdamW)"):
-            if self.tcfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            # the trainer's own step: clip, step every optimizer, clear the gradients (no GradScaler: fp32/bf16)
+            optimizer_step(self.optimizers, self.scaler, self.model.parameters(), self.tcfg.grad_clip)
         t3 = time.perf_counter()
         self.phases[precision].append((t1 - t0, t2 - t1, t3 - t2))
 
@@ -622,7 +620,7 @@ def course_cost(args) -> dict[str, Any]:
         out["nbval"] = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "summary": tail[0],
                         "command": "MOE_PROFILE=smoke " + " ".join(cmd[1:]), "notebooks": len(notebooks)}
     try:
-        from moe_lib.studies import STUDIES, build_grid  # needs moe_lib.experiments
+        from moe_lib.studies import STUDIES  # needs moe_lib.experiments
     except ImportError as err:
         out["studies"] = {"skipped": f"moe_lib.studies unavailable: {err}"}
         return out
