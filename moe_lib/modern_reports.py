@@ -17,7 +17,7 @@ import torch
 from .config import RunConfig
 from .metrics import router_saturation
 from .model import MoETransformer, flops_per_token
-from .statistics import format_mean_std, mean_ci, paired_comparison, paired_differences
+from .statistics import mean_std_text, paired_comparison, paired_differences
 
 BASELINE = "classic"
 DENSE_BASELINES = ("dense (same active)", "dense (same total)")
@@ -25,11 +25,6 @@ DENSE_BASELINES = ("dense (same active)", "dense (same total)")
 
 def _conditions(results: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(results["condition"]))
-
-
-def _mean_std(values: pd.Series, digits: int) -> str:
-    mean, std, *_ = mean_ci(values.astype(float))
-    return format_mean_std(mean, std, digits)
 
 
 def flops_by_condition(configs: Mapping[str, RunConfig], vocab_size: int) -> dict[str, int]:
@@ -49,14 +44,14 @@ def condition_table(results: pd.DataFrame, flops: Mapping[str, int]) -> pd.DataF
         rows.append({
             "condition": condition,
             "seeds": len(part),
-            "val PPL": _mean_std(part.val_perplexity, 2),
-            "test PPL": _mean_std(part.test_perplexity, 2),
+            "val PPL": mean_std_text(part.val_perplexity, 2),
+            "test PPL": mean_std_text(part.test_perplexity, 2),
             "active params (M)": f"{part.active_params.iloc[0] / 1e6:.2f}",
             "total params (M)": f"{part.total_params.iloc[0] / 1e6:.2f}",
             "MFLOPs/token": f"{flops[condition] / 1e6:.1f}" if condition in flops else "–",
-            "ms/step": _mean_std(part.ms_per_step, 0),
-            "usage CV": _mean_std(part.expert_usage_cv.fillna(0.0), 3),
-            "MaxVio": _mean_std(part.expert_maxvio.fillna(0.0), 3),
+            "ms/step": mean_std_text(part.ms_per_step, 0),
+            "usage CV": mean_std_text(part.expert_usage_cv.fillna(0.0), 3),
+            "MaxVio": mean_std_text(part.expert_maxvio.fillna(0.0), 3),
         })
     return pd.DataFrame(rows).set_index("condition")
 

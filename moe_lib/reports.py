@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .model import MoETransformer, count_parameters
 from .profiles import Profile
 from .statistics import (
-    capacity_label, factorial_anova, factorial_contrasts, format_mean_std, mean_ci, minimum_detectable_effect, paired_comparison,
+    capacity_label, factorial_anova, factorial_contrasts, format_mean_std, mean_ci, mean_std_text, minimum_detectable_effect, paired_comparison,
     paired_differences, sign_consistency, summarize,
 )
 from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult, build_grid
@@ -34,11 +34,6 @@ ORIGINAL_NOISE_COLUMNS = [
     "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv",
     "expert_usage_cv_pooled",  # the original's expert_usage_cv: counts of all layers summed, then CV
 ]
-
-
-def _mean_std(values: pd.Series, digits: int) -> str:
-    mean, std, *_ = mean_ci(values.astype(float))
-    return format_mean_std(mean, std, digits)
 
 
 def _conditions(study: StudyResult) -> list[str]:
@@ -148,9 +143,9 @@ def routing_table(study: StudyResult) -> pd.DataFrame:
         rows.append({
             "condition": condition,
             "seeds": len(part),
-            "test loss": _mean_std(part.test_loss, 3),
-            "test PPL": _mean_std(part.test_perplexity, 2),
-            "test top-3 acc. (%)": _mean_std(100 * part.test_top3_accuracy, 2),
+            "test loss": mean_std_text(part.test_loss, 3),
+            "test PPL": mean_std_text(part.test_perplexity, 2),
+            "test top-3 acc. (%)": mean_std_text(100 * part.test_top3_accuracy, 2),
             "routing entropy per layer": _per_layer(part, "val_entropy"),
             "usage std per layer": _per_layer(part, "val_util_std"),
         })
@@ -481,13 +476,13 @@ def zloss_table(study: StudyResult) -> pd.DataFrame:
         row = {
             "condition": condition,
             "seeds": len(part),
-            "test PPL": _mean_std(part.test_perplexity, 2),
+            "test PPL": mean_std_text(part.test_perplexity, 2),
             "improvement vs baseline": "–",
             "improvement 95% CI": "–",
             "p (paired t)": "–",
             "ms/step": f"{part.ms_per_step.mean():.0f}",
-            "router entropy": _mean_std(part.router_entropy, 3),
-            "router logsumexp": _mean_std(part.router_logsumexp, 3),
+            "router entropy": mean_std_text(part.router_entropy, 3),
+            "router logsumexp": mean_std_text(part.router_logsumexp, 3),
         }
         if condition in paired.index:
             c = paired.loc[condition]
@@ -745,7 +740,7 @@ def capacity_table(study: StudyResult) -> pd.DataFrame:
             "dropped (%)": f"{100 * part.train_dropped_fraction.mean():.2f}",
             "dropped per layer (%)": " ".join(f"{100 * part[c].mean():.1f}" for c in layer_cols),
             "floor 1 - cf (%)": f"{100 * max(0.0, 1 - cf):.0f}" if pd.notna(cf) else "0",
-            "val PPL": _mean_std(part.val_perplexity, 2),
+            "val PPL": mean_std_text(part.val_perplexity, 2),
             "vs dropless": f"{100 * (part.val_perplexity.mean() / dropless.val_perplexity.mean() - 1):+.1f}%" if len(dropless) else "–",
             "ms/step": f"{part.ms_per_step.mean():.0f}",
         })

@@ -126,6 +126,12 @@ def format_mean_std(mean: float, std: float, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def mean_std_text(values: Sequence[float] | np.ndarray, digits: int = 2) -> str:
+    """:func:`format_mean_std` of the non-NaN ``values`` (std with ddof=1)."""
+    mean, std, *_ = mean_ci(np.asarray(values, dtype=float))
+    return format_mean_std(mean, std, digits)
+
+
 def summary_table(summary: pd.DataFrame, metrics: Sequence[str] | None = None, digits: int = 2) -> pd.DataFrame:
     """A display table from :func:`summarize`: its group and factor columns, ``"mean ± std"`` per metric,
     and ``n`` (the first metric's run count)."""
