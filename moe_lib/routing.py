@@ -83,6 +83,13 @@ class RoutingResult:
     def top_k(self) -> int:
         return self.expert_indices.shape[-1]
 
+    @classmethod
+    def with_losses(cls, logits, probs, expert_indices, gate_weights, token_indices=None) -> "RoutingResult":
+        """The result with both auxiliary losses computed from it (the z-loss is 0 without logits)."""
+        z_loss = router_z_loss(logits) if logits is not None else torch.zeros((), device=probs.device)
+        return cls(logits=logits, probs=probs, expert_indices=expert_indices, gate_weights=gate_weights,
+                   load_balancing_loss=load_balancing_loss(probs, expert_indices), z_loss=z_loss, token_indices=token_indices)
+
 
 class TopKRouter(nn.Module):
     """Learned linear router ``logits = x W`` with top-k selection and optional noise."""
@@ -113,14 +120,7 @@ class TopKRouter(nn.Module):
             logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
             top_probs, expert_indices = self.select(scores)
             gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
-            return RoutingResult(
-                logits=logits,
-                probs=probs,
-                expert_indices=expert_indices,
-                gate_weights=gates,
-                load_balancing_loss=load_balancing_loss(probs, expert_indices),
-                z_loss=router_z_loss(logits),
-            )
+            return RoutingResult.with_losses(logits, probs, expert_indices, gates)
 
     def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best experts by ``scores + expert_bias`` (bias for SELECTION only) and their unbiased scores."""
@@ -214,15 +214,7 @@ class ExpertChoiceRouter(nn.Module):
             logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
             gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
         expert_indices = torch.arange(self.num_experts, device=x.device).unsqueeze(1).expand_as(token_indices)
-        return RoutingResult(
-            logits=logits,
-            probs=probs,
-            expert_indices=expert_indices,
-            gate_weights=gate_weights,
-            load_balancing_loss=load_balancing_loss(probs, expert_indices),
-            z_loss=router_z_loss(logits),
-            token_indices=token_indices,
-        )
+        return RoutingResult.with_losses(logits, probs, expert_indices, gate_weights, token_indices)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, score_func={self.score_func}"
@@ -246,15 +238,7 @@ class RandomRouter(nn.Module):
         expert_indices = torch.rand(n, self.num_experts, device=x.device).topk(self.top_k, dim=-1).indices
         probs = torch.full((n, self.num_experts), 1.0 / self.num_experts, device=x.device)
         gates = torch.full((n, self.top_k), 1.0 / self.top_k, device=x.device)
-        zero = torch.zeros((), device=x.device)
-        return RoutingResult(
-            logits=None,
-            probs=probs,
-            expert_indices=expert_indices,
-            gate_weights=gates,
-            load_balancing_loss=load_balancing_loss(probs, expert_indices),
-            z_loss=zero,
-        )
+        return RoutingResult.with_losses(None, probs, expert_indices, gates)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, top_k={self.top_k}"
