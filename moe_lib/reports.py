@@ -262,20 +262,21 @@ def routing_verdicts(study: StudyResult) -> list[str]:
     if {learned, random} <= set(study.results.condition):
         cmp = _paired(study, "test_loss", random).loc[learned]
         plain = _paired(study, "test_loss", "top-2 random").loc["top-2"]
-        # Does the shared expert narrow the learned-vs-random gap? Per seed: gap with it minus gap without it.
-        with_shared = pd.Series(_pair_values(study, "test_loss", random, learned), index=_pair_seeds(study, random, learned))
-        without = pd.Series(_pair_values(study, "test_loss", "top-2 random", "top-2"), index=_pair_seeds(study, "top-2 random", "top-2"))
-        change = (with_shared.abs() - without.abs()).dropna()  # < 0: the shared expert narrows the gap
+        # Does the shared expert shrink learned routing's advantage? Per seed: advantage (random - learned) with it minus without it.
+        with_shared = pd.Series(-_pair_values(study, "test_loss", random, learned), index=_pair_seeds(study, random, learned))
+        without = pd.Series(-_pair_values(study, "test_loss", "top-2 random", "top-2"), index=_pair_seeds(study, "top-2 random", "top-2"))
+        change = (with_shared - without).dropna()  # < 0: the shared expert shrinks the advantage
         mean, _, n, low, high = mean_ci(change)
-        narrows = f"narrows the gap by {-mean:.3f} nats" if mean < 0 else f"widens the gap by {mean:.3f} nats"
+        effect = f"shrinks learned routing's advantage by {-mean:.3f} nats" if mean < 0 else f"grows learned routing's advantage by {mean:.3f} nats"
         lines.append(
             f"With one shared expert (as in every layer of the original): learned vs random top-2, paired difference "
             f"{cmp.mean_difference:+.3f} nats, {_ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
             f"{_lower_is_better_phrase('learned routing', cmp.mean_difference, cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'test_loss', random, learned))}; "
             f"without it {plain.mean_difference:+.3f} nats. The original's explanation (a shared expert makes random routing "
-            f"nearly as good) predicts a narrower gap with it. Per seed, |gap with| - |gap without|: mean {mean:+.3f} nats, "
-            f"{_ci_text(low, high, 3)}, so the shared expert {narrows} on average: "
-            f"{'the CI excludes 0' if (low > 0 or high < 0) else _significance(low, high, change.to_numpy(), 3, ' nats')}."
+            f"nearly as good) predicts a smaller advantage with it. Per seed, advantage (random - learned loss) with the shared "
+            f"expert minus without: mean {mean:+.3f} nats, {_ci_text(low, high, 3)}, so the shared expert {effect} on average: "
+            f"{'the CI excludes 0' if (low > 0 or high < 0) else _significance(low, high, change.to_numpy(), 3, ' nats')}"
+            + (", and with it random routing has the lower mean loss." if cmp.mean_difference > 0 else ".")
         )
     cmp = _paired(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
