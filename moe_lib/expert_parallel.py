@@ -201,7 +201,9 @@ def expert_parallel_model(config: RunConfig, device: torch.device):
     ep_group = dist.new_group(backend=dist.get_backend())
     shard_model_experts(model, ep_group)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    return model, DistributedDataParallel(model), ep_group
+    # broadcast_buffers=False: the buffers are identical on every rank by construction, except the aux-loss-free
+    # routers' per-rank token counts, which rank 0's copy must not overwrite before each forward.
+    return model, DistributedDataParallel(model, broadcast_buffers=False), ep_group
 
 
 def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
@@ -213,16 +215,23 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     losses averaged over ranks, i.e. the global-batch losses of single-process training.
     """
     from .data import sample_batch
-    from .train import autocast_context, build_optimizer, load_data, lr_factor
+    from .precision import resolve_precision
+    from .routing import update_expert_biases
+    from .train import build_optimizer, load_data, lr_factor, set_learning_rate
 
     world, rank = dist.get_world_size(), dist.get_rank()
     tcfg = config.train
     if tcfg.batch_size % world:
         raise ValueError(f"batch_size={tcfg.batch_size} is invalid: expected a multiple of the world size {world}")
+    device = ep_device()
+    precision = resolve_precision(tcfg.precision, device)
+    if precision.dtype == torch.float16:
+        # each rank's GradScaler would find infs, and skip steps, on its own: the replicas would drift apart
+        raise ValueError(f"precision={tcfg.precision!r} resolves to fp16 + GradScaler here, which expert-parallel training "
+                         "does not support; use 'bf16' or 'fp32'")
     data = data if data is not None else load_data(config.data)
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
-    device = ep_device()
     model, ddp, ep_group = expert_parallel_model(config, device)
     optimizers = build_optimizer(model, tcfg)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
@@ -230,15 +239,12 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     rows = []
     model.train()
     for step in range(tcfg.steps):
-        factor = lr_factor(step, tcfg)
-        for opt, lrs in zip(optimizers, base_lrs):
-            for group, lr in zip(opt.param_groups, lrs):
-                group["lr"] = lr * factor
+        set_learning_rate(optimizers, base_lrs, lr_factor(step, tcfg))
         sums = torch.zeros(4, device=device)  # total, lm, lb, z
         for _ in range(tcfg.grad_accum_steps):
             x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
             x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
-            with autocast_context(device, tcfg.precision):
+            with precision.autocast(device):
                 out = ddp(x, y)
             (out.loss / tcfg.grad_accum_steps).backward()
             sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
@@ -248,6 +254,7 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        update_expert_biases(model)  # aux-loss-free: loads all-reduced over ranks, so every replica keeps the same bias
         dist.all_reduce(sums)
         total, lm, lb, z = (sums / (world * tcfg.grad_accum_steps)).tolist()
         rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z})

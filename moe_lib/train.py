@@ -340,9 +340,9 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
     )
 
 
-def set_learning_rate(state: TrainState, factor: float) -> None:
+def set_learning_rate(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]], factor: float) -> None:
     """Every param group's LR = its base LR x ``factor`` (see :func:`lr_factor`)."""
-    for opt, lrs in zip(state.optimizers, state.base_lrs):
+    for opt, lrs in zip(optimizers, base_lrs):
         for group, lr in zip(opt.param_groups, lrs):
             group["lr"] = lr * factor
 
@@ -382,7 +382,7 @@ def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> Step
     t0 = time.perf_counter()
     tcfg = state.config.train
     factor = lr_factor(step, tcfg)
-    set_learning_rate(state, factor)
+    set_learning_rate(state.optimizers, state.base_lrs, factor)
     micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
     losses, routing = forward_backward(state, micro_batches, step)
     optimizer_step(state)

@@ -107,6 +107,20 @@ def test_ep_training_matches_single_process_on_the_global_batch():
     assert per_rank[0][1] == per_rank[1][1]
 
 
+def _train_only(run):
+    return train_expert_parallel(run)
+
+
+def test_ep_training_with_aux_loss_free_balancing_matches_single_process():
+    # the selection bias moves after every step from the loads of the GLOBAL batch, over 2 micro-batches
+    run = (get_profile("smoke").base.with_train(steps=4, log_every=1, grad_accum_steps=2)
+           .with_model(load_balancing_weight=0.0, bias_update_rate=0.01))
+    per_rank = spawn(_train_only, 2, run, timeout_s=TIMEOUT_S)
+    reference = train_run(run).history
+    assert [row["train_loss"] for row in per_rank[0]] == pytest.approx(reference["train_loss"].tolist(), rel=1e-5)
+    assert per_rank[0] == per_rank[1]
+
+
 def _crash_on_rank_one():
     if dist.get_rank() == 1:
         raise RuntimeError("rank 1 fails")
