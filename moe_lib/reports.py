@@ -348,24 +348,27 @@ def _original_noise() -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("noise_std")
 
 
+def _ppl_line(study: StudyResult, baseline: str, condition: str, label: str, metric: str = "best_val_perplexity") -> str:
+    """``condition`` vs ``baseline`` on ``metric`` (PPL), seed-paired: % and PPL change, CI, p, verdict."""
+    cmp = _paired(study, metric, baseline).loc[condition]
+    if cmp.n_pairs == 0:
+        return f"{label}: no seed has a {metric} for both, so no comparison."
+    return (
+        f"{label}: {-cmp.improvement_pct:+.1f}% {metric.replace('_', ' ')} "
+        f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
+        f"paired t-test p = {_p_text(cmp.p_value)}): "
+        f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, metric, baseline, condition), 1, ' PPL')}."
+    )
+
+
 def noise_verdicts(study: StudyResult) -> list[str]:
     """Noise and load-balancing effects (seed-paired, with CIs), each followed by what the original reported."""
     r = study.results
     orig = _original_noise()
     lines = []
     for lb in LB_WEIGHTS:
-        base = f"noise=0.0, lb={lb}"
         for noise in NOISE_LEVELS[1:]:
-            cmp = _paired(study, "best_val_perplexity", base).loc[f"noise={noise}, lb={lb}"]
-            if cmp.n_pairs == 0:
-                lines.append(f"noise {noise} vs 0 (lb {lb}): no seed has a best val PPL for both, so no comparison.")
-                continue
-            lines.append(
-                f"noise {noise} vs 0 (lb {lb}): {-cmp.improvement_pct:+.1f}% best val PPL "
-                f"({cmp.mean_difference:+.2f} PPL, {_ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
-                f"paired t-test p = {_p_text(cmp.p_value)}): "
-                f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', base, f'noise={noise}, lb={lb}'), 1, ' PPL')}."
-            )
+            lines.append(_ppl_line(study, f"noise=0.0, lb={lb}", f"noise={noise}, lb={lb}", f"noise {noise} vs 0 (lb {lb})"))
     high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
     lines.append(
         f"Original: noise {NOISE_LEVELS[2]} cost about {high.noise_cost_ppl:+.0f} PPL ({high.noise_cost_pct:+.0f}%) at both lb settings; "
@@ -383,15 +386,7 @@ def noise_verdicts(study: StudyResult) -> list[str]:
     levels = ", ".join(f"{n:g}" for n in NOISE_LEVELS[:-1]) + f" and {NOISE_LEVELS[-1]:g}"
     lines.append(f"Original (pooled CV): lb 0.01 cut the CV {ratios} at noise {levels}.")
     for noise in NOISE_LEVELS:
-        cmp = _paired(study, "best_val_perplexity", f"noise={noise}, lb=0.01").loc[f"noise={noise}, lb=0.0"]
-        if cmp.n_pairs == 0:
-            lines.append(f"lb 0 vs 0.01 at noise {noise}: no seed has a best val PPL for both, so no comparison.")
-            continue
-        lines.append(
-            f"lb 0 vs 0.01 at noise {noise}: {cmp.mean_difference:+.2f} best val PPL, "
-            f"{_ci_text(cmp.difference_ci_low, cmp.difference_ci_high)}: "
-            f"{_significance(cmp.difference_ci_low, cmp.difference_ci_high, _pair_values(study, 'best_val_perplexity', f'noise={noise}, lb=0.01', f'noise={noise}, lb=0.0'), 1, ' PPL')}."
-        )
+        lines.append(_ppl_line(study, f"noise={noise}, lb=0.01", f"noise={noise}, lb=0.0", f"lb 0 vs 0.01 at noise {noise}"))
     lines.append(
         f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
         f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
