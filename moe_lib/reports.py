@@ -135,6 +135,56 @@ def scale_statement(profile: Profile) -> str:
     )
 
 
+def results_vs_original(study: StudyResult) -> pd.DataFrame:
+    """The original's reported numbers (:mod:`moe_lib.originals`) next to ours, per condition.
+
+    Columns are (metric, "original" | "ours"). Ours are seed means ± std over ``seeds``; the
+    original's are as reported (one seed for routing and z-loss, mean ± std of 3 seeds for the
+    noise study). Only metrics both report are shown; levels differ with corpus, tokenizer and
+    size (see :func:`setup_comparison`), so compare orderings and ratios, not levels.
+    """
+    name, r = study.grid.name, study.results
+    rows = {}
+    if name == "routing_types":
+        for condition, orig in originals.ROUTING.iterrows():
+            part = r[r.condition == condition]
+            rows[condition] = {
+                ("test loss", "original"): f"{orig.test_loss:.2f}", ("test loss", "ours"): mean_std_text(part.test_loss, 3),
+                ("top-3 acc. %", "original"): f"{orig.top3_accuracy_pct:.2f}", ("top-3 acc. %", "ours"): mean_std_text(100 * part.test_top3_accuracy, 2),
+                ("routing entropy per layer", "original"): " ".join(f"{v:.2f}" for v in orig.routing_entropy_per_layer),
+                ("routing entropy per layer", "ours"): _per_layer(part, "val_entropy"),
+                ("seeds", "ours"): len(part),
+            }
+    elif name == "noise_factorial":
+        for _, orig in originals.NOISE.iterrows():
+            part = r[(r.noise_std == orig.noise_std) & (r.load_balancing_weight == orig.load_balancing_weight)]
+            rows[f"noise={orig.noise_std}, lb={orig.load_balancing_weight}"] = {
+                ("best val PPL", "original"): format_mean_std(orig.best_val_perplexity_mean, orig.best_val_perplexity_std, 2),
+                ("best val PPL", "ours"): mean_std_text(part.best_val_perplexity, 2),
+                ("pooled usage CV", "original"): f"{orig.expert_usage_cv:.4f}", ("pooled usage CV", "ours"): mean_std_text(part.expert_usage_cv_pooled, 4),
+                ("minutes per run", "original"): f"{orig.training_time_minutes:.1f}", ("minutes per run", "ours"): mean_std_text(part.training_time_minutes, 2),
+                ("seeds", "ours"): len(part),
+            }
+    elif name == "zloss":
+        paired = _paired(study, "test_perplexity", "baseline")
+        for condition, orig in originals.ZLOSS.iterrows():
+            part = r[r.condition == condition]
+            rows[condition] = {
+                ("test PPL", "original"): f"{orig.test_perplexity:.2f}", ("test PPL", "ours"): mean_std_text(part.test_perplexity, 2),
+                ("improvement vs baseline", "original"): f"{orig.improvement_pct:+.1f}%" if pd.notna(orig.improvement_pct) else "–",
+                ("improvement vs baseline", "ours"): f"{paired.loc[condition].improvement_pct:+.2f}%" if condition in paired.index else "–",
+                ("router entropy", "original"): f"{orig.router_entropy:.3f}" if pd.notna(orig.router_entropy) else "–",
+                ("router entropy", "ours"): mean_std_text(part.router_entropy, 3),
+                ("seeds", "ours"): len(part),
+            }
+    else:
+        raise ValueError(f"no original results for study {name!r}: valid studies are 'routing_types', 'noise_factorial', 'zloss'")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    table.index.name = "condition"
+    return table
+
+
 def routing_table(study: StudyResult) -> pd.DataFrame:
     """Per condition: test loss/PPL (mean ± std), top-3 accuracy, entropy and usage std per layer."""
     rows = []

@@ -246,3 +246,27 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
     assert any("too few seeds for an interval" in l for l in one_seed)
     assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)
     assert_clean("\n".join(lines + one_seed).replace("Time per step", ""))
+
+
+@pytest.mark.parametrize("name, original, metric", [
+    ("routing", originals.ROUTING, ("test loss", "original")),
+    ("noise", originals.NOISE, ("best val PPL", "original")),
+    ("zloss", originals.ZLOSS, ("test PPL", "original")),
+])
+def test_results_vs_original_puts_the_reported_numbers_beside_ours(name, original, metric):
+    study = fake_study(name, (42, 43, 44), expert_usage_cv_pooled=0.2, val_entropy_L0=1.2, val_entropy_L1=1.0)
+    table = reports.results_vs_original(study)
+    assert len(table) == len(original)  # one row per condition the original reported
+    assert (table[("seeds", "ours")] == 3).all()
+    assert metric in table.columns and (metric[0], "ours") in table.columns
+    first = table.iloc[0]
+    if name == "routing":
+        assert first[("test loss", "original")] == "2.46" and first[("routing entropy per layer", "ours")] == "1.20 1.00"
+    if name == "noise":
+        assert first[("best val PPL", "original")] == "130.23 ± 0.94" and first[("pooled usage CV", "ours")] == "0.2000 ± 0.0000"
+    if name == "zloss":
+        assert table.loc["z=0.01", ("improvement vs baseline", "original")] == "+5.7%"
+        assert table.loc["baseline", ("improvement vs baseline", "ours")] == "–"
+    assert_clean(table.to_string())
+    with pytest.raises(ValueError, match="valid studies"):
+        reports.results_vs_original(fake_study("capacity", (42,)))
