@@ -3,9 +3,7 @@
 Each notebook runs in a fresh kernel with its own folder as the working directory and the
 current ``MOE_PROFILE``. A notebook is replaced only after it ran to the end (written to a
 temporary file and moved into place), so a failure never leaves a half-executed notebook.
-Progress bars are stored as their final state: consecutive stream outputs are merged and
-carriage-return overwrites applied (nbconvert's ``CoalesceStreamsPreprocessor``), as a live
-notebook shows them.
+Progress bars are stored as their final state (:func:`tidy_outputs`), as a live notebook shows them.
 """
 
 from __future__ import annotations
@@ -32,10 +30,29 @@ def notebook_paths(notebooks_dir: Path | None = None, only: list[str] | None = N
     return paths
 
 
+def tidy_outputs(nb):
+    """Stored outputs as a live notebook shows them: stream outputs that are blank once carriage
+    returns are applied (a progress bar that cleared itself) are dropped, then consecutive streams
+    are merged and carriage-return overwrites applied (``CoalesceStreamsPreprocessor``)."""
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    def shown(line: str) -> str:  # a terminal shows a line's last segment after a carriage return
+        segments = [segment for segment in line.split("\r") if segment]
+        return segments[-1] if segments else ""
+
+    def blank(text: str) -> bool:
+        return not any(shown(line).strip() for line in text.split("\n"))
+
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and blank(o.text))]
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+    return nb
+
+
 def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None, timeout: int = 3600) -> list[Path]:
     import nbformat
     from nbclient import NotebookClient
-    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     paths = notebook_paths(notebooks_dir, only)
     profile = os.environ.get("MOE_PROFILE", "(auto)")
@@ -45,7 +62,7 @@ def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None,
         nb = nbformat.read(path, as_version=4)
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
         client.execute()
-        nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
+        nb = tidy_outputs(nb)
         atomic_write_bytes(path, nbformat.writes(nb).encode())
         print(f"[course] {path.name}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return paths

@@ -1,0 +1,33 @@
+"""moe_lib.course: which notebooks run, and how their outputs are stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_lib.course import notebook_paths
+
+
+def test_notebook_paths_picks_numbers_and_names_the_valid_ones(tmp_path):
+    for name in ("01_a.ipynb", "02_b.ipynb", "notes.ipynb"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in notebook_paths(tmp_path)] == ["01_a.ipynb", "02_b.ipynb"]
+    assert [p.name for p in notebook_paths(tmp_path, only=["02"])] == ["02_b.ipynb"]
+    with pytest.raises(ValueError, match=r"valid numbers are \['01', '02'\]"):
+        notebook_paths(tmp_path, only=["07"])
+
+
+def test_tidy_outputs_drops_cleared_progress_bars_and_merges_the_text_around_them():
+    import nbformat
+
+    from moe_lib.course import tidy_outputs
+
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="run 1/2\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="  3%|#  | 1/30\r" + " " * 40 + "\r"),
+        nbformat.v4.new_output("stream", name="stdout", text="run 2/2\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="100%|###| 30/30\n"),
+    ]
+    nb = tidy_outputs(nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")]))
+    outputs = nb.cells[0].outputs
+    assert [(o.name, o.text) for o in outputs] == [("stdout", "run 1/2\nrun 2/2\n"), ("stderr", "100%|###| 30/30\n")]
