@@ -565,6 +565,20 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
             f"{_significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high, _pair_values(study, 'test_perplexity', study.grid.baseline, condition, 'improvement_pct'), 2, '%')}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
+    # "Confidence": does z-loss lower the routing entropy (the seed's claim) or raise it (the gradient's direction)?
+    entropy = _paired(study, "router_entropy", study.grid.baseline)
+    for condition, c in entropy.iterrows():
+        diffs = _pair_values(study, "router_entropy", study.grid.baseline, condition)
+        if c.difference_ci_high < 0:
+            reading = "more confident routing, as the seed claimed"
+        elif c.difference_ci_low > 0:
+            reading = "less confident routing, the direction the gradient 2 LSE p_i predicts"
+        else:
+            reading = _significance(c.difference_ci_low, c.difference_ci_high, diffs, 3, " nats")
+        lines.append(
+            f"{condition}: routing entropy {c.mean_difference:+.3f} nats vs the baseline (seed-paired, "
+            f"{_ci_text(c.difference_ci_low, c.difference_ci_high, 3)}): {reading}."
+        )
     c = paired.loc["z=0.01"]
     reported = originals.ZLOSS.improvement_pct["z=0.01"]
     inside = c.improvement_pct_ci_low <= reported <= c.improvement_pct_ci_high

@@ -270,3 +270,14 @@ def test_results_vs_original_puts_the_reported_numbers_beside_ours(name, origina
     assert_clean(table.to_string())
     with pytest.raises(ValueError, match="valid studies"):
         reports.results_vs_original(fake_study("capacity", (42,)))
+
+
+def test_zloss_verdicts_read_the_entropy_change_seed_paired():
+    study = fake_study("zloss", (42, 43, 44))
+    r = study.results
+    r["router_entropy"] = [1.0 + 0.01 * (s - 43) + {"z=0.01": 0.1, "z=0.001": -0.1}.get(c, 0.0) for c, s in zip(r.condition, r.seed)]
+    lines = reports.zloss_verdicts(study)
+    assert any(l.startswith("z=0.01: routing entropy +0.100 nats") and "less confident routing" in l for l in lines)
+    assert any(l.startswith("z=0.001: routing entropy -0.100 nats") and "more confident routing, as the seed claimed" in l for l in lines)
+    assert any(l.startswith("z=0.001, no noise: routing entropy +0.000 nats") and "inconclusive" in l for l in lines)
+    assert_clean("\n".join(lines))
