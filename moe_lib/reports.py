@@ -109,7 +109,8 @@ def setup_comparison(study_name: str, profile: Profile) -> pd.DataFrame:
                                     + ", ".join(f"{w:g}" for w in _distinct(model.load_balancing_weight for model in models)),
         "CV definition": "per layer: CV of expert counts, mean over layers (expert_usage_cv); pooled over layers also logged",
         "router noise": "noise_std " + ", ".join(f"{n:g}" for n in _distinct(model.noise_std for model in models)),
-        "optimizer": f"{_distinct(c.train.optimizer for c in configs)[0]}, lr {t.lr:g}, precision {t.precision}",
+        "optimizer": f"{_distinct(c.train.optimizer for c in configs)[0]}, lr {t.lr:g}, precision {t.precision}"
+                     + ("; Muon's Newton-Schulz iteration in fp32 on CPU, bf16 on GPU (moe_lib.muon)" if t.optimizer == "muon" else ""),
     }
     table = pd.DataFrame(
         {"original": [originals.SETUPS[study_name][row] for row in originals.SETUP_ROWS],

@@ -34,6 +34,7 @@ from .config import RunConfig, TrainConfig
 from .data import eval_batches, prepare_data, sample_batch
 from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
+from .muon import Muon
 from .perf import configure_cpu_allocator, release_free_heap
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
@@ -69,7 +70,8 @@ def autocast_context(device: torch.device, precision: str):
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """AdamW, or the original's hybrid of Muon and AdamW.
 
-    Hybrid split: Muon (``torch.optim.Muon``) takes the 2-D weight matrices of the hidden
+    Hybrid split: Muon (``torch.optim.Muon``, with its Newton-Schulz iteration in fp32 on CPUs:
+    :mod:`moe_lib.muon`) takes the 2-D weight matrices of the hidden
     layers - attention ``qkv``/``proj`` and dense FFN projections - because it orthogonalises
     each update matrix, which only makes sense for a matrix acting on a hidden state. AdamW
     takes the rest: the embedding (a lookup table, tied to the LM head), RMSNorm gains,
@@ -92,7 +94,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=_fused_adamw_ok(decay + no_decay))
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 
