@@ -31,6 +31,7 @@ Conventions (each chosen so EP equals single-process training on the global batc
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 import os
 import pickle
@@ -201,9 +202,12 @@ def expert_parallel_model(config: RunConfig, device: torch.device):
     ep_group = dist.new_group(backend=dist.get_backend())
     shard_model_experts(model, ep_group)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
-    # broadcast_buffers=False: the buffers are identical on every rank by construction, except the aux-loss-free
-    # routers' per-rank token counts, which rank 0's copy must not overwrite before each forward.
-    return model, DistributedDataParallel(model, broadcast_buffers=False), ep_group
+    # No buffer sync before each forward: the buffers are identical on every rank by construction, except the
+    # aux-loss-free routers' per-rank token counts, which rank 0's copy must not overwrite (syncing at init is harmless:
+    # they start at 0). torch 2.13 renamed the switch; older releases only have broadcast_buffers.
+    no_forward_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else {"broadcast_buffers": False}
+    return model, DistributedDataParallel(model, **no_forward_sync), ep_group
 
 
 def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
