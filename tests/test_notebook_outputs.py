@@ -138,3 +138,11 @@ def test_detector_reads_cells_as_nbval_does(tmp_path):
         "nb.ipynb cell 5 ('df')",
     ]
     assert problems[0].endswith("4.8e-07")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_cell_with_outputs_has_an_execution_count(path):
+    # nbval fails such a cell ("Unrun reference cell has outputs"), even one marked NBVAL_IGNORE_OUTPUT
+    nb = nbformat.read(path, as_version=4)
+    unnumbered = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.outputs and cell.execution_count is None]
+    assert not unnumbered, f"{path.name}: code cells {unnumbered} have stored outputs but no execution_count"
