@@ -239,16 +239,16 @@ def _cv_ratio_phrase(off: float, on: float) -> str:
     return f"{off / on:.1f}x lower with lb 0.01."
 
 
+def _pair_series(study: StudyResult, metric: str, baseline: str, condition: str, column: str = "difference") -> pd.Series:
+    """The per-seed paired ``column`` (``difference`` or ``improvement_pct``) of ``condition`` vs ``baseline``, indexed by seed."""
+    pairs = paired_differences(study.results, baseline=baseline, metric=metric)
+    part = pairs[pairs.condition == condition]
+    return pd.Series(part[column].to_numpy(dtype=float), index=part.seed.to_numpy())
+
+
 def _pair_values(study: StudyResult, metric: str, baseline: str, condition: str, column: str = "difference") -> np.ndarray:
-    """The per-seed paired ``column`` (``difference`` or ``improvement_pct``) of ``condition`` vs ``baseline``."""
-    pairs = paired_differences(study.results, baseline=baseline, metric=metric)
-    return pairs.loc[pairs.condition == condition, column].to_numpy(dtype=float)
-
-
-def _pair_seeds(study: StudyResult, baseline: str, condition: str, metric: str = "test_loss") -> np.ndarray:
-    """The seeds of :func:`_pair_values`' pairs, in the same order."""
-    pairs = paired_differences(study.results, baseline=baseline, metric=metric)
-    return pairs.loc[pairs.condition == condition, "seed"].to_numpy()
+    """:func:`_pair_series` as an array, in seed order."""
+    return _pair_series(study, metric, baseline, condition, column).to_numpy()
 
 
 def _inconclusive(differences, digits: int = 2, unit: str = "") -> str:
@@ -314,10 +314,10 @@ def routing_verdicts(study: StudyResult) -> list[str]:
         cmp = _paired(study, "test_loss", random).loc[learned]
         plain = _paired(study, "test_loss", "top-2 random").loc["top-2"]
         # Does the shared expert shrink learned routing's advantage? Per seed: advantage (random - learned) with it minus without it.
-        with_shared = pd.Series(-_pair_values(study, "test_loss", random, learned), index=_pair_seeds(study, random, learned))
-        without = pd.Series(-_pair_values(study, "test_loss", "top-2 random", "top-2"), index=_pair_seeds(study, "top-2 random", "top-2"))
+        with_shared = -_pair_series(study, "test_loss", random, learned)
+        without = -_pair_series(study, "test_loss", "top-2 random", "top-2")
         change = (with_shared - without).dropna()  # < 0: the shared expert shrinks the advantage
-        mean, _, n, low, high = mean_ci(change)
+        mean, _, _, low, high = mean_ci(change)
         effect = f"shrinks learned routing's advantage by {-mean:.3f} nats" if mean < 0 else f"grows learned routing's advantage by {mean:.3f} nats"
         lines.append(
             f"With one shared expert (as in every layer of the original): learned vs random top-2, paired difference "
