@@ -486,14 +486,20 @@ def _contrast_text(row: pd.Series) -> str:
     return f"{head}: the CI includes 0: inconclusive at n = {int(row.n)} ({row.signs} point the same way; {mde_text})"
 
 
-def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplexity") -> list[str]:
-    """Main effects and the noise x lb interaction, from :func:`noise_factorial_analysis`, in words."""
-    anova, contrasts = noise_factorial_analysis(study, metric)
+def _anova_lines(anova: pd.DataFrame, metric: str) -> list[str]:
+    """One sentence per main effect and interaction of a :func:`~moe_lib.statistics.factorial_anova` table."""
     lines = []
     for term in anova.index.drop(["Residual", "seed"], errors="ignore"):
         row = anova.loc[term]
         p = "–" if pd.isna(row["PR(>F)"]) else "< 0.001" if row["PR(>F)"] < 0.001 else f"= {row['PR(>F)']:.3f}"
         lines.append(f"ANOVA on log {metric}, {term.replace(':', ' x ')}: F = {row.F:.2f}, p {p}, partial eta squared {row.partial_eta_sq:.2f}.")
+    return lines
+
+
+def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplexity") -> list[str]:
+    """Main effects and the noise x lb interaction, from :func:`noise_factorial_analysis`, in words."""
+    anova, contrasts = noise_factorial_analysis(study, metric)
+    lines = _anova_lines(anova, metric)
     for _, row in contrasts.iterrows():
         if row.effect == "noise_std main effect":
             lines.append(f"Noise {row.level:g} vs 0, averaged over lb: {_contrast_text(row)}.")
@@ -827,14 +833,24 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
         )
     for lb, part in r.groupby("load_balancing_weight", sort=False):
         means = part.dropna(subset=["capacity_factor"]).groupby("capacity_factor").train_dropped_fraction.mean().sort_index()
+        if means.empty:
+            continue
         ok = means[means < threshold]
-        first = f"cf={capacity_label(ok.index[0])}" if len(ok) else "no finite capacity factor in the sweep"
-        lines.append(f"lb={lb}: fewer than {100 * threshold:.0f}% of slots dropped (seed mean) first at {first}.")
-    for cf in sorted(r.capacity_factor.dropna().unique()):
-        at = r[r.capacity_factor == cf].assign(condition=lambda d: "lb=" + d.load_balancing_weight.astype(str))
+        if len(ok):
+            lines.append(f"lb={lb}: the smallest capacity factor in the sweep that drops fewer than {100 * threshold:.0f}% of slots (seed mean) is cf={capacity_label(ok.index[0])}.")
+        else:
+            least = means.idxmin()
+            lines.append(
+                f"lb={lb}: every finite capacity factor in the sweep drops {100 * threshold:.0f}% of slots or more (seed mean); "
+                f"the fewest, {100 * means[least]:.1f}%, at cf={capacity_label(least)}."
+            )
+    for cf in [*sorted(r.capacity_factor.dropna().unique()), None]:
+        at = r[r.capacity_factor.isna() if cf is None else r.capacity_factor == cf]
+        at = at.assign(condition=lambda d: "lb=" + d.load_balancing_weight.astype(str))
         if set(at.condition) != {"lb=0.01", "lb=0.0"}:
             continue
-        for metric, name, scale, unit, digits in (("train_dropped_fraction", "dropped slots", 100, " points", 1), ("val_perplexity", "val PPL", 1, " PPL", 2)):
+        metrics = (("train_dropped_fraction", "dropped slots", 100, " points", 1), ("val_perplexity", "val PPL", 1, " PPL", 2))
+        for metric, name, scale, unit, digits in metrics[1:] if cf is None else metrics:  # dropless drops nothing
             cmp = paired_comparison(at, baseline="lb=0.0", metric=metric).set_index("condition").loc["lb=0.01"]
             diffs = scale * paired_differences(at, baseline="lb=0.0", metric=metric).difference.to_numpy(dtype=float)
             lines.append(
@@ -866,6 +882,9 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
             if seed_std is not None and pd.notna(seed_std):
                 noise = f"; {'more' if abs(diff) > 2 * seed_std else 'less'} than 2 seed-std ({2 * seed_std:.2f} PPL) of the dropless model"
             lines.append(f"lb={lb}, cf={label}: val PPL {value:.2f} vs dropless {base:.2f} ({diff:+.2f}, {100 * diff / base:+.1f}%{noise}).")
+    if n_seeds >= 2 and r.cf.nunique() >= 2 and r.load_balancing_weight.nunique() >= 2:
+        anova = factorial_anova(r, "val_perplexity", ["cf", "load_balancing_weight"], block="seed", log=True)
+        lines += _anova_lines(anova.rename(index=lambda term: term.replace("cf", "capacity factor")), "val_perplexity")
     fast = r[r.capacity_factor == r.capacity_factor.min()].ms_per_step.mean()
     slow = r[r.capacity_factor.isna()].ms_per_step.mean()
     if pd.notna(fast) and pd.notna(slow):

@@ -242,6 +242,16 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
     assert "inconclusive at n = 3" in ppl
     assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: val PPL 102.00 vs 100.00") for l in lines)
     assert len([l for l in lines if "must drop" in l]) == 0  # no cf < 1 in the sweep: nothing is forced to drop
+    assert "lb=0.01: every finite capacity factor in the sweep drops 1% of slots or more (seed mean); the fewest, 8.0%, at cf=1.25." in lines
+    loose = reports.capacity_verdicts(_capacity_study((42, 43, 44)), threshold=0.09)
+    assert "lb=0.01: the smallest capacity factor in the sweep that drops fewer than 9% of slots (seed mean) is cf=1.25." in loose
+    dropless = next(l for l in lines if l.startswith("cf=dropless, lb 0.01 vs 0: val PPL"))
+    assert "100.00 without load balancing vs 100.00 with it" in dropless and "inconclusive at n = 3" in dropless
+    assert not any(l.startswith("cf=dropless, lb 0.01 vs 0: dropped") for l in lines)  # dropless drops nothing
+    # analysed as the 3 x 2 factorial it is: +2 PPL off dropless at every lb is a capacity main effect, no interaction
+    anova = {l.split(":")[0]: l for l in lines if l.startswith("ANOVA")}
+    assert set(anova) == {f"ANOVA on log val_perplexity, {t}" for t in ("capacity factor", "load_balancing_weight", "capacity factor x load_balancing_weight")}
+    assert "p < 0.001" in anova["ANOVA on log val_perplexity, capacity factor"]
     one_seed = reports.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
     assert any("too few seeds for an interval" in l for l in one_seed)
     assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)
