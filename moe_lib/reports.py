@@ -285,13 +285,30 @@ def _lower_is_better_phrase(subject: str, difference: float, low: float, high: f
     return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0: {_inconclusive(differences, digits, unit)}"
 
 
-def _depth_trend(values) -> str:
-    """``"falls with depth"`` / ``"rises with depth"`` / ``"is flat with depth"``: the sign of the least-squares slope over layers."""
+def _depth_trend(values, tolerance: float = 0.01) -> str:
+    """How ``values`` (one per layer) change with depth, in words: ``"rises with depth"`` or
+    ``"falls with depth"`` only when every layer-to-layer step goes that way (steps within
+    ``tolerance`` count as level), ``"is flat with depth"`` when all do, else where it is lowest and highest."""
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return "has one layer, so no trend"
-    slope = np.polyfit(np.arange(len(v)), v, 1)[0]
-    return "falls with depth" if slope < -1e-3 else "rises with depth" if slope > 1e-3 else "is flat with depth"
+    steps = np.diff(v)
+    if (np.abs(steps) <= tolerance).all():
+        return "is flat with depth"
+    if (steps >= -tolerance).all():
+        return "rises with depth"
+    if (steps <= tolerance).all():
+        return "falls with depth"
+    return f"is not monotone in depth: lowest in layer {int(np.argmin(v))}, highest in layer {int(np.argmax(v))}"
+
+
+def _trend_comparison(ours: str, theirs: str, lowest: int) -> str:
+    """Our per-layer entropy trend against the original's, in words."""
+    if ours == theirs:
+        return "the same trend."
+    if "falls" in theirs and ("rises" in ours or lowest == 0):
+        return "the opposite of the original's \"later layers more confident\": our most confident layer is the first."
+    return "a different trend."
 
 
 def routing_verdicts(study: StudyResult) -> list[str]:
@@ -351,10 +368,11 @@ def routing_verdicts(study: StudyResult) -> list[str]:
             continue
         ours_trend, their_trend = _depth_trend(ours), _depth_trend(theirs)
         lowest = int(np.argmin(ours))
+        where = "" if "lowest" in ours_trend else f", lowest in layer {lowest}"
         lines.append(
             f"Top-{k} routing entropy per layer: ours {' '.join(f'{h:.2f}' for h in ours)} nats "
-            f"({ours_trend}, lowest in layer {lowest}); the original's {' '.join(f'{h:.2f}' for h in theirs)} ({their_trend}): "
-            + ("the same trend." if ours_trend == their_trend else "the opposite of the original's \"later layers more confident\"." if "rises" in ours_trend and "falls" in their_trend else "a different trend.")
+            f"({ours_trend}{where}); the original's {' '.join(f'{h:.2f}' for h in theirs)} ({their_trend}): "
+            + _trend_comparison(ours_trend, their_trend, lowest)
         )
     return lines
 

@@ -120,6 +120,16 @@ def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
     falling = reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
     top2 = next(l for l in falling if l.startswith("Top-2 routing entropy per layer"))
     assert "falls with depth, lowest in layer 3" in top2 and "the same trend" in top2
+    # a rise then a fall is no trend: the gpu profile's 0.38 1.33 1.31 1.22 has a positive least-squares slope
+    bent = reports.routing_verdicts(_routing_study_with_entropy([0.38, 1.33, 1.31, 1.22, 1.21, 1.13]))
+    top1 = next(l for l in bent if l.startswith("Top-1 routing entropy per layer"))
+    assert "(is not monotone in depth: lowest in layer 0, highest in layer 1)" in top1 and "rises" not in top1
+    assert "our most confident layer is the first" in top1
+    peak = reports.routing_verdicts(_routing_study_with_entropy([0.83, 0.90, 0.99, 0.87, 0.77, 0.78]))
+    top2 = next(l for l in peak if l.startswith("Top-2 routing entropy per layer"))
+    assert "lowest in layer 4, highest in layer 2" in top2 and top2.endswith("a different trend.")
+    level = reports.routing_verdicts(_routing_study_with_entropy([1.0, 1.005, 0.998, 1.002]))
+    assert "(is flat with depth, lowest in layer 2)" in next(l for l in level if l.startswith("Top-1 routing entropy"))
     original = originals.ROUTING.copy()
     try:  # the original's trend is read from its data, not typed
         originals.ROUTING.at["top-2", "routing_entropy_per_layer"] = (0.6, 0.7, 0.8, 0.9, 1.0)
