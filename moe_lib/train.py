@@ -498,7 +498,8 @@ def run_metrics(
         "active_params": counts.active,
         "train_tokens": tcfg.steps * tcfg.tokens_per_step,
         "device": _device_name(device),
-        "precision": tcfg.precision,
+        "precision": tcfg.precision,  # as requested ("auto" by default)
+        "precision_used": state.precision.name,  # what ran: fp32, bf16 or fp16 (moe_lib.precision.resolve_precision)
         "profile": profile or "custom",
         "corpus": config.data.corpus,
         "tokenizer": config.data.tokenizer,

@@ -137,6 +137,7 @@ def test_train_run_history_metrics_and_determinism(smoke, data):
     assert m["test_perplexity"] == pytest.approx(math.exp(m["test_loss"]))
     assert 0 <= m["test_accuracy"] <= m["test_top3_accuracy"] <= 1
     assert m["profile"] == "smoke" and m["corpus"] == "shakespeare"
+    assert m["precision"] == config.train.precision == "auto" and m["precision_used"] == "fp32"  # auto stays fp32 on a CPU
 
 
 def test_checkpoint_steps_keep_the_weights_after_those_steps(smoke, data):
