@@ -4,6 +4,8 @@ Each notebook runs in a fresh kernel with its own folder as the working director
 current ``MOE_PROFILE``. A notebook is replaced only after it ran to the end (written to a
 temporary file and moved into place), so a failure never leaves a half-executed notebook.
 Progress bars are stored as their final state (:func:`tidy_outputs`), as a live notebook shows them.
+The kernel imports the ``moe_lib`` that runs the course (:func:`kernel_environment`), never
+another copy that the environment happens to have installed.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def tidy_outputs(nb):
     return nb
 
 
+def kernel_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the checkout that holds this ``moe_lib``
+    first on ``PYTHONPATH``. A kernel starts in the notebook's folder, where ``import moe_lib``
+    would otherwise find whatever the environment has installed: an editable install can point at
+    another clone, and the notebooks would then run that clone's code."""
+    env = dict(os.environ if base is None else base)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]])
+    return env
+
+
 def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None, timeout: int = 3600) -> list[Path]:
     import nbformat
     from nbclient import NotebookClient
@@ -61,7 +74,7 @@ def run_course(notebooks_dir: Path | None = None, only: list[str] | None = None,
         print(f"[course] {path.name}: executing with MOE_PROFILE={profile} ...", flush=True)
         nb = nbformat.read(path, as_version=4)
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-        client.execute()
+        client.execute(env=kernel_environment())
         nb = tidy_outputs(nb)
         atomic_write_bytes(path, nbformat.writes(nb).encode())
         print(f"[course] {path.name}: done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)

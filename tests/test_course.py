@@ -31,3 +31,38 @@ def test_tidy_outputs_drops_cleared_progress_bars_and_merges_the_text_around_the
     nb = tidy_outputs(nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")]))
     outputs = nb.cells[0].outputs
     assert [(o.name, o.text) for o in outputs] == [("stdout", "run 1/2\nrun 2/2\n"), ("stderr", "100%|###| 30/30\n")]
+
+
+def test_kernel_environment_puts_this_checkout_first_and_keeps_the_rest():
+    from pathlib import Path
+
+    import moe_lib
+    from moe_lib.course import kernel_environment
+
+    root = str(Path(moe_lib.__file__).resolve().parents[1])
+    env = kernel_environment({"PYTHONPATH": f"/elsewhere{__import__('os').pathsep}{root}", "HOME": "/h"})
+    assert env["PYTHONPATH"].split(__import__("os").pathsep) == [root, "/elsewhere"] and env["HOME"] == "/h"
+    assert kernel_environment({})["PYTHONPATH"] == root
+
+
+def test_run_course_executes_the_notebooks_with_this_checkouts_moe_lib(tmp_path, monkeypatch):
+    """The bug: a kernel starts in the notebook's folder and imported whichever moe_lib the
+    environment had (an editable install pointing at another clone); here a decoy on PYTHONPATH."""
+    from pathlib import Path
+
+    import nbformat
+
+    import moe_lib
+    from moe_lib.course import run_course
+
+    decoy = tmp_path / "other_clone" / "moe_lib"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(decoy.parent))
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import moe_lib; print(moe_lib.__file__)")]),
+                   notebooks / "01_where.ipynb")
+    run_course(notebooks)
+    printed = nbformat.read(notebooks / "01_where.ipynb", as_version=4).cells[0].outputs[0].text.strip()
+    assert Path(printed).resolve() == Path(moe_lib.__file__).resolve()
