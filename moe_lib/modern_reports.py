@@ -125,6 +125,51 @@ def ratio_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE
     return f"{condition} takes {means[condition] / means[baseline]:.2f}x the {what} of {baseline} (seed means)."
 
 
+def _paired_state(results: pd.DataFrame, condition: str, baseline: str, metric: str = "test_perplexity") -> str:
+    """``"lower"``, ``"higher"`` or ``"inconclusive"``: ``condition``'s ``metric`` against ``baseline``'s, by the paired 95% CI."""
+    c = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition").loc[condition]
+    if pd.notna(c.difference_ci_high) and c.difference_ci_high < 0:
+        return "lower"
+    if pd.notna(c.difference_ci_low) and c.difference_ci_low > 0:
+        return "higher"
+    return "inconclusive"
+
+
+def moe_vs_dense_summary(results: pd.DataFrame, flops: Mapping[str, int], condition: str = BASELINE) -> list[str]:
+    """Section 1's conclusion, one sentence per dense baseline: the perplexity verdict (paired 95% CI),
+    the FLOPs per token and the time per step of ``condition`` against it, and what they make of
+    "per FLOP" and "per second". Every word is chosen from the numbers."""
+    ms = results.groupby("condition").ms_per_step.mean()
+    n = results[results.condition == condition].seed.nunique()
+    lines = []
+    for dense in DENSE_BASELINES:
+        if dense not in ms.index or condition not in ms.index:
+            continue
+        state = _paired_state(results, condition, dense)
+        flop_ratio, time_ratio = flops[condition] / flops[dense], ms[condition] / ms[dense]
+        ppl = {"lower": "lower test perplexity (the CI excludes 0)", "higher": "higher test perplexity (the CI excludes 0)",
+               "inconclusive": f"a test perplexity that cannot be told apart from it at n = {n}"}[state]
+        head = (f"Against {dense}, {condition} reaches {ppl} on the same tokens, with {flop_ratio:.2f}x its FLOPs per token "
+                f"and {time_ratio:.2f}x its time per step on this machine")
+        if state == "lower" and time_ratio <= 1:
+            tail = "so it is ahead per token, per FLOP and per second."
+        elif state == "lower":
+            tail = (f"so it is ahead per token{' and per FLOP' if flop_ratio <= 1 else ''}; per second it pays {time_ratio:.2f}x "
+                    "per step, and the right-hand panel shows whether the lower loss makes up for it.")
+        elif state == "higher" and time_ratio >= 1:
+            tail = "so it is behind per token and per second."
+        elif state == "higher":
+            tail = (f"so it is behind per token, at {flop_ratio:.2f}x the FLOPs and {time_ratio:.2f}x the time: a cheaper model "
+                    "that learns less per token.")
+        elif time_ratio > 1:
+            tail = f"so nothing here shows a gain per token or per FLOP, and the same tokens cost it {time_ratio:.2f}x the time."
+        else:
+            tail = (f"so it costs {time_ratio:.2f}x the time and {flop_ratio:.2f}x the FLOPs for a perplexity not shown to differ: "
+                    f"a gain per second only if the true gap is small, which n = {n} cannot settle.")
+        lines.append(f"{head}: {tail}")
+    return lines
+
+
 # --------------------------------------------------------------------------- curves: loss vs tokens, FLOPs, wall-clock
 def with_compute_axes(histories: pd.DataFrame, results: pd.DataFrame, flops: Mapping[str, int]) -> pd.DataFrame:
     """The validation rows of ``histories`` with ``train_flops = tokens x FLOPs/token`` and
@@ -172,6 +217,25 @@ def plot_saturation(curves: pd.DataFrame, title: str = "Router saturation: share
     ax.set(ylim=(0, 1.02), xlabel="optimizer step of the checkpoint", ylabel="router saturation", title=title)
     fig.tight_layout()
     return fig
+
+
+def saturation_summary(curves: pd.DataFrame, chance: Mapping[str, float]) -> list[str]:
+    """Per condition: the saturation (mean over layers) of each checkpoint before the last, against the
+    chance level ``chance[condition]`` (k/E: a router that shares nothing but luck with the final one)."""
+    lines = []
+    final = curves.step.max()
+    for condition, part in curves.groupby("condition", sort=False):
+        means = part[part.step < final].groupby("step").saturation.mean()
+        if means.empty:
+            continue
+        steps = ", ".join(f"{v:.2f} at step {step}" for step, v in means.items())
+        first = means.iloc[0]
+        lines.append(
+            f"{condition}: {steps} (mean over layers; chance {chance[condition]:.2f}, the final model 1). The first checkpoint is "
+            f"{first / chance[condition]:.1f}x chance, and the last one before the end still routes "
+            f"{100 * (1 - means.iloc[-1]):.0f}% of top-k choices differently from the final model."
+        )
+    return lines
 
 
 @torch.no_grad()

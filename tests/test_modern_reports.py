@@ -84,3 +84,47 @@ def test_ratio_phrase_and_compute_axes():
     hist = pd.DataFrame({"run_id": ["classic-42"] * 2, "condition": ["classic"] * 2, "step": [5, 10], "tokens": [50, 100], "val_loss": [NAN, 3.0]})
     axes = mr.with_compute_axes(hist, r, {"classic": 7})
     assert axes.step.tolist() == [10] and axes.train_flops.tolist() == [700] and axes.train_seconds.tolist() == [1.0]
+
+
+def _dense_results(classic_ppl, classic_ms):
+    """classic against the two dense baselines, 3 seeds; the dense models at PPL 10, 11, 12 and 100 ms/step."""
+    rows = []
+    for condition in ("classic", *mr.DENSE_BASELINES):
+        for seed, base in zip((42, 43, 44), (10.0, 11.0, 12.0)):
+            ppl = base + classic_ppl[seed - 42] if condition == "classic" else base
+            rows.append({"run_id": f"{condition}-{seed}", "condition": condition, "seed": seed, "test_perplexity": ppl,
+                         "ms_per_step": classic_ms if condition == "classic" else 100.0})
+    return pd.DataFrame(rows)
+
+
+FLOPS = {"classic": 8, "dense (same active)": 8, "dense (same total)": 24}
+
+
+@pytest.mark.parametrize("shift, ms, words", [
+    ((-1.0, -1.1, -0.9), 120.0, "lower test perplexity (the CI excludes 0)"),
+    ((-1.0, -1.1, -0.9), 80.0, "so it is ahead per token, per FLOP and per second."),
+    ((1.0, 1.1, 0.9), 120.0, "so it is behind per token and per second."),
+    ((-1.0, 2.0, 0.5), 110.0, "cannot be told apart from it at n = 3"),
+    ((-1.0, 2.0, 0.5), 110.0, "the same tokens cost it 1.10x the time."),
+    ((-1.0, 2.0, 0.5), 90.0, "costs 0.90x the time and 1.00x the FLOPs for a perplexity not shown to differ"),
+])
+def test_moe_vs_dense_summary_chooses_its_words_from_the_numbers(shift, ms, words):
+    lines = mr.moe_vs_dense_summary(_dense_results(shift, ms), FLOPS)
+    assert len(lines) == 2 and lines[0].startswith("Against dense (same active), classic reaches")
+    assert words in lines[0]
+    assert "1.00x its FLOPs per token" in lines[0] and "0.33x its FLOPs per token" in lines[1]
+    assert f"{ms / 100:.2f}x its time per step" in lines[0]
+
+
+def test_moe_vs_dense_summary_never_claims_per_second_from_a_slower_better_model():
+    line = mr.moe_vs_dense_summary(_dense_results((-1.0, -1.1, -0.9), 150.0), FLOPS)[0]
+    assert "ahead per token and per FLOP; per second it pays 1.50x per step" in line and "ahead per second" not in line
+
+
+def test_saturation_summary_reads_each_checkpoint_against_chance():
+    curves = pd.DataFrame({
+        "condition": ["a"] * 6, "step": [10, 10, 20, 20, 30, 30], "layer": [0, 1] * 3, "saturation": [0.4, 0.6, 0.8, 0.9, 1.0, 1.0],
+    })
+    (line,) = mr.saturation_summary(curves, chance={"a": 0.25})
+    assert line.startswith("a: 0.50 at step 10, 0.85 at step 20 (mean over layers; chance 0.25")
+    assert "first checkpoint is 2.0x chance" in line and "still routes 15% of top-k choices differently" in line
