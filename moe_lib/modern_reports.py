@@ -209,11 +209,22 @@ def saturation_curve(snapshots: Mapping[int, dict[str, torch.Tensor]], final_mod
     return pd.DataFrame(rows, columns=["step", "layer", "saturation"])
 
 
-def plot_saturation(curves: pd.DataFrame, title: str = "Router saturation: share of top-k experts shared with the final model") -> plt.Figure:
-    """Saturation against step: a line style per layer, a colour per ``condition`` when ``curves`` has that column."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    sns.lineplot(data=curves, x="step", y="saturation", hue="condition" if "condition" in curves else None,
-                 style="layer", marker="o", ax=ax)
+def plot_saturation(curves: pd.DataFrame, chance: Mapping[str, float] | None = None,
+                    title: str = "Router saturation: share of top-k experts shared with the final model") -> plt.Figure:
+    """Saturation against step: a line style per layer, a colour per ``condition`` when ``curves`` has that column,
+    and ``chance[condition]`` (k/E) as a dotted level line in the condition's colour."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    hue = "condition" if "condition" in curves else None
+    conditions = list(dict.fromkeys(curves["condition"])) if hue else []
+    palette = dict(zip(conditions, sns.color_palette(n_colors=len(conditions))))
+    sns.lineplot(data=curves, x="step", y="saturation", hue=hue, palette=palette or None, style="layer", marker="o", ax=ax)
+    for i, (condition, level) in enumerate((chance or {}).items()):  # labels alternate above and below their line
+        ax.axhline(level, color=palette.get(condition, "grey"), linestyle=":", linewidth=1.2)
+        middle = (curves.step.min() + curves.step.max()) / 2  # where the curves are well above chance
+        ax.annotate(f"chance, {condition} (k/E = {level:.2f})", (middle, level), xytext=(0, 3 if i % 2 == 0 else -3),
+                    textcoords="offset points", ha="center", va="bottom" if i % 2 == 0 else "top", fontsize=9,
+                    color=palette.get(condition, "grey"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set(ylim=(0, 1.02), xlabel="optimizer step of the checkpoint", ylabel="router saturation", title=title)
     fig.tight_layout()
     return fig

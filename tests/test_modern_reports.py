@@ -128,3 +128,18 @@ def test_saturation_summary_reads_each_checkpoint_against_chance():
     (line,) = mr.saturation_summary(curves, chance={"a": 0.25})
     assert line.startswith("a: 0.50 at step 10, 0.85 at step 20 (mean over layers; chance 0.25")
     assert "first checkpoint is 2.0x chance" in line and "still routes 15% of top-k choices differently" in line
+
+
+def test_plot_saturation_draws_each_chance_level_in_its_conditions_colour():
+    import matplotlib.colors as mcolors
+
+    curves = pd.DataFrame({"condition": ["a", "a", "b", "b"], "step": [10, 20, 10, 20], "layer": [0, 0, 0, 0],
+                           "saturation": [0.5, 1.0, 0.4, 1.0]})
+    fig = mr.plot_saturation(curves, chance={"a": 0.25, "b": 0.2})
+    ax = fig.axes[0]
+    lines = {round(l.get_ydata()[0], 3): l for l in ax.lines if l.get_linestyle() == ":"}
+    assert set(lines) == {0.25, 0.2}
+    curve_colours = {mcolors.to_hex(l.get_color()) for l in ax.lines if l.get_linestyle() != ":" and len(l.get_xdata()) == 2}
+    assert {mcolors.to_hex(lines[0.25].get_color()), mcolors.to_hex(lines[0.2].get_color())} <= curve_colours
+    assert {t.get_text() for t in ax.texts} == {"chance, a (k/E = 0.25)", "chance, b (k/E = 0.20)"}
+    assert len(mr.plot_saturation(curves).axes[0].texts) == 0
