@@ -13,6 +13,8 @@ Every file is replaced atomically (temp file in the same folder, fsync, ``os.rep
 run's history is written before its row, so the row is the commit point: a run killed at any
 moment either has its row or is trained again on the next call, and no CSV is ever half
 written. A run whose config changed since its row was written is refused, never mixed in.
+A run that another grid in the same folder already finished with the same config hash is
+copied, not trained again (:func:`find_identical_run`; its row says so in ``reused_from``).
 
 The statistics over a results table live in :mod:`moe_lib.statistics`.
 """
@@ -26,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -407,6 +410,26 @@ def _check_unchanged(grid: Grid, existing: pd.DataFrame, csv: Path) -> None:
         )
 
 
+def find_identical_run(run: Run, results_dir: str | Path, exclude: str, checkpoint_root: str | Path | None = None) -> tuple[str, str] | None:
+    """``(grid name, run_id)`` of a finished run of ANOTHER grid in ``results_dir`` with ``run``'s config hash
+    (same model, data, training and seed, so the same run), or ``None``. Only runs whose history is
+    there count; when ``checkpoint_root`` is given, one whose checkpoint sits beside it
+    (``checkpoint_root/../<grid>/<run_id>``) is preferred."""
+    found = []
+    for csv in sorted(Path(results_dir).glob("*.csv")):
+        if csv.stem == exclude:
+            continue
+        rows = _read_csv(csv)
+        if "config_hash" not in rows.columns:
+            continue
+        for other_id in rows.loc[rows["config_hash"] == run.config_hash, "run_id"]:
+            if GridPaths(Path(results_dir), csv.stem).history(other_id).exists():
+                found.append((csv.stem, other_id))
+    if checkpoint_root is not None:
+        found.sort(key=lambda f: not (Path(checkpoint_root).parent / f[0] / f[1]).is_dir())
+    return found[0] if found else None
+
+
 def run_grid(
     grid: Grid,
     results_dir: str | Path,
@@ -414,6 +437,7 @@ def run_grid(
     checkpoint_root: str | Path | None = None,
     progress: bool = True,
     fresh: bool = False,
+    reuse: bool = True,
 ) -> pd.DataFrame:
     """Train the grid's runs that have no row yet, committing each as it finishes; return the grid's rows.
 
@@ -422,6 +446,10 @@ def run_grid(
     ``checkpoint_root``: each run's checkpoint goes to ``checkpoint_root/<run_id>``.
     ``progress=False`` silences this function and the per-run progress bars.
     ``fresh=True`` moves the old CSV and history folder aside (timestamped) first.
+    ``reuse=True``: a run that another grid in ``results_dir`` already trained with the same config
+    hash (:func:`find_identical_run`) is copied instead of trained again (row, history and, if this
+    grid keeps checkpoints, the checkpoint), its row naming the source in ``reused_from``. The
+    course trains the classic top-2 model in three studies; this trains it once.
     Interrupting (Ctrl-C) loses only the run in progress; call again to carry on.
     """
     if train_fn is None:
@@ -440,9 +468,38 @@ def run_grid(
     todo = [r for r in grid.runs if r.run_id not in done]
     say(f"[{grid.name}] {len(grid.runs) - len(todo)} of {len(grid.runs)} runs already in {paths.csv}; training {len(todo)}")
     for i, run in enumerate(todo, 1):
+        source = find_identical_run(run, results_dir, grid.name, checkpoint_root) if reuse else None
+        if source is not None:
+            say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id} = {source[0]}'s {source[1]} (same config and seed): reused", flush=True)
+            _reuse_and_commit(run, paths, source, checkpoint_root)
+            continue
         say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id}", flush=True)
         _train_and_commit(grid, run, paths, train_fn, checkpoint_root, progress, say)
     return load_results(grid, results_dir)
+
+
+def _after(columns: list[str], last: str) -> list[str]:
+    """The columns after ``last``: a history's run columns end with ``seed``, a results row's with ``config_hash``."""
+    return columns[columns.index(last) + 1 :]
+
+
+def _reuse_and_commit(run: Run, paths: GridPaths, source: tuple[str, str], checkpoint_root) -> None:
+    """Commit ``source`` (grid name, run_id), a finished run with ``run``'s config, as ``run`` of this grid."""
+    other = GridPaths(paths.results_dir, source[0])
+    history = _read_csv(other.history(source[1]))
+    history = history[_after(list(history.columns), "seed")]
+    for position, (key, value) in enumerate(_run_columns(run).items()):
+        history.insert(position, key, value)
+    rows = _read_csv(other.csv)
+    row = rows[rows["run_id"] == source[1]].iloc[0]
+    metrics = {k: row[k] for k in _after(list(rows.columns), "config_hash") if k != FINISHED_COLUMN}
+    metrics["reused_from"] = f"{source[0]}/{source[1]}"
+    if checkpoint_root is not None:
+        source_checkpoint, target = Path(checkpoint_root).parent / source[0] / source[1], Path(checkpoint_root) / run.run_id
+        if source_checkpoint.is_dir() and not target.exists():
+            shutil.copytree(source_checkpoint, target)
+    _write_csv(history, paths.history(run.run_id))  # history first: the row is the commit point
+    _append_row(paths.csv, _result_row(run, metrics))
 
 
 def _train_and_commit(grid: Grid, run: Run, paths: GridPaths, train_fn, checkpoint_root, progress: bool, say, replace: bool = False) -> None:

@@ -162,6 +162,38 @@ def test_run_grid_writes_rows_histories_and_grid_json(tmp_path):
     assert again.calls == []
 
 
+def test_a_run_another_grid_already_trained_is_reused_not_retrained(tmp_path):
+    """Two studies with one identical configuration (the course trains the classic model in three)."""
+    first = Grid.from_conditions("first", BASE, {"a": {"noise_std": 0.1}, "b": {"noise_std": 0.5}}, (42, 43))
+    trainer = FakeTrainer()
+    run_grid(first, tmp_path, train_fn=trainer, progress=False, checkpoint_root=tmp_path / "ckpt" / "first")
+    for run_id in first.run_ids[:2]:  # the fake trainer writes no checkpoint; give the "a" runs one
+        (tmp_path / "ckpt" / "first" / run_id).mkdir(parents=True)
+        (tmp_path / "ckpt" / "first" / run_id / "model.safetensors").write_text(run_id)
+    second = Grid.from_conditions("second", BASE, {"same": {"noise_std": 0.1}, "new": {"noise_std": 0.3}}, (42, 43))
+    again = FakeTrainer()
+    rows = run_grid(second, tmp_path, train_fn=again, progress=False, checkpoint_root=tmp_path / "ckpt" / "second")
+    assert again.calls == [r.run_id for r in second.runs if r.condition == "new"]  # "same" was copied, not trained
+    source = load_results(first, tmp_path).query("condition == 'a'").set_index("seed")
+    assert source.run_id.tolist() == first.run_ids[:2]
+    same = rows[rows.condition == "same"].set_index("seed")
+    assert same.reused_from.tolist() == [f"first/{source.loc[s, 'run_id']}" for s in (42, 43)]
+    assert rows[rows.condition == "new"].reused_from.isna().all()
+    for column in ("val_perplexity", "test_perplexity", "training_time_minutes", "config_hash"):
+        assert same[column].tolist() == source.loc[[42, 43], column].tolist()
+    history = load_histories(second, tmp_path)
+    copied = history[history.condition == "same"]
+    assert list(history.columns[:4]) == ["run_id", "condition", "noise_std", "seed"] and len(copied) == 6
+    assert copied.run_id.isin(second.run_ids).all()
+    assert copied.lm_loss.tolist() == load_histories(first, tmp_path).query("condition == 'a'").lm_loss.tolist()
+    target = tmp_path / "ckpt" / "second" / same.loc[42, "run_id"] / "model.safetensors"
+    assert target.read_text() == source.loc[42, "run_id"]  # the checkpoint came along
+    # reuse=False trains everything
+    fresh = FakeTrainer()
+    run_grid(Grid.from_conditions("third", BASE, {"same": {"noise_std": 0.1}}, (42,)), tmp_path, train_fn=fresh, progress=False, reuse=False)
+    assert len(fresh.calls) == 1
+
+
 def test_interrupted_grid_resumes_to_the_same_csv(tmp_path):
     grid = noise_grid()
     reference = run_grid(grid, tmp_path / "ref", train_fn=FakeTrainer(), progress=False)
