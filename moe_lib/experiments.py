@@ -410,24 +410,31 @@ def _check_unchanged(grid: Grid, existing: pd.DataFrame, csv: Path) -> None:
         )
 
 
-def find_identical_run(run: Run, results_dir: str | Path, exclude: str, checkpoint_root: str | Path | None = None) -> tuple[str, str] | None:
-    """``(grid name, run_id)`` of a finished run of ANOTHER grid in ``results_dir`` with ``run``'s config hash
-    (same model, data, training and seed, so the same run), or ``None``. Only runs whose history is
-    there count; when ``checkpoint_root`` is given, one whose checkpoint sits beside it
-    (``checkpoint_root/../<grid>/<run_id>``) is preferred."""
-    found = []
+def finished_runs_by_hash(results_dir: str | Path, exclude: str) -> dict[str, list[tuple[str, str]]]:
+    """Config hash -> ``(grid name, run_id)`` of every finished run of the OTHER grids in ``results_dir``
+    (those with a row and a history; ``exclude`` is this grid's name). Same hash: same model, data,
+    training and seed, so the same run."""
+    found: dict[str, list[tuple[str, str]]] = {}
     for csv in sorted(Path(results_dir).glob("*.csv")):
         if csv.stem == exclude:
             continue
         rows = _read_csv(csv)
         if "config_hash" not in rows.columns:
             continue
-        for other_id in rows.loc[rows["config_hash"] == run.config_hash, "run_id"]:
-            if GridPaths(Path(results_dir), csv.stem).history(other_id).exists():
-                found.append((csv.stem, other_id))
+        for config_hash, run_id in zip(rows["config_hash"], rows["run_id"]):
+            if GridPaths(Path(results_dir), csv.stem).history(run_id).exists():
+                found.setdefault(config_hash, []).append((csv.stem, run_id))
+    return found
+
+
+def find_identical_run(run: Run, finished: Mapping[str, list[tuple[str, str]]], checkpoint_root: str | Path | None = None) -> tuple[str, str] | None:
+    """The ``(grid name, run_id)`` in ``finished`` (:func:`finished_runs_by_hash`) with ``run``'s config hash, or
+    ``None``; when ``checkpoint_root`` is given, one whose checkpoint sits beside it
+    (``checkpoint_root/../<grid>/<run_id>``) is preferred."""
+    candidates = list(finished.get(run.config_hash, []))
     if checkpoint_root is not None:
-        found.sort(key=lambda f: not (Path(checkpoint_root).parent / f[0] / f[1]).is_dir())
-    return found[0] if found else None
+        candidates.sort(key=lambda f: not (Path(checkpoint_root).parent / f[0] / f[1]).is_dir())
+    return candidates[0] if candidates else None
 
 
 def run_grid(
@@ -447,8 +454,8 @@ def run_grid(
     ``progress=False`` silences this function and the per-run progress bars.
     ``fresh=True`` moves the old CSV and history folder aside (timestamped) first.
     ``reuse=True``: a run that another grid in ``results_dir`` already trained with the same config
-    hash (:func:`find_identical_run`) is copied instead of trained again (row, history and, if this
-    grid keeps checkpoints, the checkpoint), its row naming the source in ``reused_from``. The
+    hash (:func:`finished_runs_by_hash`, read once per call) is copied instead of trained again (row,
+    history and, if this grid keeps checkpoints, the checkpoint), its row naming the source in ``reused_from``. The
     course trains the classic top-2 model in three studies; this trains it once.
     Interrupting (Ctrl-C) loses only the run in progress; call again to carry on.
     """
@@ -467,8 +474,9 @@ def run_grid(
     done = set(existing["run_id"])
     todo = [r for r in grid.runs if r.run_id not in done]
     say(f"[{grid.name}] {len(grid.runs) - len(todo)} of {len(grid.runs)} runs already in {paths.csv}; training {len(todo)}")
+    finished = finished_runs_by_hash(results_dir, grid.name) if reuse and todo else {}
     for i, run in enumerate(todo, 1):
-        source = find_identical_run(run, results_dir, grid.name, checkpoint_root) if reuse else None
+        source = find_identical_run(run, finished, checkpoint_root)
         if source is not None:
             say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id} = {source[0]}'s {source[1]} (same config and seed): reused", flush=True)
             _reuse_and_commit(run, paths, source, checkpoint_root)

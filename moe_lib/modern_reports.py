@@ -94,6 +94,16 @@ def comparison_table(results: pd.DataFrame, metric: str = "test_perplexity", bas
     return pd.DataFrame(rows).set_index("condition")
 
 
+def _ci_side(comparison: pd.Series) -> str:
+    """``"lower"``, ``"higher"`` or ``"inconclusive"``: where a :func:`~moe_lib.statistics.paired_comparison` row's
+    95% CI of the difference lies against 0 (no interval, one pair: inconclusive)."""
+    if comparison.difference_ci_high < 0:
+        return "lower"
+    if comparison.difference_ci_low > 0:
+        return "higher"
+    return "inconclusive"
+
+
 def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
             what: str = "test perplexity") -> str:
     """One sentence on ``condition`` vs ``baseline`` (lower ``metric`` is better), computed from the paired seeds."""
@@ -110,11 +120,10 @@ def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, met
     if pd.isna(c.difference_ci_low):
         return f"{head}; no 95% CI with {n} pair, so inconclusive at n = {n}."
     ci = f"95% CI [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]"
-    if c.difference_ci_high < 0:
-        return f"{head}; {ci} excludes 0: {condition} is better."
-    if c.difference_ci_low > 0:
-        return f"{head}; {ci} excludes 0: {condition} is worse."
-    return f"{head}; {ci} includes 0: inconclusive at n = {n}."
+    side = _ci_side(c)
+    if side == "inconclusive":
+        return f"{head}; {ci} includes 0: inconclusive at n = {n}."
+    return f"{head}; {ci} excludes 0: {condition} is {'better' if side == 'lower' else 'worse'}."
 
 
 def ratio_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "ms_per_step", what: str = "ms/step") -> str:
@@ -123,16 +132,6 @@ def ratio_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE
     if pd.isna(means.get(condition)) or pd.isna(means.get(baseline)) or means[baseline] == 0:
         return f"{condition} vs {baseline}: no {what} to compare."
     return f"{condition} takes {means[condition] / means[baseline]:.2f}x the {what} of {baseline} (seed means)."
-
-
-def _paired_state(results: pd.DataFrame, condition: str, baseline: str, metric: str = "test_perplexity") -> str:
-    """``"lower"``, ``"higher"`` or ``"inconclusive"``: ``condition``'s ``metric`` against ``baseline``'s, by the paired 95% CI."""
-    c = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition").loc[condition]
-    if pd.notna(c.difference_ci_high) and c.difference_ci_high < 0:
-        return "lower"
-    if pd.notna(c.difference_ci_low) and c.difference_ci_low > 0:
-        return "higher"
-    return "inconclusive"
 
 
 def moe_vs_dense_summary(results: pd.DataFrame, flops: Mapping[str, int], condition: str = BASELINE) -> list[str]:
@@ -145,7 +144,7 @@ def moe_vs_dense_summary(results: pd.DataFrame, flops: Mapping[str, int], condit
     for dense in DENSE_BASELINES:
         if dense not in ms.index or condition not in ms.index:
             continue
-        state = _paired_state(results, condition, dense)
+        state = _ci_side(paired_comparison(results, baseline=dense, metric="test_perplexity").set_index("condition").loc[condition])
         flop_ratio, time_ratio = flops[condition] / flops[dense], ms[condition] / ms[dense]
         ppl = {"lower": "lower test perplexity (the CI excludes 0)", "higher": "higher test perplexity (the CI excludes 0)",
                "inconclusive": f"a test perplexity that cannot be told apart from it at n = {n}"}[state]
