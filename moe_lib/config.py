@@ -114,6 +114,18 @@ class ModelConfig(_ConfigBase):
       but it leaks the future in a decoder. Gates are the raw scores; it has its own dispatch
       (``dispatch`` is ignored) and ``capacity_factor`` sets C instead of dropping.
     * Fine-grained experts (DeepSeekMoE): :func:`fine_grained` builds the matched config.
+
+    Options that released models use (off by default; ``tests/test_reference_blocks.py`` holds
+    each against Hugging Face's own block of that family):
+
+    * ``routed_scaling_factor`` (DeepSeek-V3's ``routed_scaling_factor``): every routed gate is
+      multiplied by it after (re)normalisation, ``g_i -> rho g_i``; 1.0 = off.
+    * ``expert_groups`` G and ``expert_groups_per_token`` M (DeepSeek-V3's ``n_group`` and
+      ``topk_group``): group-limited routing; the E experts form G groups of E/G consecutive
+      experts and each token picks its k experts from its M best groups only (see
+      :func:`moe_lib.routing.top_group_mask`). G = 1 = off.
+    * ``shared_expert_gate`` (Qwen2-MoE's ``shared_expert_gate``): the shared experts' output is
+      scaled per token by ``sigmoid(x w_s)``, ``w_s`` a learned ``d``-vector. Needs shared experts.
     """
 
     vocab_size: int = 4096
@@ -135,6 +147,10 @@ class ModelConfig(_ConfigBase):
     num_shared_experts: int = 0
     score_func: ScoreKind = "softmax"
     bias_update_rate: float = 0.0  # 0 = no auxiliary-loss-free balancing
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1  # 1 = no group-limited routing
+    expert_groups_per_token: int = 1
+    shared_expert_gate: bool = False
     dispatch: DispatchKind = "grouped"
     tie_weights: bool = True
     rope_theta: float = 10000.0
@@ -162,6 +178,7 @@ class ModelConfig(_ConfigBase):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 _fail(owner, name, value, "a number > 0, or None for dropless")
         self._check_modern(owner)
+        self._check_reference_options(owner)
         if not isinstance(self.tie_weights, bool):
             _fail(owner, "tie_weights", self.tie_weights, "True or False")
         if not self.rope_theta > 0:
@@ -188,6 +205,30 @@ class ModelConfig(_ConfigBase):
                       "with router='expert_choice' (an expert cannot pick more tokens than there are)")
             if self.gate == "renormalized":
                 _fail(owner, "gate", self.gate, "'auto' or 'softmax' with router='expert_choice' (a token's experts vary in number)")
+
+    def _check_reference_options(self, owner: str) -> None:
+        """The released models' options (DeepSeek-V3's scaling and groups, Qwen2-MoE's shared gate)."""
+        if isinstance(self.routed_scaling_factor, bool) or not isinstance(self.routed_scaling_factor, (int, float)) or not self.routed_scaling_factor > 0:
+            _fail(owner, "routed_scaling_factor", self.routed_scaling_factor, "a number > 0 (1.0 = off)")
+        check_positive(owner, "expert_groups", self.expert_groups)
+        check_positive(owner, "expert_groups_per_token", self.expert_groups_per_token)
+        if not isinstance(self.shared_expert_gate, bool):
+            _fail(owner, "shared_expert_gate", self.shared_expert_gate, "True or False")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            _fail(owner, "shared_expert_gate", self.shared_expert_gate, "False with num_shared_experts=0 (there is no shared expert to gate)")
+        for name, off in (("routed_scaling_factor", 1.0), ("expert_groups", 1)):
+            if getattr(self, name) != off and (self.router != "topk" or self.ffn == "dense"):
+                _fail(owner, name, getattr(self, name), f"{off} with router={self.router!r}, ffn={self.ffn!r} (it needs router='topk', ffn='moe')")
+        groups = self.expert_groups
+        if groups > 1:
+            if self.num_experts % groups or self.num_experts // groups < 2:
+                _fail(owner, "expert_groups", groups, f"a divisor of num_experts={self.num_experts} leaving >= 2 experts per group "
+                      "(a group's score is the sum of its two best experts)")
+        if self.expert_groups_per_token > groups:
+            _fail(owner, "expert_groups_per_token", self.expert_groups_per_token, f"an integer in 1..expert_groups={groups}")
+        if self.expert_groups_per_token * (self.num_experts // groups) < self.top_k:
+            _fail(owner, "expert_groups_per_token", self.expert_groups_per_token,
+                  f"enough groups to hold top_k={self.top_k} experts: expert_groups_per_token * num_experts / expert_groups >= top_k")
 
     @property
     def head_dim(self) -> int:

@@ -61,7 +61,10 @@ STUDY_METRICS = (
 HASH_IGNORED = {"train": ("progress", "checkpoint_steps"), "data": ("cache_dir",)}
 # Fields added after results were stored, with the default that reproduces the older runs:
 # left out of the hash at that default, so the stored runs keep their hashes.
-HASH_OMITTED_DEFAULTS = {"model": {"num_shared_experts": 0, "score_func": "softmax", "bias_update_rate": 0.0}}
+HASH_OMITTED_DEFAULTS = {"model": {
+    "num_shared_experts": 0, "score_func": "softmax", "bias_update_rate": 0.0,
+    "routed_scaling_factor": 1.0, "expert_groups": 1, "expert_groups_per_token": 1, "shared_expert_gate": False,
+}}
 # Bumped whenever the same config trains or measures differently (a fix in moe_lib), so that
 # runs stored by an older moe_lib are refused instead of mixed with new ones. Version 2: the
 # auxiliary losses are summed over layers (not averaged), capacity queues first choices first

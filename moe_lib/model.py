@@ -69,12 +69,37 @@ class DenseFeedForward(nn.Module):
         return self.w_out(swiglu_fused(self.w_in(x))), None
 
 
+class GatedSharedExperts(nn.Module):
+    """Qwen2-MoE's gated shared expert: ``sigmoid(x w_s) * S(x)``, a per-token scalar gate in (0, 1).
+
+    ``S`` is the shared SwiGLU and ``w_s`` a learned ``d``-vector (``nn.Linear(d, 1)``): the
+    token decides how much of the always-on expert it takes (``ModelConfig.shared_expert_gate``).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.ffn = DenseFeedForward(d_model, d_hidden)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.sigmoid(self.gate(x)) * self.ffn(x)[0], None
+
+
+def build_shared_experts(cfg: ModelConfig) -> nn.Module | None:
+    """The ``num_shared_experts`` shared experts as one SwiGLU of width ``s d_ff`` (gated if ``cfg.shared_expert_gate``), or None."""
+    if not cfg.num_shared_experts:
+        return None
+    width = cfg.num_shared_experts * cfg.d_ff
+    return GatedSharedExperts(cfg.d_model, width) if cfg.shared_expert_gate else DenseFeedForward(cfg.d_model, width)
+
+
 class MoEFeedForward(nn.Module):
     """Router -> dispatch -> experts (+ shared experts). Returns the output and the :class:`RoutingResult`.
 
     ``num_shared_experts = s`` dense SwiGLU experts of width ``d_ff`` see every token:
     ``y = routed(x) + sum_s S_s(x)``, computed as one SwiGLU of width ``s d_ff`` (the same
-    function: its hidden units are the s experts' side by side), as torchtitan does.
+    function: its hidden units are the s experts' side by side), as torchtitan does; with
+    ``shared_expert_gate`` the shared sum is scaled by ``sigmoid(x w_s)`` (:class:`GatedSharedExperts`).
 
     The capacity factor is ``cfg.capacity_factor`` in training mode and ``cfg.capacity_factor_eval``
     in eval mode (``model.eval()``).
@@ -86,7 +111,7 @@ class MoEFeedForward(nn.Module):
         self.router = build_router(cfg)
         self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff)
         self.dispatch = DISPATCHERS[cfg.dispatch]
-        self.shared_experts = DenseFeedForward(cfg.d_model, cfg.num_shared_experts * cfg.d_ff) if cfg.num_shared_experts else None
+        self.shared_experts = build_shared_experts(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
         shape = x.shape
@@ -261,13 +286,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
     ``N_active`` counts the matmul weights one token uses: attention ``4 d^2``, the router
     ``d E``, k routed experts and the shared ones at ``3 d d_ff`` each (or the dense SwiGLU
-    ``3 d k d_ff``), per layer, plus the LM head ``d V``; ``2 n_layers T d`` is the attention
+    ``3 d k d_ff``) and the shared experts' gate ``d`` if any, per layer, plus the LM head ``d V``; ``2 n_layers T d`` is the attention
     scores and their weighted sum. Fine-grained splitting (:func:`~moe_lib.config.fine_grained`)
     changes only the router term. Expert choice is counted at its mean of k experts per token.
     """
     d = cfg.d_model
     if cfg.is_moe:
-        ffn = d * cfg.num_experts + 3 * d * cfg.d_ff * (cfg.top_k + cfg.num_shared_experts)
+        ffn = d * cfg.num_experts + 3 * d * cfg.d_ff * (cfg.top_k + cfg.num_shared_experts) + d * cfg.shared_expert_gate
     else:
         ffn = 3 * d * cfg.top_k * cfg.d_ff
     active_matmul = cfg.n_layers * (4 * d * d + ffn) + d * cfg.vocab_size

@@ -34,6 +34,11 @@ Modern options (notebook 07), in torchtitan's style:
 * :class:`ExpertChoiceRouter` (Zhou et al. 2022): each expert picks its top ``C`` tokens of
   the batch, so the load is balanced by construction. Whether token n is picked depends on
   every other token, later ones included: in a decoder it leaks the future.
+
+DeepSeek-V3's two further options (``tests/test_reference_blocks.py`` holds them against its
+Hugging Face block): a routed scaling factor ``rho`` multiplies the final gates,
+``g_i -> rho g_i``; group-limited routing (:func:`top_group_mask`) restricts each token's
+selection to its best ``M`` of ``G`` expert groups.
 """
 
 from __future__ import annotations
@@ -103,9 +108,14 @@ class TopKRouter(nn.Module):
         renormalize: bool = True,
         score_func: str = "softmax",
         bias_update_rate: float = 0.0,
+        routed_scaling_factor: float = 1.0,
+        expert_groups: int = 1,
+        expert_groups_per_token: int = 1,
     ):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        self.routed_scaling_factor = routed_scaling_factor
+        self.expert_groups, self.expert_groups_per_token = expert_groups, expert_groups_per_token
         self.noise_std, self.renormalize = noise_std, renormalize
         self.score_func, self.bias_update_rate = score_func, bias_update_rate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
@@ -120,13 +130,21 @@ class TopKRouter(nn.Module):
             logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
             top_probs, expert_indices = self.select(scores)
             gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
+            if self.routed_scaling_factor != 1.0:
+                gates = gates * self.routed_scaling_factor
             return RoutingResult.with_losses(logits, probs, expert_indices, gates)
 
     def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best experts by ``scores + expert_bias`` (bias for SELECTION only) and their unbiased scores."""
-        if self.expert_bias is None:
+        """The k best experts by ``scores + expert_bias`` (bias for SELECTION only; among the token's best
+        groups where ``expert_groups > 1``) and their unbiased scores."""
+        if self.expert_bias is None and self.expert_groups == 1:
             return scores.topk(self.top_k, dim=-1)
-        expert_indices = (scores.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+        choice = scores.detach() if self.expert_bias is None else scores.detach() + self.expert_bias
+        if self.expert_groups > 1:
+            choice = top_group_mask(choice, self.expert_groups, self.expert_groups_per_token)
+        expert_indices = choice.topk(self.top_k, dim=-1).indices
+        if self.expert_bias is None:
+            return scores.gather(-1, expert_indices), expert_indices
         if self.training:  # the step's load, summed over its micro-batches; evaluation does not count
             self.tokens_per_expert += expert_counts(expert_indices, self.num_experts)
         return scores.gather(-1, expert_indices), expert_indices
@@ -150,7 +168,26 @@ class TopKRouter(nn.Module):
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, noise_std={self.noise_std}, renormalize={self.renormalize}, "
             f"score_func={self.score_func}, bias_update_rate={self.bias_update_rate}"
+            + (f", routed_scaling_factor={self.routed_scaling_factor}" if self.routed_scaling_factor != 1.0 else "")
+            + (f", expert_groups={self.expert_groups}/{self.expert_groups_per_token}" if self.expert_groups > 1 else "")
         )
+
+
+def top_group_mask(choice: torch.Tensor, groups: int, groups_per_token: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited routing: ``choice [N, E]`` with every expert outside the token's
+    ``M = groups_per_token`` best groups set to ``-inf``, so that a top-k over it picks only inside them.
+
+    Experts ``[g E/G, (g+1) E/G)`` form group g. A group's score is the sum of its two highest
+    selection scores, ``s_g = top1 + top2`` over its experts (DeepSeek-V2 used the maximum),
+    and the token keeps the M groups with the highest ``s_g``. On a cluster, a group is a node:
+    each token's experts then sit on at most M nodes, which bounds its all-to-all traffic.
+    """
+    num_tokens, num_experts = choice.shape
+    grouped = choice.view(num_tokens, groups, num_experts // groups)
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+    best_groups = group_scores.topk(groups_per_token, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
 
 
 def expert_scores(logits: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +288,8 @@ def build_router(cfg: ModelConfig) -> nn.Module:
     if cfg.router == "expert_choice":
         return ExpertChoiceRouter(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func)
     return TopKRouter(
-        cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized, cfg.score_func, cfg.bias_update_rate
+        cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized, cfg.score_func, cfg.bias_update_rate,
+        cfg.routed_scaling_factor, cfg.expert_groups, cfg.expert_groups_per_token,
     )
 
 
