@@ -51,7 +51,6 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -61,99 +60,19 @@ from moe_lib.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
-from moe_lib.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio, optimizer_step  # noqa: E402
+from moe_lib.precision import optimizer_step  # noqa: E402
 from moe_lib.train import autocast_context, build_optimizer  # noqa: E402
+from benchmarks.moe_layers import (  # noqa: E402,F401  (re-exported: tests read them as bench_moe.X)
+    LAYER_SHAPES, QUICK_SHAPES, LayerShape, dense_flops, hf_expert_grads, hf_mixtral_block, layer_flops, moe_config,
+)
+from benchmarks.run_plan import apply_plan, bf16_plan, make_plan, probe_machine  # noqa: E402,F401
+from benchmarks.timing import interleaved_times, measure_peaks, square_mm  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-# =========================================================================== shapes and FLOPs
-@dataclass(frozen=True)
-class LayerShape:
-    label: str
-    d: int  # d_model
-    h: int  # hidden width of one expert
-    E: int  # experts
-    k: int  # experts per token
-
-    @property
-    def name(self) -> str:
-        return f"d{self.d} h{self.h} E{self.E} k{self.k}"
-
-
-LAYER_SHAPES = (
-    LayerShape("coarse (Mixtral-like)", 384, 1536, 8, 2),
-    LayerShape("fine-grained (OLMoE/DeepSeek-like)", 384, 256, 64, 8),
-    LayerShape("fine-grained, narrow", 128, 128, 32, 4),
-)
-QUICK_SHAPES = (LayerShape("tiny coarse", 64, 128, 8, 2), LayerShape("tiny fine", 64, 32, 32, 4))
-
-
-def layer_flops(shape: LayerShape, tokens: int) -> float:
-    """Forward + backward of the MoE layer: 3 x (2 N k 3 d h + 2 N d E)."""
-    return 3.0 * (2 * tokens * shape.k * 3 * shape.d * shape.h + 2 * tokens * shape.d * shape.E)
-
-
-def dense_flops(shape: LayerShape, tokens: int) -> float:
-    """Forward + backward of a dense SwiGLU of width k*h (the same active expert FLOPs, no router)."""
-    return 3.0 * 2 * tokens * 3 * shape.d * shape.k * shape.h
-
-
-# =========================================================================== timing
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int, threads: int) -> dict[str, list[float]]:
-    """Seconds per call of each function: ``warmup`` untimed rounds, then ``rounds`` timed
-    rounds in which every function runs once (torch.utils.benchmark.Timer, order rotating)."""
-    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name) for name, fn in fns.items()}
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            timers[name].timeit(1)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(timers[name].timeit(1).times[0])
-    return times
-
-
-def square_mm(size: int, dtype: torch.dtype) -> tuple[Callable[[], Any], float]:
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    return (lambda: torch.mm(a, b)), 2.0 * size**3
-
-
-def measure_peaks(threads: int, sizes: tuple[int, ...], rounds: int, max_bf16_size: int | None = None) -> dict[str, Any]:
-    """Median GFLOP/s of square matmuls; the best size per dtype is that dtype's peak probe.
-    ``max_bf16_size`` caps the bf16 sizes (see :func:`bf16_plan`)."""
-    table: dict[str, dict[int, float]] = {}
-    best: dict[str, int] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).replace("torch.", "")
-        fns, flops = {}, {}
-        capped = [s for s in sizes if dtype != torch.bfloat16 or max_bf16_size is None or s <= max_bf16_size]
-        for size in capped or [min(sizes)]:
-            fns[size], flops[size] = square_mm(size, dtype)
-        times = interleaved_times({str(s): f for s, f in fns.items()}, rounds, 1, threads)
-        table[name] = {s: flops[s] / _median(times[str(s)]) / 1e9 for s in fns}
-        best[name] = max(table[name], key=table[name].get)
-    return {"gflops": table, "best_size": best}
-
-
-def bf16_plan(speed_ratio: float, quick: bool) -> dict[str, Any]:
-    """What the run does in bf16, from the probe's bf16/fp32 speed ratio: everything where bf16 is
-    native, else peak sizes up to 512^3 (256^3 in a quick run) and fp32-only training rows, with the reason."""
-    native = speed_ratio >= NATIVE_SPEED_FRACTION
-    cap = None if native else (256 if quick else 512)
-    note = "" if native else (
-        f"bf16 shrunk: a 256^3 bf16 matmul ran at {speed_ratio:.3f}x fp32's speed on this CPU (below "
-        f"{NATIVE_SPEED_FRACTION}x: bf16 is emulated, no AVX512-BF16/AMX), so the bf16 peak is measured up to {cap}^3 only "
-        "and the training tables are fp32 only; bf16 timings here would take hours and measure the emulation")
-    return {"speed_ratio": speed_ratio, "native": native, "max_peak_size": cap,
-            "precisions": ("fp32", "bf16") if native else ("fp32",), "note": note}
 
 
 # =========================================================================== machine
@@ -185,65 +104,6 @@ def machine_info(threads: int) -> dict[str, Any]:
         "allocator_tuned": cpu_allocator_tuned(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-# =========================================================================== the layers
-def moe_config(shape: LayerShape, dispatch: str) -> ModelConfig:
-    """A config whose MoE block routes exactly like Mixtral: softmax, top-k, renormalised gates."""
-    return ModelConfig(
-        d_model=shape.d, n_heads=1, d_ff=shape.h, num_experts=shape.E, top_k=shape.k,
-        gate="renormalized", noise_std=0.0, capacity_factor=None, dispatch=dispatch,
-    )
-
-
-def hf_mixtral_block(moe: MoEFeedForward, shape: LayerShape, experts_implementation: str) -> nn.Module | None:
-    """transformers' ``MixtralSparseMoeBlock`` holding ``moe``'s router and expert weights.
-
-    Handles both expert layouts transformers has used: stacked ``gate_up_proj [E, 2h, d]`` /
-    ``down_proj [E, d, h]`` (v5) and a ModuleList of ``w1``/``w3`` (gate/up) and ``w2`` (down).
-    Returns ``None`` if this transformers has no such experts implementation.
-    """
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    cfg = MixtralConfig(
-        hidden_size=shape.d, intermediate_size=shape.h, num_local_experts=shape.E, num_experts_per_tok=shape.k,
-        router_jitter_noise=0.0, num_attention_heads=1, num_key_value_heads=1,
-    )
-    if experts_implementation != "eager":
-        try:
-            from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-            if experts_implementation not in ALL_EXPERTS_FUNCTIONS:
-                return None
-        except ImportError:
-            return None
-    if hasattr(cfg, "_experts_implementation"):
-        cfg._experts_implementation = experts_implementation
-    block = MixtralSparseMoeBlock(cfg)
-    w_in, w_out = moe.experts.w_in.detach(), moe.experts.w_out.detach()  # [E, d, 2h], [E, h, d]
-    with torch.no_grad():
-        block.gate.weight.copy_(moe.router.weight)
-        experts = block.experts
-        if hasattr(experts, "gate_up_proj"):
-            experts.gate_up_proj.copy_(w_in.transpose(1, 2))  # [E, 2h, d]: gate rows, then up rows
-            experts.down_proj.copy_(w_out.transpose(1, 2))  # [E, d, h]
-        else:
-            for e, expert in enumerate(experts):
-                expert.w1.weight.copy_(w_in[e, :, : shape.h].T)
-                expert.w3.weight.copy_(w_in[e, :, shape.h :].T)
-                expert.w2.weight.copy_(w_out[e].T)
-    return block
-
-
-def hf_expert_grads(block: nn.Module, shape: LayerShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The HF block's expert gradients in moe_lib's layout ``[E, d, 2h]``, ``[E, h, d]``."""
-    experts = block.experts
-    if hasattr(experts, "gate_up_proj"):
-        return experts.gate_up_proj.grad.transpose(1, 2), experts.down_proj.grad.transpose(1, 2)
-    w_in = torch.stack([torch.cat([ex.w1.weight.grad.T, ex.w3.weight.grad.T], dim=1) for ex in experts])
-    w_out = torch.stack([ex.w2.weight.grad.T for ex in experts])
-    return w_in, w_out
 
 
 @dataclass
@@ -732,6 +592,11 @@ def render(res: dict[str, Any]) -> str:
     if plan:
         lines += [f"bf16 probe (256^3 matmul, bf16 / fp32 speed): {plan['speed_ratio']:.3f}x, "
                   + ("native bf16: every bf16 section runs." if plan["native"] else f"**{plan['note']}**."), ""]
+    run = res.get("plan")
+    if run:  # benchmarks/run_plan.py: what this run ran, shrunk to fit 15 minutes on this machine
+        lines += [f"Run plan: estimated {run['total_estimate_s'] / 60:.1f} min (budget 15), "
+                  f"{', '.join(f'{k} {v / 60:.1f}' for k, v in run['estimate_s'].items())} min."]
+        lines += [f"* {note}" for note in run["notes"] if not note.startswith("bf16 shrunk")] + [""]
 
     if res.get("correctness"):
         lines += ["## Correctness (fresh random inputs, seed %d)" % res["check_seed"], "",
@@ -874,12 +739,15 @@ def main(argv=None) -> dict[str, Any]:
         "command": "python benchmarks/bench_moe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    shapes = QUICK_SHAPES if args.quick else LAYER_SHAPES
-
-    res["bf16"] = plan = bf16_plan(matmul_speed_ratio(torch.bfloat16), args.quick)
-    say(f"bf16 probe: {plan['speed_ratio']:.3f}x fp32 speed" + (f"; {plan['note']}" if plan["note"] else ""))
+    # the plan: what runs, from a milliseconds probe, so that the run fits its budget on any CPU (run_plan.py)
+    run = make_plan(args, probe_machine(), QUICK_SHAPES if args.quick else LAYER_SHAPES, train_profiles(args.quick))
+    apply_plan(args, run)
+    shapes, res["plan"], res["bf16"] = run.shapes, run.to_dict(), run.bf16
+    plan = run.bf16
+    say(f"bf16 probe: {plan['speed_ratio']:.3f}x fp32 speed; plan estimated at {run.total_estimate_s / 60:.1f} min"
+        + "".join(f"\n    {note}" for note in run.notes))
     say("matmul peak")
-    res["peaks"] = measure_peaks(args.threads, (256, 512) if args.quick else (1024, 2048, 4096), 2 if args.quick else 3, plan["max_peak_size"])
+    res["peaks"] = measure_peaks(args.threads, run.peak_sizes, run.peak_rounds, plan["max_peak_size"])
     probes = {}
     for dtype in ("float32", "bfloat16") if plan["native"] else ("float32",):  # no slow bf16 probe in every round
         probes[dtype] = square_mm(res["peaks"]["best_size"][dtype], getattr(torch, dtype))
@@ -901,11 +769,11 @@ def main(argv=None) -> dict[str, Any]:
                 say(f"   fast {r['rows'][FAST]['ms']:.1f} ms = {r['rows'][FAST]['pct_peak']:.0f}% of peak, "
                     f"{r['fast_over_fastest_peer']:.2f}x {r['fastest_peer']}, {r['fast_over_hf_eager']:.2f}x HF eager")
 
-    profiles = train_profiles(args.quick)
-    if not args.skip_train:
+    profiles = {name: spec for name, spec in train_profiles(args.quick).items() if name in run.train_profiles}
+    if profiles:
         res["train"] = []
         for name, spec in profiles.items():
-            batch = args.gpu_batch if name == "gpu" else spec["train"].batch_size
+            batch = run.train_profiles[name]
             say(f"training step, {name} profile, batch {batch}")
             r = bench_train(name, spec, batch, args, probes, plan["precisions"])
             res["train"].append(r)

@@ -61,3 +61,47 @@ def test_slow_bf16_run_has_no_bf16_rows_and_says_why(bench):
     assert set(result["rows"]) == {"moe fp32", "dense fp32"} and result["bf16_speedup"] is None
     verdicts = {target: value for target, value, _ in bench.targets({"train": [result]})}
     assert verdicts["bf16 autocast >= 1.5x fp32 tokens/s (smoke profile, MoE)"].startswith("not measured: no native bf16")
+
+
+@pytest.mark.parametrize("fp32_gflops", [400.0, 69.0, 20.0, 5.0])
+def test_plan_with_a_slow_bf16_probe_fits_the_budget(bench, fp32_gflops):
+    """Issue 22: the benchmark finishes in under 15 minutes on any CPU. With a fake probe of a CPU that
+    emulates bf16 (0.007x fp32, measured on a no-AVX-512 CPU), the plan runs no bf16 training rows,
+    caps the bf16 peak, and shrinks itself (saying why) until its estimated cost fits the budget."""
+    from benchmarks.run_plan import BUDGET_SECONDS, TARGET_SECONDS, MachineProbe
+
+    args = bench.parse_args([])
+    plan = bench.make_plan(args, MachineProbe(fp32_gflops, 0.007), bench.LAYER_SHAPES, bench.train_profiles(False))
+    assert plan.precisions == ("fp32",) and plan.bf16["max_peak_size"] == 512
+    assert plan.total_estimate_s <= TARGET_SECONDS < BUDGET_SECONDS
+    assert any(note.startswith("bf16 shrunk") for note in plan.notes)
+    if fp32_gflops < 100:  # the full run would take far longer here: it shrank, and says so
+        assert len(plan.tokens) < len(args.tokens) and any("exceeded" in note for note in plan.notes)
+
+
+def test_plan_estimate_counts_what_the_run_does(bench):
+    """The estimate grows with what the plan keeps (so shrinking really cuts cost), and a fast native-bf16
+    machine, like the one that made RESULTS.md, runs the full default benchmark unchanged."""
+    from benchmarks.run_plan import MachineProbe, estimate_seconds
+
+    profiles = bench.train_profiles(False)
+    args = bench.parse_args([])
+    full = bench.make_plan(args, MachineProbe(386.0, 6.4), bench.LAYER_SHAPES, profiles)
+    assert (full.tokens, full.rounds, full.precisions, full.notes) == (tuple(args.tokens), args.rounds, ("fp32", "bf16"), [])
+    slow = MachineProbe(20.0, 0.007)
+    base = estimate_seconds(full, slow, profiles)
+    full.tokens = full.tokens[:1]
+    assert estimate_seconds(full, slow, profiles)["layer"] < base["layer"]
+    full.train_profiles = {"cpu": 16}
+    assert estimate_seconds(full, slow, profiles)["train"] < base["train"]
+
+
+def test_main_follows_the_plan_of_a_slow_bf16_probe(bench, monkeypatch, tmp_path):
+    """main() takes the plan from the probe: a fake slow-bf16 probe caps the bf16 peak sizes and records why."""
+    from benchmarks.run_plan import MachineProbe
+
+    monkeypatch.setattr(bench, "probe_machine", lambda: MachineProbe(69.0, 0.007))
+    res = bench.main(["--quick", "--skip-layer", "--skip-train", "--threads", "1", "--out", str(tmp_path / "r.md")])
+    assert set(res["peaks"]["gflops"]["bfloat16"]) == {256}
+    assert any(note.startswith("bf16 shrunk") for note in res["plan"]["notes"])
+    assert "bf16 shrunk" in (tmp_path / "r.md").read_text()
