@@ -67,6 +67,7 @@ from benchmarks.moe_layers import (  # noqa: E402,F401  (re-exported: tests read
 )
 from benchmarks.run_plan import apply_plan, bf16_plan, make_plan, probe_machine  # noqa: E402,F401
 from benchmarks.timing import interleaved_times, measure_peaks, square_mm  # noqa: E402
+from benchmarks.cuda_layer import main_device_mode  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -713,6 +714,9 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="keep the sections of the existing --out results (.json) that this run skips, e.g. "
                         "`--course --skip-layer --skip-train --skip-profile --merge` adds the course cost to the last full run")
+    p.add_argument("--cuda", action="store_true", help="the CUDA mode instead (benchmarks/cuda_layer.py): bf16 layer rows as %% of the "
+                   "GPU's bf16 peak -> benchmarks/RESULTS_CUDA.md")
+    p.add_argument("--cuda-smoke", action="store_true", help="the CUDA mode's code on CPU at a tiny size (seconds; prints only)")
     p.add_argument("--no-allocator-tuning", action="store_true", help="keep glibc's default malloc thresholds (to measure their cost)")
     args = p.parse_args(argv)
     q = args.quick
@@ -720,7 +724,9 @@ def parse_args(argv=None):
     args.rounds = args.rounds or (3 if q else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.train_rounds = args.train_rounds or (2 if q else 3)
-    if args.out is None and not q:
+    if args.out is None and args.cuda:
+        args.out = ROOT / "benchmarks" / "RESULTS_CUDA.md"
+    if args.out is None and not (q or args.cuda_smoke):
         args.out = ROOT / "benchmarks" / "RESULTS.md"
     if args.check_seed is None:
         args.check_seed = int.from_bytes(os.urandom(2), "little")
@@ -730,6 +736,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cuda or args.cuda_smoke:
+        return main_device_mode("cuda" if args.cuda else "cpu", args.cuda_smoke, args.out, args.threads, args.seed)
     if not args.no_allocator_tuning:
         configure_cpu_allocator()
     start = time.perf_counter()

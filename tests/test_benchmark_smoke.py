@@ -105,3 +105,33 @@ def test_main_follows_the_plan_of_a_slow_bf16_probe(bench, monkeypatch, tmp_path
     assert set(res["peaks"]["gflops"]["bfloat16"]) == {256}
     assert any(note.startswith("bf16 shrunk") for note in res["plan"]["notes"])
     assert "bf16 shrunk" in (tmp_path / "r.md").read_text()
+
+
+def test_cuda_mode_code_path_runs_on_cpu_at_smoke_size(bench):
+    """Issue 25: the CUDA mode's code (device as a parameter) on CPU: every row at every smoke shape, in bf16,
+    as % of the bf16 peak measured in the same run, with the published anchor in the report. No timing asserted."""
+    from benchmarks import cuda_layer
+
+    res = bench.main(["--cuda-smoke", "--threads", "1"])
+    assert [layer["shape"] for layer in res["layers"]] == [s.name for s in cuda_layer.SMOKE_SHAPES]
+    expected = {cuda_layer.GROUPED, cuda_layer.LOOP, cuda_layer.HF_EAGER, cuda_layer.DENSE}
+    for layer in res["layers"]:
+        assert expected <= set(layer["rows"])
+        for row in layer["rows"].values():
+            assert row["ms"] > 0 and row["pct_peak"] > 0 and row["tflops"] > 0
+    text = cuda_layer.render_device_mode(res)
+    assert "24% of an H100's bf16 peak" in text and "SonicMoE" in text and cuda_layer.HF_EAGER in text
+    assert [s.name for s in cuda_layer.CUDA_SHAPES] == ["d384 h1536 E8 k2", "d1024 h256 E64 k8", "d2048 h768 E128 k8"]
+
+
+def test_cuda_mode_rows_compute_the_same_layer(bench):
+    """The rows the CUDA mode times hold the same weights and route alike: equal outputs in fp32 on CPU."""
+    from benchmarks import cuda_layer
+
+    shape = cuda_layer.SMOKE_SHAPES[1]
+    rows = cuda_layer.device_layers(shape, torch.device("cpu"), torch.float32, seed=0)
+    x = torch.randn(40, shape.d)
+    reference = rows[cuda_layer.LOOP][1](x)
+    for name in (cuda_layer.GROUPED, cuda_layer.HF_EAGER, cuda_layer.HF_GROUPED):
+        if name in rows:
+            torch.testing.assert_close(rows[name][1](x), reference, rtol=1e-5, atol=1e-6)
