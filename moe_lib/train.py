@@ -76,7 +76,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
     rest: the embedding (a lookup table, tied to the LM head; an untied head too) with weight
     decay, and the RMSNorm gains without. The aux-loss-free expert bias is a buffer, moved by its
-    own rule (:func:`moe_lib.routing.update_expert_biases`), not by an optimizer.
+    own rule (:func:`moe_lib.routing.update_expert_biases`), not by an optimizer. The router's gate
+    on Muon (the original's choice) moves each step by an orthogonalised update of a fixed size,
+    not AdamW's: its logits' growth, which the z-loss study measures, follows from that.
     """
     params, split = dict(model.named_parameters()), optimizer_split(model, cfg)
     decay, no_decay, muon = ([params[name] for name in split[key]] for key in ("adamw, decay", "adamw, no decay", "muon"))
