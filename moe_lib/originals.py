@@ -70,8 +70,18 @@ SOURCES = {"routing": ROUTING_SOURCE, "noise": NOISE_SOURCE, "zloss": ZLOSS_SOUR
 SETUP_ROWS = (
     "data", "model size", "steps and tokens", "gate function", "shared expert",
     "auxiliary-loss reduction", "CV definition", "router noise", "optimizer",
+    "experts", "z-loss reduction", "step counting", "reported metric",
 )
 _LLM_PY = "the noise / z-loss studies' llm.py"
+_LLM_PY_OPTIMIZER = (  # the version of llm.py with the z-loss option; the noise write-up says "Muon for most 2D params"
+    "Muon (Nesterov momentum 0.95, bf16 Newton-Schulz, no weight decay) on every 2-D weight but the token embedding "
+    "(tied to the LM head) and the norms: attention, every expert's two matrices, the router's gate; "
+    "AdamW on the embedding and norms at 0.1 x Muon's lr, weight decay 0.1; gradients clipped at 1.0"
+)
+_LLM_PY_EXPERTS = "separate experts, each linear1 -> SiLU -> dropout -> linear2 (an MLP, not SwiGLU), no biases; dropout 0.1 throughout"
+_LLM_PY_STEPS = ("its loop counts micro-batches and steps the optimizers every gradient_accumulation_steps (default 4): "
+                 "{steps} steps may be {optimizer_steps} optimizer steps, and the warmup + cosine schedule, written over "
+                 "max_steps but advanced once per optimizer step, then covers only part of its curve; the setting run is not stated")
 SETUPS: dict[str, dict[str, str]] = {
     "routing": {
         "data": "character-level tokens: a sample of Alice in Wonderland, or TinyStories",
@@ -84,6 +94,10 @@ SETUPS: dict[str, dict[str, str]] = {
         "CV definition": "none: expert-utilization std per layer",
         "router noise": "none",
         "optimizer": "not stated",
+        "experts": "MLPs (the README's word; their activation is not in the seeds' summary); the shared expert is SwiGLU",
+        "z-loss reduction": "none: no z-loss",
+        "step counting": "3,000 steps; gradient accumulation not stated",
+        "reported metric": "test loss and top-3 accuracy (one seed)",
     },
     "noise": {
         "data": "SmolLM corpus subset: 2,000 documents, 500,000 tokens",
@@ -94,7 +108,12 @@ SETUPS: dict[str, dict[str, str]] = {
         "auxiliary-loss reduction": "weight x per-layer loss, summed over layers (aux about 0.06 for 6 layers at 0.01)",
         "CV definition": "pooled: counts of all layers summed per expert, then CV",
         "router noise": "noise_std 0, 0.1, 0.5 on the logits",
-        "optimizer": "Muon for most 2-D weights + AdamW otherwise, AMP",
+        "optimizer": f"as {_LLM_PY} (the write-up: 'Muon for most 2D params'): {_LLM_PY_OPTIMIZER}; AMP",
+        "experts": _LLM_PY_EXPERTS,
+        "z-loss reduction": "none: no z-loss",
+        "step counting": _LLM_PY_STEPS.format(steps="400", optimizer_steps="100"),
+        "reported metric": "'best val PPL' = the final validation, on eval_steps batches: eval_every 500 > 400 steps, "
+                           "so no validation ran before the end",
     },
     "zloss": {
         "data": "SmolLM corpus subset",
@@ -105,7 +124,12 @@ SETUPS: dict[str, dict[str, str]] = {
         "auxiliary-loss reduction": "per-layer loss summed over layers; the configured lb weight is never passed to the layer",
         "CV definition": "pooled over layers (not reported in the tutorial)",
         "router noise": "on (std not stated), off in the 'no noise' run",
-        "optimizer": f"Muon + AdamW hybrid ({_LLM_PY})",
+        "optimizer": f"{_LLM_PY}: {_LLM_PY_OPTIMIZER}",
+        "experts": _LLM_PY_EXPERTS,
+        "z-loss reduction": "once, on the router logits averaged over layers (stack(...).mean(0)), not per layer as in ST-MoE; "
+                            "its router entropy is likewise that of the layer-averaged logits",
+        "step counting": _LLM_PY_STEPS.format(steps="1,000", optimizer_steps="250"),
+        "reported metric": "test perplexity (one seed)",
     },
 }
 SETUP_SOURCES = {

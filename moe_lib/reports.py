@@ -8,12 +8,14 @@ confidence interval excludes 0.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 from . import originals, plots
@@ -26,7 +28,7 @@ from .statistics import (
     paired_differences, sign_consistency, summarize,
 )
 from .studies import LB_WEIGHTS, NOISE_LEVELS, SpecializationAnalysis, StudyResult, build_grid
-from .train import load_data
+from .train import build_optimizer, load_data, optimizer_split
 
 
 ORIGINAL_NOISE_COLUMNS = [
@@ -76,6 +78,43 @@ def _distinct(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def _optimizer_description(configs) -> str:
+    """Which parameters each optimizer trains (over the grid's models, ``blocks.N.`` and ``.weight`` dropped), and how."""
+    t, split = configs[0].train, {}
+    for model_cfg in _distinct(c.model for c in configs):
+        with torch.device("meta"):  # names and shapes only, no memory
+            model = MoETransformer(model_cfg)
+        for key, names in optimizer_split(model, t).items():
+            split.setdefault(key, {}).update(dict.fromkeys(re.sub(r"^blocks\.\d+\.|\.weight$", "", n) for n in names))
+    adamw, *muon = build_optimizer(model, t)
+    tied = " (tied to the LM head)" if model.cfg.tie_weights else ""
+    names = {key: ", ".join(n + tied if n == "embed" else n for n in found) or "nothing" for key, found in split.items()}
+    text = (f"AdamW (lr {t.lr:g}, betas {'/'.join(f'{b:g}' for b in adamw.defaults['betas'])}, weight decay {t.weight_decay:g}): "
+            f"{names['adamw, decay']}; without decay: {names['adamw, no decay']}")
+    if muon:
+        m = muon[0].defaults
+        scale = "0.2 sqrt(max(rows, cols))" if m["adjust_lr_fn"] == "match_rms_adamw" else "sqrt(max(1, rows / cols))"
+        text = (f"Muon (lr {t.muon_lr:g} x {scale} per matrix; momentum {m['momentum']:g}{', Nesterov' if m['nesterov'] else ''}; "
+                f"weight decay {m['weight_decay']:g}; Newton-Schulz in fp32 on CPU, bf16 on GPU): "
+                f"every block's {names['muon']}, each expert's matrix orthogonalised on its own; {text}; "
+                f"AdamW's lr = {t.lr / t.muon_lr:.2g} x Muon's")
+    return f"{text}; gradients clipped at {t.grad_clip:g}; precision {t.precision}"
+
+
+# The metric each study's comparison with its original (results_vs_original) and its verdicts use.
+COMPARED_METRIC = {"routing": "test_loss", "noise": "best_val_perplexity", "zloss": "test_perplexity"}
+
+
+def _metric_description(metric: str, t) -> str:
+    final = "the whole {} split" if t.final_eval_batches is None else f"the first {t.final_eval_batches} batches of the {{}} split"
+    if metric.startswith("best_val"):
+        validations = -(-t.steps // t.eval_every)
+        return (f"{metric}: the lowest of {validations} validations (every {t.eval_every} steps, the last included) on the first "
+                f"{t.eval_batches} validation batches, not the original's final-only value; the final model on "
+                f"{final.format('validation')} and on {final.format('test')} is logged as val_perplexity and test_perplexity")
+    return f"{metric}: the final model on {final.format('test')}"
+
+
 def setup_comparison(study_name: str, profile: Profile) -> pd.DataFrame:
     """The original's setup next to ours, one row per :data:`~moe_lib.originals.SETUP_ROWS`.
 
@@ -109,8 +148,14 @@ def setup_comparison(study_name: str, profile: Profile) -> pd.DataFrame:
                                     + ", ".join(f"{w:g}" for w in _distinct(model.load_balancing_weight for model in models)),
         "CV definition": "per layer: CV of expert counts, mean over layers (expert_usage_cv); pooled over layers also logged",
         "router noise": "noise_std " + ", ".join(f"{n:g}" for n in _distinct(model.noise_std for model in models)),
-        "optimizer": f"{_distinct(c.train.optimizer for c in configs)[0]}, lr {t.lr:g}, precision {t.precision}"
-                     + ("; Muon's Newton-Schulz iteration in fp32 on CPU, bf16 on GPU (moe_lib.muon)" if t.optimizer == "muon" else ""),
+        "optimizer": _optimizer_description(configs),
+        "experts": f"SwiGLU: silu(x W_gate) * (x W_up), then W_down, width {m.d_ff}, no biases; no dropout",
+        "z-loss reduction": "ST-MoE's mean over tokens of logsumexp(logits)^2 per layer, summed over layers; weight "
+                            + ", ".join(f"{z:g}" for z in _distinct(model.z_loss_weight for model in models))
+                            + (" (none: no z-loss)" if all(model.z_loss_weight == 0 for model in models) else ""),
+        "step counting": f"{t.steps:,} optimizer steps of {t.grad_accum_steps} micro-batch(es) each; warmup {t.warmup_steps} steps, "
+                         f"then a cosine to {t.min_lr_ratio:g} x lr reached at the last step (the whole curve)",
+        "reported metric": _metric_description(COMPARED_METRIC[study_name], t),
     }
     table = pd.DataFrame(
         {"original": [originals.SETUPS[study_name][row] for row in originals.SETUP_ROWS],

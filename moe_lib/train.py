@@ -68,34 +68,46 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW, or the original's hybrid of Muon and AdamW.
+    """AdamW, or the original's hybrid of Muon and AdamW: ``[adamw]`` or ``[adamw, muon]``.
 
-    Hybrid split: Muon (``torch.optim.Muon``, with its Newton-Schulz iteration in fp32 on CPUs:
-    :mod:`moe_lib.muon`) takes the 2-D weight matrices of the hidden
-    layers - attention ``qkv``/``proj`` and dense FFN projections - because it orthogonalises
-    each update matrix, which only makes sense for a matrix acting on a hidden state. AdamW
-    takes the rest: the embedding (a lookup table, tied to the LM head), RMSNorm gains,
-    the router (a tiny E x d classifier whose logit scale we want AdamW to control), and
-    the stacked expert weights ``[E, d, h]``, which ``torch.optim.Muon`` refuses because they
-    are 3-D. Weight decay applies to matrices only, never to gains.
+    Hybrid split (:func:`optimizer_split`), as the original's ``llm.py``: Muon (:mod:`moe_lib.muon`)
+    takes every weight matrix of the blocks - attention ``qkv``/``proj``, the dense or shared
+    experts' projections, the router's gate ``[E, d]`` and the routed experts' stacked weights
+    ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
+    rest: the embedding (a lookup table, tied to the LM head; an untied head too) with weight
+    decay, and the RMSNorm gains without. The aux-loss-free expert bias is a buffer, moved by its
+    own rule (:func:`moe_lib.routing.update_expert_biases`), not by an optimizer. The router's gate
+    on Muon (the original's choice) moves each step by an orthogonalised update of a fixed size,
+    not AdamW's: its logits' growth, which the z-loss study measures, follows from that.
     """
-    decay, no_decay, muon = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_hidden_matrix = p.ndim == 2 and "embed" not in name and "lm_head" not in name and "router" not in name
-        if cfg.optimizer == "muon" and is_hidden_matrix:
-            muon.append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    params, split = dict(model.named_parameters()), optimizer_split(model, cfg)
+    decay, no_decay, muon = ([params[name] for name in split[key]] for key in ("adamw, decay", "adamw, no decay", "muon"))
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=_fused_adamw_ok(decay + no_decay))
     optimizers: list[torch.optim.Optimizer] = [adamw]
     if muon:
         optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
     return optimizers
+
+
+def optimizer_split(model: nn.Module, cfg: TrainConfig) -> dict[str, list[str]]:
+    """The names of the trainable parameters each optimizer takes: ``muon``, ``adamw, decay``, ``adamw, no decay``.
+
+    Muon: the 2-D and stacked 3-D matrices except the embedding and the LM head (only with
+    ``cfg.optimizer == "muon"``). AdamW with weight decay: the other matrices. Without: 1-D gains.
+    """
+    split: dict[str, list[str]] = {"muon": [], "adamw, decay": [], "adamw, no decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_block_matrix = p.ndim in (2, 3) and "embed" not in name and "lm_head" not in name
+        if cfg.optimizer == "muon" and is_block_matrix:
+            split["muon"].append(name)
+        elif p.ndim >= 2:
+            split["adamw, decay"].append(name)
+        else:
+            split["adamw, no decay"].append(name)
+    return split
 
 
 def _fused_adamw_ok(params: list[torch.Tensor]) -> bool:

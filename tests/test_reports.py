@@ -4,6 +4,7 @@ cannot conclude, never print ``nan``/``inf`` or claim a comparison they have no 
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -160,6 +161,47 @@ def test_setup_comparison_reads_each_original_from_the_data_and_rejects_unknown_
     assert noise == "noise_std 0, 0.1, 0.5"
     with pytest.raises(ValueError, match="unknown study 'capacity'.*valid choices"):
         reports.setup_comparison("capacity", SMOKE)
+
+
+@pytest.mark.parametrize("name", ["noise", "zloss"])
+def test_setup_table_names_each_optimizers_parameters_and_the_originals_differences(name):
+    """Ours: the optimizer row lists exactly optimizer_split's names (experts and router gate on Muon, as the
+    original). The original: every difference from llm.py that the seeds' README records."""
+    from moe_lib.model import MoETransformer
+    from moe_lib.train import optimizer_split
+
+    table = reports.setup_comparison(name, SMOKE)
+    ours, original = table["ours (smoke)"], table["original"]
+    config = studies.build_grid(name, SMOKE).runs[0].config
+    split = optimizer_split(MoETransformer(config.model), config.train)
+    muon_part, adamw_part = ours["optimizer"].split("; AdamW (")
+    for key, part in (("muon", muon_part), ("adamw, decay", adamw_part), ("adamw, no decay", adamw_part)):
+        for parameter in split[key]:
+            short = re.sub(r"^blocks\.\d+\.|\.weight$", "", parameter)
+            assert short in part and (key == "muon") == (short in muon_part), (key, parameter)
+    assert "ffn.experts.w_in, ffn.experts.w_out" in muon_part and "ffn.router" in muon_part and "embed" not in muon_part
+    assert "router's gate" in original["optimizer"] and "every expert's two matrices" in original["optimizer"]
+    assert "0.1 x Muon's lr" in original["optimizer"] and "no weight decay" in original["optimizer"]
+    assert "SiLU" in original["experts"] and "not SwiGLU" in original["experts"] and "dropout 0.1" in original["experts"]
+    assert "SwiGLU" in ours["experts"] and "no dropout" in ours["experts"]
+    assert "micro-batches" in original["step counting"] and "only part of its curve" in original["step counting"]
+    assert f"{config.train.steps:,} optimizer steps of {config.train.grad_accum_steps} micro-batch" in ours["step counting"]
+    assert "per layer, summed over layers" in ours["z-loss reduction"]
+    if name == "zloss":
+        assert "averaged over layers" in original["z-loss reduction"] and "not per layer" in original["z-loss reduction"]
+        assert ours["reported metric"].startswith("test_perplexity: the final model on the")
+    else:
+        assert "final validation" in original["reported metric"] and "eval_every 500 > 400 steps" in original["reported metric"]
+        assert ours["reported metric"].startswith("best_val_perplexity: the lowest of")
+        assert "not the original's final-only value" in ours["reported metric"]
+
+
+def test_setup_tables_compared_metric_is_the_one_the_comparison_uses():
+    """reports.COMPARED_METRIC, named in the setup table, is the column results_vs_original's noise comparison reads."""
+    import inspect
+
+    assert inspect.signature(reports.noise_factorial_verdicts).parameters["metric"].default == reports.COMPARED_METRIC["noise"]
+    assert reports.COMPARED_METRIC == {"routing": "test_loss", "noise": "best_val_perplexity", "zloss": "test_perplexity"}
 
 
 def test_scale_statement_computes_parameters_tokens_and_epochs():

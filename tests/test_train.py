@@ -14,11 +14,12 @@ from moe_lib import cli
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
 from moe_lib.model import MoETransformer
+from moe_lib.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.data import eval_batches, sample_batch
 from moe_lib.train import (
-    TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_step, train_run,
-    train_step,
+    TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_split, optimizer_step,
+    train_run, train_step,
 )
 
 
@@ -94,27 +95,30 @@ def test_gradient_clipping_bounds_the_global_norm_the_optimizer_sees(smoke, data
 
 
 @pytest.mark.parametrize("ffn", ["moe", "dense"])
-def test_optimizer_split_muon_takes_hidden_matrices_only(smoke, ffn):
-    """Muon: the 2-D matrices acting on the hidden state. AdamW with decay: embedding (tied to
-    the head), router, stacked 3-D expert weights. AdamW without decay: RMSNorm gains."""
-    model = MoETransformer(smoke.base.model.replace(ffn=ffn, tie_weights=True))
+def test_optimizer_split_puts_every_block_matrix_on_muon_as_the_original(smoke, ffn):
+    """Muon, as the original's llm.py: attention, routed experts (stacked 3-D), shared experts and the router's
+    gate. AdamW with decay: the embedding (tied to the head). AdamW without decay: RMSNorm gains."""
+    modern = dict(num_shared_experts=1, bias_update_rate=1e-3) if ffn == "moe" else {}
+    model = MoETransformer(smoke.base.model.replace(ffn=ffn, tie_weights=True, **modern))
     adamw, muon = build_optimizer(model, TrainConfig(optimizer="muon"))
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
     decay, no_decay = ([names[id(p)] for p in g["params"]] for g in adamw.param_groups)
-    hidden = ("attn.qkv.weight", "attn.proj.weight") + (("ffn.w_in.weight", "ffn.w_out.weight") if ffn == "dense" else ())
+    moe = ("ffn.router.weight", "ffn.experts.w_in", "ffn.experts.w_out", "ffn.shared_experts.w_in.weight", "ffn.shared_experts.w_out.weight")
+    hidden = ("attn.qkv.weight", "attn.proj.weight") + (moe if ffn == "moe" else ("ffn.w_in.weight", "ffn.w_out.weight"))
     assert muon_names == sorted(f"blocks.{i}.{h}" for i in range(model.cfg.n_layers) for h in hidden)
-    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
-    assert adamw.param_groups[0]["weight_decay"] == TrainConfig().weight_decay and adamw.param_groups[1]["weight_decay"] == 0.0
-    assert "embed.weight" in decay and "lm_head.weight" not in names.values()  # tied: one tensor, AdamW
     if ffn == "moe":
-        assert {n for n in decay if "experts" in n or "router" in n} == {
-            f"blocks.{i}.ffn.{w}" for i in range(model.cfg.n_layers) for w in ("experts.w_in", "experts.w_out", "router.weight")
-        }
+        assert model.blocks[0].ffn.experts.w_in.ndim == 3 and model.blocks[0].ffn.router.expert_bias is not None  # a buffer, no optimizer's
+    assert adamw.param_groups[0]["weight_decay"] == TrainConfig().weight_decay and adamw.param_groups[1]["weight_decay"] == 0.0
+    assert decay == ["embed.weight"] and "lm_head.weight" not in names.values()  # tied: one tensor, AdamW
     assert sorted(no_decay) == sorted(n for n, p in model.named_parameters() if p.ndim == 1)
     assert len(muon_names) + len(decay) + len(no_decay) == len(names)  # every parameter exactly once
+    assert optimizer_split(model, TrainConfig(optimizer="muon")) == {"muon": [n for n in names.values() if n in muon_names],
+                                                                     "adamw, decay": decay, "adamw, no decay": no_decay}
 
+    untied = MoETransformer(smoke.base.model.replace(ffn=ffn, tie_weights=False))
+    assert optimizer_split(untied, TrainConfig(optimizer="muon"))["adamw, decay"] == ["embed.weight", "lm_head.weight"]
     plain = build_optimizer(model, TrainConfig(optimizer="adamw"))
     assert len(plain) == 1 and len(plain[0].param_groups[0]["params"]) == len(muon_names) + len(decay)
 
