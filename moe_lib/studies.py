@@ -110,7 +110,7 @@ def capacity_grid(profile: Profile, seeds=None) -> Grid:
         f"cf={capacity_label(cf)}, lb={lb}": {"capacity_factor": cf, "load_balancing_weight": lb}
         for lb, cf in itertools.product(LB_WEIGHTS, CAPACITY_FACTORS)
     }
-    return Grid.from_conditions("capacity", base, conditions, seeds or profile.seeds, baseline="cf=dropless, lb=0.01")
+    return Grid.from_conditions("capacity", base, conditions, seeds or profile.seeds, baseline="cf=dropless, lb=0.01", compares_time=True)
 
 
 DISPATCH_SEED = 42
@@ -121,7 +121,7 @@ def dispatch_grid(profile: Profile, seeds=None) -> Grid:
     loop over experts, on one seed (42) unless seeds are given: same maths, different speed."""
     base = profile.base.with_model(top_k=2, noise_std=0.0, load_balancing_weight=0.01, z_loss_weight=0.0)
     conditions = {d: {"dispatch": d} for d in ("grouped", "loop")}
-    return Grid.from_conditions("dispatch", base, conditions, seeds or (DISPATCH_SEED,), baseline="loop")
+    return Grid.from_conditions("dispatch", base, conditions, seeds or (DISPATCH_SEED,), baseline="loop", compares_time=True)
 
 
 STUDIES: dict[str, Callable[..., Grid]] = {
