@@ -496,6 +496,7 @@ def run_grid(
     fresh: bool = False,
     reuse: bool = True,
     jobs: int | None = 1,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Train the grid's runs that have no row yet, committing each as it finishes; return the grid's rows.
 
@@ -512,7 +513,7 @@ def run_grid(
     into a grid with ``compares_time``, and the copied row's timings are blanked (:data:`TIMING_COLUMNS`).
     ``jobs``: runs trained at once, each in a worker process with ``cores // jobs`` threads
     (:mod:`moe_lib.workers`); ``None`` picks :func:`moe_lib.workers.default_jobs` (``$MOE_JOBS``, else
-    the machine's); 1 trains in this process, one run after another. ``train_fn`` must then be
+    the machine's); 1 trains in this process, one run after another. ``threads`` overrides the workers' threads. ``train_fn`` must then be
     importable by a fresh process (a module-level function or a ``functools.partial`` of one).
     Interrupting (Ctrl-C) or killing the process loses only the runs in progress; call again to carry on.
     """
@@ -536,7 +537,7 @@ def run_grid(
     todo = _reuse_finished(grid, todo, paths, checkpoint_root, say) if reuse and todo and not grid.compares_time else todo
     jobs = max(1, min(_jobs_for(todo[0].config) if jobs is None else jobs, len(todo))) if todo else 1
     if jobs > 1:
-        threads = threads_per_job(jobs)
+        threads = threads or threads_per_job(jobs)
         say(f"[{grid.name}] training {len(todo)} runs in {jobs} worker processes, {threads} thread(s) each", flush=True)
         tasks = [Task(run.run_id, train_in_worker, (grid, run, paths, train_fn, checkpoint_root)) for run in todo]
         run_in_workers(tasks, jobs, threads, title=f"[{grid.name}]", progress=progress)
