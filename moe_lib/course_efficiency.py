@@ -123,6 +123,24 @@ class CourseEfficiency:
         )
 
 
+def _section_span(text: str, section: str) -> tuple[int, int]:
+    """Start and end of ``section`` (its heading to the next ``## `` heading or the end) in ``text``."""
+    start = text.index(section)
+    following = text.find("\n## ", start + len(section))
+    return start, len(text) if following < 0 else following + 1
+
+
+def write_section(path: str | Path, section: str, body: str) -> None:
+    """Replace ``section`` of a Markdown file with ``body`` (added at the end if missing), atomically."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if section not in text:
+        text = text.rstrip("\n") + f"\n\n{section}\n"
+    start, end = _section_span(text, section)
+    block = f"{section}\n\n{body.strip()}\n" + ("\n" if end < len(text) else "")
+    atomic_write_text(path, text[:start] + block + text[end:])
+
+
 def append_row_to_section(path: str | Path, section: str, header: str, row: str, preamble: str = "") -> None:
     """Add ``row`` to the table under ``section`` in a Markdown file (the section and table are
     created at the end when missing), written atomically."""
@@ -130,11 +148,9 @@ def append_row_to_section(path: str | Path, section: str, header: str, row: str,
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if section not in text:
         text = text.rstrip("\n") + f"\n\n{section}\n\n{preamble}{header}\n"
-    start = text.index(section)
-    following = text.find("\n## ", start + len(section))
-    end = len(text) if following < 0 else following
+    start, end = _section_span(text, section)
     body = text[start:end].rstrip("\n") + f"\n{row}\n"
-    atomic_write_text(path, text[:start] + body + ("\n" + text[end:].lstrip("\n") if following >= 0 else ""))
+    atomic_write_text(path, text[:start] + body + ("\n" + text[end:] if end < len(text) else ""))
 
 
 PREAMBLE = (

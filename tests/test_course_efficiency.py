@@ -99,3 +99,13 @@ def test_cli_run_trains_several_studies_in_workers_on_the_smoke_profile(capsys):
     paths = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("results: ")]
     assert [p.rsplit("/", 1)[1] for p in paths] == ["dispatch.csv", "specialization.csv"]
     assert [len(pd.read_csv(p)) for p in paths] == [2, 2]
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# R\n\n## A\n\na\n\n## B\n\nb\n")
+    ce.write_section(results, "## Grid", "first")
+    ce.write_section(results, "## Grid", "second")
+    assert results.read_text() == "# R\n\n## A\n\na\n\n## B\n\nb\n\n## Grid\n\nsecond\n"
+    ce.write_section(results, "## A", "new a")
+    assert results.read_text() == "# R\n\n## A\n\nnew a\n\n## B\n\nb\n\n## Grid\n\nsecond\n"
