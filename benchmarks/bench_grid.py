@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cores = available_cores()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     peak = measure_fp32_peak(threads=cores)
     settings = [(1, cores)] + [(j, max(1, cores // j)) for j in range(2, (args.max_jobs or cores) + 1)]
     rows = []
@@ -74,7 +76,9 @@ def main(argv=None) -> int:
         f"{machine_description()}, torch {torch.__version__}. Each setting trains the same {args.runs} runs of the {args.profile} "
         f"profile's model at {args.steps} steps (plus a 2-batch validation and a 4-batch final evaluation) from scratch; the wall "
         "time includes worker start-up and data loading. fp32 GEMM peak (2048^3 `torch.mm`, all threads) "
-        f"{peak / 1e9:,.0f} GFLOP/s at the start, {peak_after / 1e9:,.0f} at the end.",
+        f"{peak / 1e9:,.0f} GFLOP/s at the start, {peak_after / 1e9:,.0f} at the end. Load average (1 min) "
+        f"{load_start[0] if load_start else float('nan'):.1f} at the start, {os.getloadavg()[0] if load_start else float('nan'):.1f} "
+        f"at the end, on {cores} cores: above the core count, other processes shared the machine and every number is low.",
         "",
         "| jobs x threads | wall (s) | runs per hour | x one run on all threads | training FLOP/s, % of fp32 peak |",
         "|---|---:|---:|---:|---:|",
