@@ -13,8 +13,15 @@ Every file is replaced atomically (temp file in the same folder, fsync, ``os.rep
 run's history is written before its row, so the row is the commit point: a run killed at any
 moment either has its row or is trained again on the next call, and no CSV is ever half
 written. A run whose config changed since its row was written is refused, never mixed in.
-A run that another grid in the same folder already finished with the same config hash is
-copied, not trained again (:func:`find_identical_run`; its row says so in ``reused_from``).
+A run that another grid in the same folder already finished with the same config hash, on the
+same kind of device and precision, is copied, not trained again (:func:`find_identical_run`; its
+row says so in ``reused_from``), unless the grid's verdicts compare time (``Grid.compares_time``).
+A copied row's timing and memory columns are blank, their source's values kept in ``<column>_source``:
+they were measured at another time, perhaps on another machine.
+
+``run_grid(..., jobs=N)`` trains N runs at once in worker processes (:mod:`moe_lib.workers`). Each
+worker commits its own runs; a lock file (``.<grid>.csv.lock``) serialises the CSV's
+read-modify-write, so no row is lost when two finish together.
 
 The statistics over a results table live in :mod:`moe_lib.statistics`.
 """
@@ -38,8 +45,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from filelock import FileLock
+
 from .config import RunConfig
 from .files import atomic_write_text
+from .workers import Task, default_jobs, run_in_workers, threads_per_job
 
 # Columns every results row starts with (the grid's factors go between condition and seed).
 ID_COLUMNS = ("run_id", "condition")
@@ -57,6 +67,8 @@ STUDY_METRICS = (
     "best_val_perplexity",
     "expert_usage_cv",
 )
+# Measured, not computed: a reused row blanks them and keeps the source's values in "<name>_source".
+TIMING_COLUMNS = ("training_time_minutes", "ms_per_step", "tokens_per_second", "peak_memory_gb")
 # Settings that change how a run is displayed or cached, not what it computes.
 HASH_IGNORED = {"train": ("progress", "checkpoint_steps"), "data": ("cache_dir",)}
 # Fields added after results were stored, with the default that reproduces the older runs:
@@ -176,12 +188,15 @@ class Grid:
 
     Validated on creation: at least one run, unique run ids and (condition, seed) pairs,
     every run has exactly the grid's factors, and the baseline is one of the conditions.
+    ``compares_time=True``: the grid's verdicts compare timings, so :func:`run_grid` trains every
+    run itself rather than reuse one timed at another moment or on another machine.
     """
 
     name: str
     runs: Sequence[Run]
     factors: tuple[str, ...] = ()
     baseline: str | None = None
+    compares_time: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "runs", tuple(self.runs))
@@ -253,6 +268,7 @@ class Grid:
         conditions: Mapping[str, Mapping[str, Any]],
         seeds: Iterable[int],
         baseline: str | None = None,
+        compares_time: bool = False,
     ) -> "Grid":
         """Named conditions, each a dict of config changes (field names as in :func:`apply_levels`).
 
@@ -266,7 +282,7 @@ class Grid:
             config = apply_levels(base_config, **changes)
             levels = {n: _field_value(config, n) for n in names}
             runs += [Run(label, levels, seed, config) for seed in seeds]
-        return cls(name, runs, tuple(names), baseline)
+        return cls(name, runs, tuple(names), baseline, compares_time)
 
 
 def _field_value(config: RunConfig, key: str) -> Any:
@@ -384,7 +400,14 @@ def _result_row(run: Run, metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _append_row(csv: Path, row: dict[str, Any], replace: bool = False) -> None:
     """Re-read the CSV, add ``row`` (unless its run_id is already there), write it back atomically.
-    ``replace=True`` drops an existing row of the same run_id instead (a retrained run)."""
+    ``replace=True`` drops an existing row of the same run_id instead (a retrained run).
+    Holds ``.<name>.lock`` beside the CSV meanwhile: parallel workers commit one at a time."""
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(csv.with_name(f".{csv.name}.lock")):
+        _append_row_locked(csv, row, replace)
+
+
+def _append_row_locked(csv: Path, row: dict[str, Any], replace: bool) -> None:
     old = _read_csv(csv)
     if replace:
         old = old[old["run_id"] != row["run_id"]].reset_index(drop=True)
@@ -413,31 +436,58 @@ def _check_unchanged(grid: Grid, existing: pd.DataFrame, csv: Path) -> None:
         )
 
 
-def finished_runs_by_hash(results_dir: str | Path, exclude: str) -> dict[str, list[tuple[str, str]]]:
-    """Config hash -> ``(grid name, run_id)`` of every finished run of the OTHER grids in ``results_dir``
-    (those with a row and a history; ``exclude`` is this grid's name). Same hash: same model, data,
-    training and seed, so the same run."""
-    found: dict[str, list[tuple[str, str]]] = {}
+def device_kind(device: Any) -> str:
+    """A results row's ``device`` without the thread count: ``"cpu (x86_64, 2 threads)"`` -> ``"cpu"``;
+    a CUDA device keeps its name (``"NVIDIA H200"``); a missing value gives ``""``."""
+    return str(device).split(" (", 1)[0] if isinstance(device, str) else ""
+
+
+def resolved_hardware(config: RunConfig) -> tuple[str, str]:
+    """``(device kind, precision)`` that ``config`` would train with here: ``"auto"`` resolved as
+    :func:`moe_lib.train.train_run` resolves it, in the terms of a results row's ``device`` and
+    ``precision_used``."""
+    import torch  # deferred: the grid machinery itself needs no torch
+
+    from .precision import resolve_precision
+    from .train import resolve_device
+
+    device = resolve_device(config.train.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return name, resolve_precision(config.train.precision, device).name
+
+
+def finished_runs_by_hash(results_dir: str | Path, exclude: str) -> dict[str, list[tuple[str, str, tuple[str, str]]]]:
+    """Config hash -> ``(grid name, run_id, (device kind, precision_used))`` of every finished run of
+    the OTHER grids in ``results_dir`` (those with a row and a history; ``exclude`` is this grid's
+    name). Same hash: same model, data, training and seed; the hardware says where it ran."""
+    found: dict[str, list[tuple[str, str, tuple[str, str]]]] = {}
     for csv in sorted(Path(results_dir).glob("*.csv")):
         if csv.stem == exclude:
             continue
         rows = _read_csv(csv)
         if "config_hash" not in rows.columns:
             continue
-        for config_hash, run_id in zip(rows["config_hash"], rows["run_id"]):
+        devices = rows["device"] if "device" in rows.columns else [None] * len(rows)
+        precisions = rows["precision_used"] if "precision_used" in rows.columns else [None] * len(rows)
+        for config_hash, run_id, device, precision in zip(rows["config_hash"], rows["run_id"], devices, precisions):
             if GridPaths(Path(results_dir), csv.stem).history(run_id).exists():
-                found.setdefault(config_hash, []).append((csv.stem, run_id))
+                hardware = (device_kind(device), precision if isinstance(precision, str) else "")
+                found.setdefault(config_hash, []).append((csv.stem, run_id, hardware))
     return found
 
 
-def find_identical_run(run: Run, finished: Mapping[str, list[tuple[str, str]]], checkpoint_root: str | Path | None = None) -> tuple[str, str] | None:
-    """The ``(grid name, run_id)`` in ``finished`` (:func:`finished_runs_by_hash`) with ``run``'s config hash, or
-    ``None``; when ``checkpoint_root`` is given, one whose checkpoint sits beside it
-    (``checkpoint_root/../<grid>/<run_id>``) is preferred."""
-    candidates = list(finished.get(run.config_hash, []))
+def find_identical_run(
+    run: Run, finished: Mapping[str, list[tuple[str, str, tuple[str, str]]]], checkpoint_root: str | Path | None = None,
+    hardware: tuple[str, str] | None = None,
+) -> tuple[str, str] | None:
+    """The ``(grid name, run_id)`` in ``finished`` (:func:`finished_runs_by_hash`) with ``run``'s config hash
+    and, when ``hardware`` is given, that ``(device kind, precision)`` (:func:`resolved_hardware`): a
+    CUDA bf16 run is not a CPU fp32 one. ``None`` if there is none. When ``checkpoint_root`` is given,
+    one whose checkpoint sits beside it (``checkpoint_root/../<grid>/<run_id>``) is preferred."""
+    candidates = [f for f in finished.get(run.config_hash, []) if hardware is None or f[2] == hardware]
     if checkpoint_root is not None:
         candidates.sort(key=lambda f: not (Path(checkpoint_root).parent / f[0] / f[1]).is_dir())
-    return candidates[0] if candidates else None
+    return candidates[0][:2] if candidates else None
 
 
 def run_grid(
@@ -448,6 +498,8 @@ def run_grid(
     progress: bool = True,
     fresh: bool = False,
     reuse: bool = True,
+    jobs: int | None = 1,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Train the grid's runs that have no row yet, committing each as it finishes; return the grid's rows.
 
@@ -459,11 +511,19 @@ def run_grid(
     ``reuse=True``: a run that another grid in ``results_dir`` already trained with the same config
     hash (:func:`finished_runs_by_hash`, read once per call) is copied instead of trained again (row,
     history and, if this grid keeps checkpoints, the checkpoint), its row naming the source in ``reused_from``. The
-    course trains the classic top-2 model in three studies; this trains it once.
-    Interrupting (Ctrl-C) loses only the run in progress; call again to carry on.
+    course trains the classic top-2 model in three studies; this trains it once. Only a run made on the
+    same device kind and precision as this one would be (:func:`resolved_hardware`) is reused, never
+    into a grid with ``compares_time``, and the copied row's timings are blanked (:data:`TIMING_COLUMNS`).
+    ``jobs``: runs trained at once, each in a worker process with ``cores // jobs`` threads
+    (:mod:`moe_lib.workers`); ``None`` picks :func:`moe_lib.workers.default_jobs` (``$MOE_JOBS``, else
+    the machine's); 1 trains in this process, one run after another. ``threads`` overrides the workers' threads. ``train_fn`` must then be
+    importable by a fresh process (a module-level function or a ``functools.partial`` of one).
+    Interrupting (Ctrl-C) or killing the process loses only the runs in progress; call again to carry on.
     """
     if train_fn is None:
         from .train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs={jobs!r} is invalid: expected a number of worker processes >= 1, or None for the machine's default")
     paths = GridPaths(Path(results_dir), grid.name)
     say = print if progress else (lambda *a, **k: None)
     if fresh:
@@ -477,16 +537,42 @@ def run_grid(
     done = set(existing["run_id"])
     todo = [r for r in grid.runs if r.run_id not in done]
     say(f"[{grid.name}] {len(grid.runs) - len(todo)} of {len(grid.runs)} runs already in {paths.csv}; training {len(todo)}")
-    finished = finished_runs_by_hash(results_dir, grid.name) if reuse and todo else {}
-    for i, run in enumerate(todo, 1):
-        source = find_identical_run(run, finished, checkpoint_root)
-        if source is not None:
-            say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id} = {source[0]}'s {source[1]} (same config and seed): reused", flush=True)
-            _reuse_and_commit(run, paths, source, checkpoint_root)
-            continue
+    todo = _reuse_finished(grid, todo, paths, checkpoint_root, say) if reuse and todo and not grid.compares_time else todo
+    jobs = max(1, min(_jobs_for(todo[0].config) if jobs is None else jobs, len(todo))) if todo else 1
+    if jobs > 1:
+        threads = threads or threads_per_job(jobs)
+        say(f"[{grid.name}] training {len(todo)} runs in {jobs} worker processes, {threads} thread(s) each", flush=True)
+        tasks = [Task(run.run_id, train_in_worker, (grid, run, paths, train_fn, checkpoint_root)) for run in todo]
+        run_in_workers(tasks, jobs, threads, title=f"[{grid.name}]", progress=progress)
+    for i, run in enumerate(todo if jobs == 1 else [], 1):
         say(f"[{grid.name}] run {i}/{len(todo)}: {run.run_id}", flush=True)
         _train_and_commit(grid, run, paths, train_fn, checkpoint_root, progress, say)
     return load_results(grid, results_dir)
+
+
+def _jobs_for(config: RunConfig) -> int:
+    kind = resolved_hardware(config)[0]
+    return default_jobs(kind if kind in ("cpu", "mps") else "cuda")
+
+
+def _reuse_finished(grid: Grid, todo: list[Run], paths: GridPaths, checkpoint_root, say) -> list[Run]:
+    """Commit every run of ``todo`` that another grid already finished on this hardware; return the rest."""
+    finished, hardware, rest = finished_runs_by_hash(paths.results_dir, grid.name), {}, []
+    for i, run in enumerate(todo, 1):
+        key = (run.config.train.device, run.config.train.precision)
+        hardware.setdefault(key, resolved_hardware(run.config) if run.config_hash in finished else None)
+        source = find_identical_run(run, finished, checkpoint_root, hardware[key]) if run.config_hash in finished else None
+        if source is None:
+            rest.append(run)
+            continue
+        say(f"[{grid.name}] {run.run_id} = {source[0]}'s {source[1]} (same config, seed, device and precision): reused", flush=True)
+        _reuse_and_commit(run, paths, source, checkpoint_root)
+    return rest
+
+
+def train_in_worker(grid: Grid, run: Run, paths: GridPaths, train_fn, checkpoint_root) -> None:
+    """Train ``run`` and commit it (history, then row): one task of :func:`run_grid`'s worker processes."""
+    _train_and_commit(grid, run, paths, train_fn, checkpoint_root, progress=False, say=lambda *a, **k: None)
 
 
 def _after(columns: list[str], last: str) -> list[str]:
@@ -504,6 +590,10 @@ def _reuse_and_commit(run: Run, paths: GridPaths, source: tuple[str, str], check
     rows = _read_csv(other.csv)
     row = rows[rows["run_id"] == source[1]].iloc[0]
     metrics = {k: row[k] for k in _after(list(rows.columns), "config_hash") if k != FINISHED_COLUMN}
+    for name in TIMING_COLUMNS:  # measured then, perhaps elsewhere: kept aside so no verdict compares it
+        measured = metrics.get(name, float("nan"))
+        metrics[f"{name}_source"] = measured if pd.notna(measured) else metrics.get(f"{name}_source", float("nan"))
+        metrics[name] = float("nan")
     metrics["reused_from"] = f"{source[0]}/{source[1]}"
     if checkpoint_root is not None:
         source_checkpoint, target = Path(checkpoint_root).parent / source[0] / source[1], Path(checkpoint_root) / run.run_id

@@ -80,7 +80,7 @@ def modern_grid(profile: Profile, seeds=None, conditions: tuple[str, ...] = MODE
         config = available[label]
         factors: dict[str, Any] = {"variant": variant_slug(label)}
         runs.extend(Run(condition=label, factors=factors, seed=seed, config=config) for seed in seeds or profile.seeds)
-    return Grid(name="modern", runs=runs, factors=("variant",), baseline=MODERN_BASELINE)
+    return Grid(name="modern", runs=runs, factors=("variant",), baseline=MODERN_BASELINE, compares_time=True)  # per-second verdicts
 
 
 # Merged into moe_lib.studies.STUDIES: ``run_study("modern")``.

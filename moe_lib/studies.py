@@ -110,7 +110,7 @@ def capacity_grid(profile: Profile, seeds=None) -> Grid:
         f"cf={capacity_label(cf)}, lb={lb}": {"capacity_factor": cf, "load_balancing_weight": lb}
         for lb, cf in itertools.product(LB_WEIGHTS, CAPACITY_FACTORS)
     }
-    return Grid.from_conditions("capacity", base, conditions, seeds or profile.seeds, baseline="cf=dropless, lb=0.01")
+    return Grid.from_conditions("capacity", base, conditions, seeds or profile.seeds, baseline="cf=dropless, lb=0.01", compares_time=True)
 
 
 DISPATCH_SEED = 42
@@ -121,7 +121,7 @@ def dispatch_grid(profile: Profile, seeds=None) -> Grid:
     loop over experts, on one seed (42) unless seeds are given: same maths, different speed."""
     base = profile.base.with_model(top_k=2, noise_std=0.0, load_balancing_weight=0.01, z_loss_weight=0.0)
     conditions = {d: {"dispatch": d} for d in ("grouped", "loop")}
-    return Grid.from_conditions("dispatch", base, conditions, seeds or (DISPATCH_SEED,), baseline="loop")
+    return Grid.from_conditions("dispatch", base, conditions, seeds or (DISPATCH_SEED,), baseline="loop", compares_time=True)
 
 
 STUDIES: dict[str, Callable[..., Grid]] = {
@@ -168,8 +168,12 @@ def run_study(
     fresh: bool = False,
     save_checkpoints: bool = False,
     progress: bool = True,
+    jobs: int | None = None,
 ) -> StudyResult:
     """Run (or resume) a study; finished runs already in its CSV are not trained again.
+
+    ``jobs`` runs train at once in worker processes (default: ``$MOE_JOBS``, else the machine's,
+    :func:`moe_lib.workers.default_jobs`); 1 trains them one after another in this process.
 
     Checkpoints go to ``saved_models/<grid>/<run_id>/`` when ``save_checkpoints`` is set, and
     always for the studies in :data:`CHECKPOINTED_STUDIES`.
@@ -180,7 +184,7 @@ def run_study(
     paths = output_paths(profile)
     train_fn = functools.partial(train_run, profile=profile.name)
     checkpoint_root = paths.saved_models / grid.name if save_checkpoints else None
-    results = run_grid(grid, paths.results, train_fn=train_fn, checkpoint_root=checkpoint_root, progress=progress, fresh=fresh)
+    results = run_grid(grid, paths.results, train_fn=train_fn, checkpoint_root=checkpoint_root, progress=progress, fresh=fresh, jobs=jobs)
     histories = load_histories(grid, paths.results)
     return StudyResult(grid, profile, results, histories, paths.results / f"{grid.name}.csv")
 

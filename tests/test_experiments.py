@@ -59,6 +59,7 @@ class FakeTrainer:
             "training_time_minutes": 0.5,
             "test_perplexity": math.exp(val_loss + 0.1),
             "device": "cpu (fake)",
+            "precision_used": "fp32",
         }
         steps = [1, 2, 3]
         history = pd.DataFrame({"step": steps, "lm_loss": [val_loss + 1.0 / s for s in steps], "seed": seed})
@@ -179,8 +180,11 @@ def test_a_run_another_grid_already_trained_is_reused_not_retrained(tmp_path):
     same = rows[rows.condition == "same"].set_index("seed")
     assert same.reused_from.tolist() == [f"first/{source.loc[s, 'run_id']}" for s in (42, 43)]
     assert rows[rows.condition == "new"].reused_from.isna().all()
-    for column in ("val_perplexity", "test_perplexity", "training_time_minutes", "config_hash"):
+    for column in ("val_perplexity", "test_perplexity", "config_hash"):
         assert same[column].tolist() == source.loc[[42, 43], column].tolist()
+    # timings were measured then, by the source run: blank here, kept aside as the source's
+    assert same.training_time_minutes.isna().all()
+    assert same.training_time_minutes_source.tolist() == source.loc[[42, 43], "training_time_minutes"].tolist()
     history = load_histories(second, tmp_path)
     copied = history[history.condition == "same"]
     assert list(history.columns[:4]) == ["run_id", "condition", "noise_std", "seed"] and len(copied) == 6
@@ -192,6 +196,46 @@ def test_a_run_another_grid_already_trained_is_reused_not_retrained(tmp_path):
     fresh = FakeTrainer()
     run_grid(Grid.from_conditions("third", BASE, {"same": {"noise_std": 0.1}}, (42,)), tmp_path, train_fn=fresh, progress=False, reuse=False)
     assert len(fresh.calls) == 1
+
+
+class ElsewhereTrainer(FakeTrainer):
+    """The fake trainer as if on another machine: a CUDA device in bf16."""
+
+    def __call__(self, config, *, run_id, checkpoint_dir):
+        result = super().__call__(config, run_id=run_id, checkpoint_dir=checkpoint_dir)
+        result.metrics.update(device="NVIDIA H200", precision_used="bf16")
+        return result
+
+
+def test_a_run_made_on_another_device_or_precision_is_trained_not_reused(tmp_path):
+    """config_hash hashes device="auto" and precision="auto": the same hash on a GPU in bf16 is not this CPU fp32 run."""
+    conditions = {"a": {"noise_std": 0.1}}
+    run_grid(Grid.from_conditions("on_gpu", BASE, conditions, (42,)), tmp_path, train_fn=ElsewhereTrainer(), progress=False)
+    here = FakeTrainer()
+    rows = run_grid(Grid.from_conditions("on_cpu", BASE, conditions, (42,)), tmp_path, train_fn=here, progress=False)
+    assert here.calls == ["noise_std=0.1__seed=42"] and "reused_from" not in rows.columns
+    assert ex.resolved_hardware(BASE) == ("cpu", "fp32")  # what "auto" resolves to on this (CPU-only) machine
+    # a run made here on the CPU in fp32 is reused by a third grid
+    again = FakeTrainer()
+    rows = run_grid(Grid.from_conditions("third", BASE, conditions, (42,)), tmp_path, train_fn=again, progress=False)
+    assert again.calls == [] and rows.reused_from.tolist() == ["on_cpu/noise_std=0.1__seed=42"]
+
+
+def test_a_grid_whose_verdicts_compare_time_trains_every_run(tmp_path):
+    """Notebook 06's grouped-vs-loop timing must not take "grouped" from another study's run made at another time."""
+    conditions = {"grouped": {"dispatch": "grouped"}, "loop": {"dispatch": "loop"}}
+    run_grid(Grid.from_conditions("earlier", BASE, {"grouped": {"dispatch": "grouped"}}, (42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
+    timed = Grid.from_conditions("dispatch", BASE, conditions, (42,), compares_time=True)
+    trainer = FakeTrainer()
+    rows = run_grid(timed, tmp_path, train_fn=trainer, progress=False)
+    assert trainer.calls == timed.run_ids and "reused_from" not in rows.columns
+    assert rows.training_time_minutes.notna().all()
+    from moe_lib import studies
+    from moe_lib.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    timed_studies = {name for name in studies.STUDIES if studies.build_grid(name, smoke).compares_time}
+    assert timed_studies == {"dispatch", "modern", "capacity"}
 
 
 def test_interrupted_grid_resumes_to_the_same_csv(tmp_path):

@@ -296,7 +296,7 @@ def test_cli_runs_a_smoke_study_end_to_end(capsys):
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "no-such-study"])
-    assert "invalid choice: 'no-such-study'" in capsys.readouterr().err
+    assert "unknown study ['no-such-study']: valid are 'all' or" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["run", "noise", "--profile", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
