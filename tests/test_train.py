@@ -88,8 +88,9 @@ def test_gradient_clipping_bounds_the_global_norm_the_optimizer_sees(smoke, data
     adamw = state.optimizers[0]
     step = adamw.step
     adamw.step = lambda: norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()) or step()
-    optimizer_step(state)
+    grad_norm = optimizer_step(state)
     assert norms == [pytest.approx(grad_clip if grad_clip else raw, rel=1e-4)]
+    assert grad_norm.item() == pytest.approx(raw, rel=1e-5)  # the history's grad_norm: before clipping
     assert all(p.grad is None for p in state.model.parameters())  # cleared for the next step
 
 
