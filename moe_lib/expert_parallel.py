@@ -99,7 +99,8 @@ class ExpertParallelMoE(nn.Module):
         self.experts = expert_shard(layer.experts, self.rank, self.world_size)
         self.shared_experts = layer.shared_experts  # replicated: every rank runs them on its own tokens
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingResult]:
+        """``valid`` (padding) is unused: only expert choice reads it, and EP refuses expert choice."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [N, d]
         routing = self.router(tokens, rows=self.batch_rows(tokens.shape[0]) if draws_random_numbers(self.router) else None)

@@ -234,28 +234,40 @@ class ExpertChoiceRouter(nn.Module):
     exactly C tokens; a token gets between 0 and E experts, with its raw scores as gates.
     Because the top-C compares a token with all others in the batch, including later
     positions, an earlier token's output depends on the future: unusable for a causal LM.
+
+    ``cf`` is ``capacity_factor`` in training and ``capacity_factor_eval`` in eval mode (``None``: 1).
+    Evaluation padding (``valid`` False) is never picked, and ``N`` counts only the real tokens,
+    so padding takes no slot from a real token.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, noise_std: float = 0.0, score_func: str = "softmax"):
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, noise_std: float = 0.0,
+        score_func: str = "softmax", capacity_factor_eval: float | None = None,
+    ):
         super().__init__()
-        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor, self.capacity_factor_eval = capacity_factor, capacity_factor_eval
         self.noise_std, self.score_func = noise_std, score_func
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     def capacity(self, num_tokens: int) -> int:
-        cf = 1.0 if self.capacity_factor is None else self.capacity_factor
-        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, cf))
+        cf = self.capacity_factor if self.training else self.capacity_factor_eval
+        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, 1.0 if cf is None else cf))
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> RoutingResult:
+        """Route ``x [N, d]``; ``valid [N]`` (``None``: all real) marks real tokens, False for padding."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 routing, see router_scores
             logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
-            gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
+            num_real = x.shape[0] if valid is None else int(valid.sum())  # a host sync: only evaluation passes valid
+            candidates = scores if valid is None else scores.masked_fill(~valid.unsqueeze(-1), -math.inf)
+            gate_weights, token_indices = candidates.t().topk(self.capacity(num_real), dim=-1)  # [E, C], real tokens only
         expert_indices = torch.arange(self.num_experts, device=x.device).unsqueeze(1).expand_as(token_indices)
         return RoutingResult.with_losses(logits, probs, expert_indices, gate_weights, token_indices)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, score_func={self.score_func}"
+        return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+                f"capacity_factor_eval={self.capacity_factor_eval}, score_func={self.score_func}")
 
 
 class RandomRouter(nn.Module):
@@ -294,7 +306,9 @@ def build_router(cfg: ModelConfig) -> nn.Module:
     if cfg.router == "random":
         return RandomRouter(cfg.num_experts, cfg.top_k)
     if cfg.router == "expert_choice":
-        return ExpertChoiceRouter(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func)
+        return ExpertChoiceRouter(
+            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func, cfg.capacity_factor_eval
+        )
     return TopKRouter(
         cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized, cfg.score_func, cfg.bias_update_rate
     )
