@@ -29,7 +29,8 @@ Modern options (notebook 07), in torchtitan's style:
   buffer ``b`` is added to the scores FOR SELECTION ONLY; gates use the unbiased scores. The
   training forwards count each expert's tokens; after each optimizer step
   :func:`update_expert_biases` applies ``b_i += u sign(mean load - load_i)``, centred so
-  ``sum b = 0`` (as torchtitan does), and clears the counts. ``b`` is a persistent buffer:
+  ``sum b = 0`` (as torchtitan does), and clears the counts (a step that the fp16 GradScaler
+  skipped moves no bias, as it moves no weight). ``b`` is a persistent buffer:
   checkpoints keep it, optimizers never see it.
 * :class:`ExpertChoiceRouter` (Zhou et al. 2022): each expert picks its top ``C`` tokens of
   the batch, so the load is balanced by construction. Whether token n is picked depends on
