@@ -110,7 +110,8 @@ class ModelConfig(_ConfigBase):
     * ``bias_update_rate`` u > 0: auxiliary-loss-free balancing (Wang et al. 2024), a per-expert
       bias added to the scores for selection only, updated by ``b_i += u sign(mean load - load_i)``.
     * ``router="expert_choice"`` (Zhou et al. 2022): each expert picks its top
-      ``C = ceil(cf N k / E)`` tokens (``cf = capacity_factor or 1``). Balanced by construction,
+      ``C = ceil(cf N k / E)`` tokens (``cf = capacity_factor or 1``; in eval mode
+      ``capacity_factor_eval or 1``, N the real tokens, padding never picked). Balanced by construction,
       but it leaks the future in a decoder. Gates are the raw scores; it has its own dispatch
       (``dispatch`` is ignored) and ``capacity_factor`` sets C instead of dropping.
     * Fine-grained experts (DeepSeekMoE): :func:`fine_grained` builds the matched config.
@@ -199,10 +200,11 @@ class ModelConfig(_ConfigBase):
         if self.bias_update_rate > 0 and self.router != "topk":
             _fail(owner, "bias_update_rate", self.bias_update_rate, f"0 with router={self.router!r} (the selection bias needs router='topk')")
         if self.router == "expert_choice":
-            slots_per_token = self.top_k * (1.0 if self.capacity_factor is None else self.capacity_factor)
-            if slots_per_token > self.num_experts:
-                _fail(owner, "top_k", self.top_k, f"top_k * capacity_factor = {slots_per_token} <= num_experts={self.num_experts} "
-                      "with router='expert_choice' (an expert cannot pick more tokens than there are)")
+            for name in ("capacity_factor", "capacity_factor_eval"):
+                slots_per_token = self.top_k * (1.0 if getattr(self, name) is None else getattr(self, name))
+                if slots_per_token > self.num_experts:
+                    _fail(owner, "top_k", self.top_k, f"top_k * {name} = {slots_per_token} <= num_experts={self.num_experts} "
+                          "with router='expert_choice' (an expert cannot pick more tokens than there are)")
             if self.gate == "renormalized":
                 _fail(owner, "gate", self.gate, "'auto' or 'softmax' with router='expert_choice' (a token's experts vary in number)")
 

@@ -15,11 +15,16 @@ all-to-all is the all-to-all with input and output splits swapped, so gradients 
 each expert back to the rank that owns the token, and from the gates into the local router.
 Every rank calls every collective, with empty buffers when it has nothing to send.
 
-Conventions (each chosen so EP equals single-process training on the global batch):
+Conventions (each chosen so that dropless EP equals single-process training on the global batch):
 
 * Capacity is per source rank, ``C = ceil(cf * N_local * k / E)`` (GShard's groups): a
   rank keeps at most ``C`` slots per expert, so an EP rank's output equals the
-  single-process layer's output on that rank's tokens.
+  single-process layer's output on that rank's tokens ALONE. Single-process training on the
+  global batch queues all ``N`` tokens for one capacity, so with a capacity factor the two
+  drop different slots: EP equals single-process training only when dropless.
+* Random draws (router noise, the random router): every rank has the same seed and draws for
+  the GLOBAL batch, keeping its own rows (:func:`moe_lib.routing.draw_for_rows`), so each
+  token gets the noise it gets in one process.
 * The load-balancing loss uses the GLOBAL routed fractions ``f`` (one all-reduce of ``[E]``
   counts) and the local mean probabilities ``P^r``: ``L^r = E sum_i f_i P^r_i``. Its mean
   over ranks is exactly the global-batch ``E sum_i f_i P_i``, because ``P = mean_r P^r``.
@@ -46,7 +51,7 @@ from .config import RunConfig
 from .experts import Experts, capacity_keep_mask, dispatch_grouped, expert_capacity
 from .losses import expert_counts
 from .model import MoEFeedForward, MoETransformer
-from .routing import RoutingResult
+from .routing import BatchRows, RoutingResult, draws_random_numbers
 
 EXPERT_PARAM_MARK = ".experts."
 
@@ -94,10 +99,11 @@ class ExpertParallelMoE(nn.Module):
         self.experts = expert_shard(layer.experts, self.rank, self.world_size)
         self.shared_experts = layer.shared_experts  # replicated: every rank runs them on its own tokens
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingResult]:
+        """``valid`` (padding) is unused: only expert choice reads it, and EP refuses expert choice."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # [N, d]
-        routing = self.router(tokens)
+        routing = self.router(tokens, rows=self.batch_rows(tokens.shape[0]) if draws_random_numbers(self.router) else None)
         num_tokens, top_k = routing.expert_indices.shape
         num_experts, local = self.cfg.num_experts, self.experts.num_experts
         capacity_factor = self.cfg.capacity_factor if self.training else self.cfg.capacity_factor_eval
@@ -130,6 +136,17 @@ class ExpertParallelMoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(tokens)[0]
         return y.view(shape), routing
+
+    def batch_rows(self, num_tokens: int) -> BatchRows:
+        """This rank's rows of the global batch (one all-gather of the ranks' token counts), for the router's random draws.
+
+        Rank ``r``'s tokens are rows ``[sum_{s<r} N_s, sum_{s<=r} N_s)``, as :func:`train_expert_parallel` splits the batch.
+        """
+        counts = torch.tensor([num_tokens], device=self.experts.w_in.device)
+        gathered = [torch.empty_like(counts) for _ in range(self.world_size)]
+        dist.all_gather(gathered, counts, group=self.group)
+        sizes = torch.cat(gathered).tolist()
+        return BatchRows(start=sum(sizes[: self.rank]), total=sum(sizes))
 
     def global_load_balancing_loss(self, probs: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
         """``L^r = (W E / N) sum_i f_i sum_{n on r} p_{n,i}``, ``f`` and ``N`` over ALL ranks' tokens (before capacity).
@@ -167,7 +184,8 @@ def scale_expert_grads(model: nn.Module, world_size: int) -> None:
 
 
 def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Clip by the norm of the WHOLE model's gradient: ``||g||^2 = ||g_dense||^2 + sum_r ||g_experts^r||^2``.
+    """Clip by the norm of the WHOLE model's gradient: ``||g||^2 = ||g_dense||^2 + sum_r ||g_experts^r||^2``;
+    return that norm (before clipping; ``max_norm=0`` only computes it).
 
     The replicated (already averaged) gradients are the same on every rank and count once; each
     rank's expert shard is different and the squares are summed over ranks.
@@ -178,7 +196,8 @@ def clip_grad_norm_expert_parallel(model: nn.Module, max_norm: float, group: dis
     expert_sq = nn.utils.get_total_norm(experts).square() if experts else torch.zeros(())
     dist.all_reduce(expert_sq, group=group)
     total = (nn.utils.get_total_norm(dense).square() + expert_sq).sqrt()
-    nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
+    if max_norm > 0:
+        nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, total)
     return total
 
 
@@ -216,7 +235,10 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     Every rank draws the same global batch (same seeded generator as :func:`moe_lib.train.train_run`)
     and keeps its ``batch_size / W`` rows; the replicated parameters are DDP-averaged, the expert
     shards are not (DDP ignores them) and get :func:`scale_expert_grads`. Returns the per-step
-    losses averaged over ranks, i.e. the global-batch losses of single-process training.
+    losses averaged over ranks and the pre-clip gradient norm of the whole model. When dropless,
+    these are single-process training's on the global batch (``train_run``'s history); with a
+    capacity factor EP applies capacity per source rank (GShard's groups), one process to the
+    whole batch, so the dropped slots, and the numbers, differ.
     """
     from .data import sample_batch
     from .precision import resolve_precision
@@ -253,15 +275,16 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
             (out.loss / tcfg.grad_accum_steps).backward()
             sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
         scale_expert_grads(model, world)
-        if tcfg.grad_clip > 0:
-            clip_grad_norm_expert_parallel(model, tcfg.grad_clip)
+        grad_norm = clip_grad_norm_expert_parallel(model, tcfg.grad_clip)  # the same on every rank
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        update_expert_biases(model)  # aux-loss-free: loads all-reduced over ranks, so every replica keeps the same bias
+        # aux-loss-free: loads all-reduced over ranks, so every replica keeps the same bias. Every step is taken
+        # (no GradScaler: fp16 is refused above), so the bias moves after every step.
+        update_expert_biases(model)
         dist.all_reduce(sums)
         total, lm, lb, z = (sums / (world * tcfg.grad_accum_steps)).tolist()
-        rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z})
+        rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z, "grad_norm": grad_norm.item()})
     dist.destroy_process_group(ep_group)
     return rows
 
@@ -344,13 +367,18 @@ def check_layer_against_single_process(
 ) -> dict[str, Any]:
     """Run on every rank: compare :class:`ExpertParallelMoE` with :class:`MoEFeedForward` on the same weights.
 
-    Rank ``r`` gets ``tokens_per_rank[r]`` random tokens (uneven loads allowed). The loss is
-    ``L^r = <y^r, w^r> + lb_weight * L_lb^r``; the single-process reference runs each rank's
-    tokens through the full layer and sums ``<y^s, w^s>``, plus ``lb_weight * W * L_lb`` on the
-    global batch (``sum_r L_lb^r = W L_lb``). ``starve_expert`` makes that expert's router row
-    hugely negative on every token, so it receives no tokens. Returns the largest absolute
-    differences (output, input grad, router grad summed over ranks, this rank's expert grads,
-    load-balancing loss) and the global per-expert slot counts.
+    Rank ``r`` gets ``tokens_per_rank[r]`` random tokens (uneven loads allowed). The single-process
+    reference routes the global batch once, drawing router noise or random experts from the same
+    seed as the ranks do, and runs each rank's tokens through the dispatch with that rank's
+    capacity (per source rank, as EP applies it). The loss is ``L^r = <y^r, w^r> + lb_weight * L_lb^r``;
+    the reference sums ``<y^s, w^s>`` over all tokens and adds ``lb_weight * W * L_lb`` of the global
+    batch (``sum_r L_lb^r = W L_lb``). ``starve_expert`` makes that expert's router row hugely
+    negative on every token, so it receives no tokens.
+
+    Returns ``compared``: name -> ``(EP value, single-process value)`` for this rank's output and
+    input gradient, the load-balancing loss (mean over ranks) and every parameter's gradient (the
+    replicated ones summed over ranks, the experts this rank's shard); and the dropped fraction
+    and the global per-expert slot counts.
     """
     import copy
 
@@ -369,33 +397,46 @@ def check_layer_against_single_process(
     starts = [sum(tokens_per_rank[:r]) for r in range(world + 1)]
     pieces = [slice(starts[r], starts[r + 1]) for r in range(world)]
 
+    torch.manual_seed(seed + 1)  # the routers' random draws: one stream, the same in the reference and on every rank
     ref_x = x_all.clone().requires_grad_()
-    ref_loss = lb_weight * world * layer.router(ref_x).load_balancing_loss
-    ref_y = torch.cat([layer(ref_x[p])[0] for p in pieces])
-    (ref_loss + (ref_y * w_all).sum()).backward()
+    ref_routing = layer.router(ref_x)  # the global batch, routed as one process routes it
+    ref_y = torch.cat([_dispatch_piece(layer, ref_x[p], ref_routing.expert_indices[p], ref_routing.gate_weights[p]) for p in pieces])
+    ((ref_y * w_all).sum() + lb_weight * world * ref_routing.load_balancing_loss).backward()
 
     ep = ExpertParallelMoE(copy.deepcopy(layer))
+    torch.manual_seed(seed + 1)
     x = x_all[pieces[rank]].clone().requires_grad_()
     y, routing = ep(x)
     ((y * w_all[pieces[rank]]).sum() + lb_weight * routing.load_balancing_loss).backward()
-    router_grad = ep.router.weight.grad.clone()
-    dist.all_reduce(router_grad)
     lb = routing.load_balancing_loss.detach().clone()
     dist.all_reduce(lb)
-    local = ep.experts.num_experts
-    mine = slice(rank * local, (rank + 1) * local)
-    with torch.no_grad():
-        indices = layer.router(x_all).expert_indices
-    return {
-        "output": (y - ref_y[pieces[rank]]).abs().max().item() if y.numel() else 0.0,
-        "input_grad": (x.grad - ref_x.grad[pieces[rank]]).abs().max().item() if x.numel() else 0.0,
-        "router_grad": (router_grad - layer.router.weight.grad).abs().max().item(),
-        "expert_w_in_grad": (ep.experts.w_in.grad - layer.experts.w_in.grad[mine]).abs().max().item(),
-        "expert_w_out_grad": (ep.experts.w_out.grad - layer.experts.w_out.grad[mine]).abs().max().item(),
-        "load_balancing": abs(lb.item() / world - layer.router(x_all).load_balancing_loss.item()),
-        "dropped_fraction": float(routing.dropped_fraction),
-        "expert_counts": expert_counts(indices, cfg.num_experts).tolist(),
+    compared = {
+        "output": (y.detach(), ref_y[pieces[rank]].detach()),
+        "input_grad": (x.grad, ref_x.grad[pieces[rank]]),
+        "load_balancing": (lb / world, ref_routing.load_balancing_loss.detach()),
     }
+    local = ep.experts.num_experts
+    reference = dict(layer.named_parameters())
+    for name, p in ep.named_parameters():
+        grad = p.grad.clone()
+        if EXPERT_PARAM_MARK in f".{name}":  # this rank's shard of the experts
+            expected = reference[name].grad[rank * local : (rank + 1) * local]
+        else:  # replicated: each rank holds the gradient of its own tokens' loss
+            dist.all_reduce(grad)
+            expected = reference[name].grad
+        compared[f"{name}.grad"] = (grad, expected)
+    return {
+        "compared": compared,
+        "dropped_fraction": float(routing.dropped_fraction),
+        "expert_counts": expert_counts(ref_routing.expert_indices, cfg.num_experts).tolist(),
+    }
+
+
+def _dispatch_piece(layer: MoEFeedForward, tokens: torch.Tensor, expert_indices: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
+    """``layer``'s output for ``tokens`` routed as given, with the capacity of a batch of these tokens alone."""
+    capacity = expert_capacity(tokens.shape[0], layer.cfg.top_k, layer.cfg.num_experts, layer.cfg.capacity_factor)
+    y, _ = layer.dispatch(tokens, expert_indices, gate_weights, layer.experts, capacity)
+    return y if layer.shared_experts is None else y + layer.shared_experts(tokens)[0]
 
 
 def all_to_all_seconds(values_per_peer: list[int], repeats: int = 5) -> list[float]:

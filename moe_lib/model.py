@@ -65,7 +65,8 @@ class DenseFeedForward(nn.Module):
         self.w_in = nn.Linear(d_model, 2 * d_hidden, bias=False)
         self.w_out = nn.Linear(d_hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """``valid`` is unused: a dense FFN treats every token alike (the MoE block's signature)."""
         return self.w_out(swiglu_fused(self.w_in(x))), None
 
 
@@ -102,7 +103,8 @@ class MoEFeedForward(nn.Module):
     ``shared_expert_gate`` the shared sum is scaled by ``sigmoid(x w_s)`` (:class:`GatedSharedExperts`).
 
     The capacity factor is ``cfg.capacity_factor`` in training mode and ``cfg.capacity_factor_eval``
-    in eval mode (``model.eval()``).
+    in eval mode (``model.eval()``). ``valid [N]`` marks real tokens (False: evaluation padding);
+    only expert choice uses it, to keep padding out of its top-C.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -113,10 +115,10 @@ class MoEFeedForward(nn.Module):
         self.dispatch = DISPATCHERS[cfg.dispatch]
         self.shared_experts = build_shared_experts(cfg)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingResult]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingResult]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens)
+        routing = self.router(tokens, valid=valid) if self.cfg.router == "expert_choice" else self.router(tokens)
         if routing.token_indices is not None:  # expert choice: each expert already holds its C tokens
             y, dropped = dispatch_expert_choice(tokens, routing.token_indices, routing.gate_weights, self.experts)
         else:
@@ -137,9 +139,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = MoEFeedForward(cfg) if cfg.is_moe else DenseFeedForward(cfg.d_model, cfg.top_k * cfg.d_ff)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, RoutingResult | None]:
+    def forward(self, x, cos, sin, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingResult | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        ffn_out, routing = self.ffn(self.ffn_norm(x))
+        ffn_out, routing = self.ffn(self.ffn_norm(x), valid)
         return x + ffn_out, routing
 
 
@@ -190,9 +192,11 @@ class MoETransformer(nn.Module):
             raise ValueError(f"sequence length {seq} exceeds model max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed(idx)
+        # Evaluation padding (target -100; training windows have none, and None spares expert choice a host sync)
+        valid = targets.reshape(-1) != -100 if targets is not None and not self.training else None
         routing: list[RoutingResult] = []
         for block in self.blocks:
-            x, layer_routing = block(x, cos, sin)
+            x, layer_routing = block(x, cos, sin, valid)
             if layer_routing is not None:
                 routing.append(layer_routing)
         logits = self.lm_head(self.norm(x))

@@ -19,7 +19,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -129,23 +129,33 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return choose_precision(requested, device.type, bf16_native=native)
 
 
+class OptimizerStep(NamedTuple):
+    """What :func:`optimizer_step` did: whether the step was taken, and the gradient norm before clipping."""
+
+    taken: bool  # False when the GradScaler skipped it: a gradient held inf/NaN
+    grad_norm: torch.Tensor  # global L2 norm of the (unscaled) gradients before clipping; 0-dim, on the device (no host sync)
+
+
 def optimizer_step(
     optimizers: Iterable[torch.optim.Optimizer], scaler: torch.amp.GradScaler, parameters, grad_clip: float
-) -> bool:
+) -> OptimizerStep:
     """Unscale, clip, step every optimizer, update the scale, zero the grads.
 
-    Returns False when the scaler skipped the step because a gradient held inf/NaN (it then
-    halves its scale); with the scaler disabled every step is taken.
+    The step is not taken when the scaler skipped it because a gradient held inf/NaN (it then
+    halves its scale); with the scaler disabled every step is taken. The gradient norm is the
+    one clipping divides by (computed also when ``grad_clip`` is 0, so that runs log it).
     """
     optimizers = list(optimizers)
+    parameters = [p for p in parameters if p.grad is not None]
     for opt in optimizers:
         scaler.unscale_(opt)  # grads back to true units before clipping
+    grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
     if grad_clip > 0:
-        nn.utils.clip_grad_norm_(parameters, grad_clip)
+        nn.utils.clip_grads_with_norm_(parameters, grad_clip, grad_norm)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     for opt in optimizers:
         scaler.step(opt)
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return scale_before is None or scaler.get_scale() >= scale_before
+    return OptimizerStep(scale_before is None or scaler.get_scale() >= scale_before, grad_norm)

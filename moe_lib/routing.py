@@ -29,7 +29,8 @@ Modern options (notebook 07), in torchtitan's style:
   buffer ``b`` is added to the scores FOR SELECTION ONLY; gates use the unbiased scores. The
   training forwards count each expert's tokens; after each optimizer step
   :func:`update_expert_biases` applies ``b_i += u sign(mean load - load_i)``, centred so
-  ``sum b = 0`` (as torchtitan does), and clears the counts. ``b`` is a persistent buffer:
+  ``sum b = 0`` (as torchtitan does), and clears the counts (a step that the fp16 GradScaler
+  skipped moves no bias, as it moves no weight). ``b`` is a persistent buffer:
   checkpoints keep it, optimizers never see it.
 * :class:`ExpertChoiceRouter` (Zhou et al. 2022): each expert picks its top ``C`` tokens of
   the batch, so the load is balanced by construction. Whether token n is picked depends on
@@ -39,6 +40,11 @@ DeepSeek-V3's two further options (``tests/test_reference_blocks.py`` holds them
 Hugging Face block): a routed scaling factor ``rho`` multiplies the final gates,
 ``g_i -> rho g_i``; group-limited routing (:func:`top_group_mask`) restricts each token's
 selection to its best ``M`` of ``G`` expert groups.
+
+Random draws (router noise, the random router) come from the global RNG, ``[N, E]`` per
+forward. Under expert parallelism each rank routes only its rows of the global batch; it
+passes :class:`BatchRows` and draws for the whole batch (:func:`draw_for_rows`), so that the
+ranks together draw exactly what one process draws.
 """
 
 from __future__ import annotations
@@ -96,6 +102,29 @@ class RoutingResult:
                    load_balancing_loss=load_balancing_loss(probs, expert_indices), z_loss=z_loss, token_indices=token_indices)
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Where a process's ``N`` tokens sit in the global batch: rows ``[start, start + N)`` of ``total``."""
+
+    start: int
+    total: int
+
+
+def draw_for_rows(sample, num_rows: int, num_cols: int, device: torch.device, rows: BatchRows | None = None) -> torch.Tensor:
+    """``sample(num_rows, num_cols)`` (``torch.rand`` or ``torch.randn``, fp32), or with ``rows``, rows
+    ``[start, start + num_rows)`` of ``sample(total, num_cols)``.
+
+    Every rank has the same seed, so each draws the global ``[total, E]`` tensor that single-process
+    training draws and keeps its own rows: the same numbers for the same tokens. The price is
+    ``W`` times the random numbers per rank (``total = W N``), ``E`` per token: small beside a layer's matmuls.
+    """
+    if rows is None:
+        return sample(num_rows, num_cols, device=device)
+    if not 0 <= rows.start <= rows.total - num_rows:
+        raise ValueError(f"rows={rows} is invalid for {num_rows} tokens: expected 0 <= start <= total - {num_rows}")
+    return sample(rows.total, num_cols, device=device)[rows.start : rows.start + num_rows]
+
+
 class TopKRouter(nn.Module):
     """Learned linear router ``logits = x W`` with top-k selection and optional noise."""
 
@@ -125,9 +154,10 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts) if balanced else None, persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts) if balanced else None, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
+    def forward(self, x: torch.Tensor, rows: BatchRows | None = None) -> RoutingResult:
+        """Route ``x [N, d]``; ``rows``: where these tokens sit in the global batch (expert parallelism, for the noise)."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 routing, see router_scores
-            logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
+            logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func, rows)
             top_probs, expert_indices = self.select(scores)
             gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
             if self.routed_scaling_factor != 1.0:
@@ -150,12 +180,17 @@ class TopKRouter(nn.Module):
         return scores.gather(-1, expert_indices), expert_indices
 
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def update_expert_bias(self, step_taken: bool = True) -> None:
         """``b_i += u sign(mean load - load_i)``, centred to keep ``sum b = 0``; then clear the counts.
 
         Under data parallelism the loads are summed over ranks first, so every rank keeps the same bias.
+        ``step_taken=False`` (the fp16 GradScaler skipped the optimizer step) only clears the counts:
+        the bias skips the step as the weights do.
         """
         load = self.tokens_per_expert
+        if not step_taken:
+            load.zero_()
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
         if load.sum() == 0:  # no training forward since the last update
@@ -205,24 +240,28 @@ def expert_scores(logits: torch.Tensor, score_func: str) -> tuple[torch.Tensor, 
     raise ValueError(f"score_func={score_func!r} is invalid: expected one of ['softmax', 'sigmoid']")
 
 
-def router_scores(x: torch.Tensor, weight: torch.Tensor, noise_std: float, score_func: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def router_scores(
+    x: torch.Tensor, weight: torch.Tensor, noise_std: float, score_func: str, rows: BatchRows | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits, scores, probs)`` for tokens ``x [N, d]``: clean ``logits = x W^T [N, E]`` in fp32, and
-    :func:`expert_scores` of the logits plus ``N(0, noise_std^2)`` noise (pass 0 outside training).
+    :func:`expert_scores` of the logits plus ``N(0, noise_std^2)`` noise (pass 0 outside training),
+    drawn by :func:`draw_for_rows`.
 
     Call it with autocast disabled: ST-MoE keeps the router in fp32, and autocast would cast
     ``F.linear``'s inputs back to bf16 whatever ``x.float()`` asked for.
     """
     logits = F.linear(x.float(), weight.float())  # [N, E] fp32
-    noisy = logits + noise_std * torch.randn_like(logits) if noise_std > 0 else logits
+    noisy = logits + noise_std * draw_for_rows(torch.randn, *logits.shape, logits.device, rows) if noise_std > 0 else logits
     scores, probs = expert_scores(noisy, score_func)
     return logits, scores, probs
 
 
-def update_expert_biases(model: nn.Module) -> None:
-    """After an optimizer step: update every auxiliary-loss-free router's selection bias."""
+def update_expert_biases(model: nn.Module, step_taken: bool = True) -> None:
+    """After an optimizer step: update every auxiliary-loss-free router's selection bias (only clear its
+    loads when the step was skipped, see :meth:`TopKRouter.update_expert_bias`)."""
     for module in model.modules():
         if isinstance(module, TopKRouter) and module.expert_bias is not None:
-            module.update_expert_bias()
+            module.update_expert_bias(step_taken)
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -233,28 +272,40 @@ class ExpertChoiceRouter(nn.Module):
     exactly C tokens; a token gets between 0 and E experts, with its raw scores as gates.
     Because the top-C compares a token with all others in the batch, including later
     positions, an earlier token's output depends on the future: unusable for a causal LM.
+
+    ``cf`` is ``capacity_factor`` in training and ``capacity_factor_eval`` in eval mode (``None``: 1).
+    Evaluation padding (``valid`` False) is never picked, and ``N`` counts only the real tokens,
+    so padding takes no slot from a real token.
     """
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, noise_std: float = 0.0, score_func: str = "softmax"):
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None, noise_std: float = 0.0,
+        score_func: str = "softmax", capacity_factor_eval: float | None = None,
+    ):
         super().__init__()
-        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor, self.capacity_factor_eval = capacity_factor, capacity_factor_eval
         self.noise_std, self.score_func = noise_std, score_func
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
     def capacity(self, num_tokens: int) -> int:
-        cf = 1.0 if self.capacity_factor is None else self.capacity_factor
-        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, cf))
+        cf = self.capacity_factor if self.training else self.capacity_factor_eval
+        return min(num_tokens, expert_capacity(num_tokens, self.top_k, self.num_experts, 1.0 if cf is None else cf))
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> RoutingResult:
+        """Route ``x [N, d]``; ``valid [N]`` (``None``: all real) marks real tokens, False for padding."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 routing, see router_scores
             logits, scores, probs = router_scores(x, self.weight, self.noise_std if self.training else 0.0, self.score_func)
-            gate_weights, token_indices = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, C]
+            num_real = x.shape[0] if valid is None else int(valid.sum())  # a host sync: only evaluation passes valid
+            candidates = scores if valid is None else scores.masked_fill(~valid.unsqueeze(-1), -math.inf)
+            gate_weights, token_indices = candidates.t().topk(self.capacity(num_real), dim=-1)  # [E, C], real tokens only
         expert_indices = torch.arange(self.num_experts, device=x.device).unsqueeze(1).expand_as(token_indices)
         return RoutingResult.with_losses(logits, probs, expert_indices, gate_weights, token_indices)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, score_func={self.score_func}"
+        return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+                f"capacity_factor_eval={self.capacity_factor_eval}, score_func={self.score_func}")
 
 
 class RandomRouter(nn.Module):
@@ -269,10 +320,12 @@ class RandomRouter(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
 
-    def forward(self, x: torch.Tensor) -> RoutingResult:
+    def forward(self, x: torch.Tensor, rows: BatchRows | None = None) -> RoutingResult:
+        """Route ``x [N, d]``; ``rows``: where these tokens sit in the global batch (expert parallelism)."""
         n = x.shape[0]
         # The k largest of E i.i.d. uniforms form a uniformly random k-subset: distinct by construction.
-        expert_indices = torch.rand(n, self.num_experts, device=x.device).topk(self.top_k, dim=-1).indices
+        uniforms = draw_for_rows(torch.rand, n, self.num_experts, x.device, rows)
+        expert_indices = uniforms.topk(self.top_k, dim=-1).indices
         probs = torch.full((n, self.num_experts), 1.0 / self.num_experts, device=x.device)
         gates = torch.full((n, self.top_k), 1.0 / self.top_k, device=x.device)
         return RoutingResult.with_losses(None, probs, expert_indices, gates)
@@ -281,12 +334,19 @@ class RandomRouter(nn.Module):
         return f"experts={self.num_experts}, top_k={self.top_k}"
 
 
+def draws_random_numbers(router: nn.Module) -> bool:
+    """Whether ``router``'s next forward draws from the global RNG: the random router always, noise in training."""
+    return isinstance(router, RandomRouter) or (router.training and getattr(router, "noise_std", 0.0) > 0)
+
+
 def build_router(cfg: ModelConfig) -> nn.Module:
     """The router named by ``cfg.router``."""
     if cfg.router == "random":
         return RandomRouter(cfg.num_experts, cfg.top_k)
     if cfg.router == "expert_choice":
-        return ExpertChoiceRouter(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func)
+        return ExpertChoiceRouter(
+            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.noise_std, cfg.score_func, cfg.capacity_factor_eval
+        )
     return TopKRouter(
         cfg.d_model, cfg.num_experts, cfg.top_k, cfg.noise_std, cfg.gate_renormalized, cfg.score_func, cfg.bias_update_rate,
         cfg.routed_scaling_factor, cfg.expert_groups, cfg.expert_groups_per_token,

@@ -315,6 +315,7 @@ class StepOutput:
     routing: list
     lr_factor: float
     seconds: float
+    grad_norm: torch.Tensor  # global gradient norm before clipping (on the device; read on logging steps only)
 
 
 @dataclass
@@ -383,12 +384,14 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
     return sums / accum, out.routing
 
 
-def optimizer_step(state: TrainState) -> None:
+def optimizer_step(state: TrainState) -> torch.Tensor:
     """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
     clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
-    biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`)."""
-    scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
-    update_expert_biases(state.model)  # aux-loss-free balancing: this step's loads, all micro-batches
+    biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`), unless the fp16
+    GradScaler skipped the step: the bias then stays, as the weights do. Returns the pre-clip gradient norm."""
+    step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
+    update_expert_biases(state.model, step_taken=step.taken)  # aux-loss-free balancing: this step's loads, all micro-batches
+    return step.grad_norm
 
 
 def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
@@ -399,10 +402,10 @@ def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> Step
     set_learning_rate(state.optimizers, state.base_lrs, factor)
     micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
     losses, routing = forward_backward(state, micro_batches, step)
-    optimizer_step(state)
+    grad_norm = optimizer_step(state)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # so that the step time is the step's
-    return StepOutput(losses, routing, factor, time.perf_counter() - t0)
+    return StepOutput(losses, routing, factor, time.perf_counter() - t0, grad_norm)
 
 
 def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]:
@@ -417,6 +420,7 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
         "lm_loss": lm,
         "lb_loss": lb,
         "z_loss": z,
+        "grad_norm": out.grad_norm.item(),  # before clipping
         "tokens_per_s": tcfg.tokens_per_step / out.seconds,
     }
     row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))

@@ -304,6 +304,34 @@ def test_expert_choice_gives_every_expert_exactly_c_tokens_and_matches_a_loop():
     assert acc.max_violation_per_layer() == [0.0] and acc.cv_per_layer() == [0.0]  # balanced by construction
 
 
+def test_expert_choice_uses_the_evaluation_capacity_in_eval_mode():
+    torch.manual_seed(0)
+    ffn = MoEFeedForward(tiny(router="expert_choice", capacity_factor=1.0, capacity_factor_eval=1.5))
+    x = torch.randn(20, 32)
+    assert ffn.train()(x)[1].token_indices.shape == (4, 10)  # ceil(1.0 * 20 * 2 / 4)
+    assert ffn.eval()(x)[1].token_indices.shape == (4, 15)  # ceil(1.5 * 20 * 2 / 4)
+    with pytest.raises(ValueError, match="capacity_factor_eval"):
+        tiny(router="expert_choice", capacity_factor_eval=3.0)  # 2 * 3 slots per token > 4 experts
+
+
+def test_expert_choice_in_evaluation_never_picks_padding():
+    """Padding (target -100) takes no expert slot, and C counts only real tokens: the real positions'
+    loss does not depend on what the padding holds."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(router="expert_choice", capacity_factor_eval=0.5)).eval()
+    x = tokens()
+    y = x.roll(-1, dims=1)
+    y[-1, 4:] = -100  # the last window is mostly padding, as eval_batches pads the end of a split
+    valid = (y != -100).reshape(-1)
+    out = model(x, y)
+    for r in out.routing:
+        assert r.token_indices.shape[1] == 5  # ceil(0.5 * 20 real tokens * 2 / 4)
+        assert valid[r.token_indices].all()
+    other = x.clone()
+    other[-1, 4:] = (other[-1, 4:] + 7) % VOCAB  # different padding ids
+    torch.testing.assert_close(model(other, y).lm_loss, out.lm_loss, rtol=1e-6, atol=0)
+
+
 def earlier_outputs_change(router: str) -> float:
     """Largest change of positions 0..T-2's logits when only the LAST token of sequence 0 changes."""
     torch.manual_seed(0)

@@ -65,7 +65,7 @@ def test_fp16_grad_scaler_step_on_cpu_adapts_and_skips_inf():
             assert pred.dtype == torch.float16  # autocast really runs the matmuls in fp16
             loss = nn.functional.mse_loss(pred.float(), y)
         scaler.scale(loss * (math.inf if poison else 1.0)).backward()
-        return loss.item(), optimizer_step([opt], scaler, model.parameters(), grad_clip=1.0)
+        return loss.item(), optimizer_step([opt], scaler, model.parameters(), grad_clip=1.0).taken
 
     before = [p.detach().clone() for p in model.parameters()]
     loss, applied = step(poison=False)
@@ -79,6 +79,35 @@ def test_fp16_grad_scaler_step_on_cpu_adapts_and_skips_inf():
     assert scaler.get_scale() == 2.0**10  # ... and the scale backs off
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_step_the_grad_scaler_skips_leaves_the_aux_loss_free_bias_alone():
+    from moe_lib.data import sample_batch
+    from moe_lib.train import forward_backward, init_train_state, load_data
+    from moe_lib.train import optimizer_step as train_optimizer_step
+
+    base = get_profile("smoke").base
+    config = base.with_model(bias_update_rate=0.01, load_balancing_weight=0.0).with_train(precision="fp16", device="cpu")
+    state = init_train_state(config, torch.device("cpu"))
+    routers = [block.ffn.router for block in state.model.blocks]
+    tokens = load_data(base.data).train.tokens
+    gen = torch.Generator().manual_seed(0)
+
+    def step(poison: bool) -> list[torch.Tensor]:
+        forward_backward(state, [sample_batch(tokens, 4, config.train.seq_len, gen)], step=0)
+        if poison:
+            state.model.embed.weight.grad[0, 0] = math.inf  # as an fp16 overflow leaves it
+        train_optimizer_step(state)
+        return [r.expert_bias.clone() for r in routers]
+
+    before = [r.expert_bias.clone() for r in routers]
+    after_clean = step(poison=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after_clean))  # a taken step moves the bias
+    scale = state.scaler.get_scale()
+    after_skipped = step(poison=True)
+    assert state.scaler.get_scale() == scale / 2  # the scaler saw the inf and skipped the step ...
+    assert all(torch.equal(a, b) for a, b in zip(after_clean, after_skipped))  # ... and the bias skipped it too
+    assert all(torch.equal(r.tokens_per_expert, torch.zeros_like(r.tokens_per_expert)) for r in routers)  # its loads dropped
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
