@@ -15,6 +15,7 @@ from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
 from moe_lib.model import MoETransformer
 from moe_lib.profiles import get_profile
+from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
 from moe_lib.data import eval_batches, sample_batch
 from moe_lib.train import (
     TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_step, train_run,
@@ -182,6 +183,25 @@ def test_best_val_is_the_best_periodic_validation_on_the_same_batches(smoke, dat
     assert m["best_val_loss"] == h.val_loss.min()
     assert m["best_val_perplexity"] == pytest.approx(math.exp(h.val_loss.min()))
     assert m["val_loss"] < h.val_loss.min()  # other data: mixing it in would have "improved" the best
+    assert m["val_loss_rise_from_best"] == h.val_loss.dropna().iloc[-1] - h.val_loss.min()
+    assert m["overfit"] == (m["val_loss_rise_from_best"] > OVERFIT_MARGIN_NATS)
+
+
+@pytest.mark.parametrize("val_losses, rise, overfit", [
+    ([4.8, 4.2, 3.95, 3.94], 0.0, False),              # still improving at the end
+    ([4.8, 3.95, 3.953], 0.003, False),                # a rise within the margin
+    ([4.78, 4.23, 4.05, 3.95, 3.95, 4.00, 4.57], 0.62, True),  # the gpu z-loss baseline (seed 42), 1000 steps
+    ([5.0], 0.0, False),
+])
+def test_overfitting_is_the_rise_of_the_last_validation_above_the_best(val_losses, rise, overfit):
+    flagged = overfitting(val_losses)
+    assert flagged["val_loss_rise_from_best"] == pytest.approx(rise)
+    assert flagged["overfit"] is overfit
+
+
+def test_overfitting_needs_a_validation():
+    with pytest.raises(ValueError, match="at least one validation loss"):
+        overfitting([])
 
 
 def test_evaluation_routing_statistics_leave_out_padding(smoke, data):
