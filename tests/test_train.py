@@ -323,6 +323,45 @@ def test_unknown_profile_lists_valid_ones():
         get_profile("huge")
 
 
+def test_moe_corpus_moves_a_profile_to_another_corpus_and_results_folder(tmp_path, monkeypatch):
+    """The opt-in larger corpus: offline here with local records in the Hub's (TinyStories') schema.
+    The default profile, and so the stored runs' hashes and folder, do not change."""
+    from moe_lib import studies
+    from moe_lib.data import load_documents
+    from moe_lib.profiles import CORPUS_VARIABLE, output_paths
+
+    monkeypatch.setenv("MOE_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(CORPUS_VARIABLE, raising=False)
+    default = get_profile("gpu")
+    hashes = [r.config_hash for r in studies.build_grid("zloss", default).runs]
+    monkeypatch.setenv(CORPUS_VARIABLE, "shakespeare")  # naming the default changes nothing
+    assert [r.config_hash for r in studies.build_grid("zloss", get_profile("gpu")).runs] == hashes
+    assert output_paths(get_profile("gpu")).results == tmp_path / "results" / "gpu"
+
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text("".join(json.dumps({"text": f"Once upon a time there was story {i}."}) + "\n" for i in range(12)))
+    monkeypatch.setenv(CORPUS_VARIABLE, f"text:{stories}")
+    profile = get_profile("gpu")
+    assert profile.base.data.corpus == f"text:{stories}" and profile.base.model == default.base.model
+    assert output_paths(profile).results.name.startswith("gpu-text-") and output_paths(profile).results.name.endswith("-gpt2")
+    assert set(r.config_hash for r in studies.build_grid("zloss", profile).runs).isdisjoint(hashes)
+    assert [d.text for d in load_documents(profile.base.data)][:2] == ["Once upon a time there was story 0.", "Once upon a time there was story 1."]
+    assert get_profile("gpu").with_corpus("shakespeare").results_name == ""  # a notebook's setup("shakespeare")
+
+
+def test_moe_corpus_on_the_hub_fails_fast_offline_and_bad_names_list_the_valid_ones(monkeypatch):
+    from moe_lib.data import HubUnavailableError
+    from moe_lib.profiles import CORPUS_VARIABLE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(CORPUS_VARIABLE, "tinystories")
+    with pytest.raises(HubUnavailableError, match="MOE_CORPUS=tinystories needs the Hugging Face Hub.*'shakespeare'"):
+        get_profile("gpu")
+    with pytest.raises(ValueError, match=r"'wiki' is invalid: expected one of \['shakespeare', 'tinystories'"):
+        get_profile("gpu", corpus="wiki")
+
+
 TIMING_COLUMNS = ["finished_at", "training_time_minutes", "ms_per_step", "tokens_per_second", "peak_memory_gb"]
 
 
