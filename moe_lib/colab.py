@@ -79,11 +79,13 @@ def setup_block(repo: str = "", ref: str = "") -> str:
     """The install part of every notebook's first cell; with no ``repo`` it names the stamp command in Colab.
 
     In Colab: fetch the course at ``ref`` (a shallow git fetch works for tags, branches and commits),
-    pip-install it into this kernel with torch pinned to the version Colab ships (so pip keeps it),
+    pip-install it into this kernel with torch pinned to the version Colab ships (so pip keeps it): the
+    installed distribution's metadata version, which is what pip matches; ``torch.__version__`` may carry
+    a local label that the metadata lacks (PyPI's CUDA wheel: ``2.14.1+cu130`` against ``2.14.1``),
     then work from the notebooks folder so the stored ``results/`` and ``saved_models/`` are found.
     """
     return f'''{SETUP_MARKER} (Colab lines stamped by `python tasks.py colab`).
-import importlib, importlib.util, os, subprocess, sys, tempfile
+import importlib, importlib.metadata, importlib.util, os, subprocess, sys, tempfile
 COURSE_REPO, COURSE_REF = {repo!r}, {ref!r}  # the course's git URL and the tag these notebooks belong to
 if "google.colab" in sys.modules:
     if not COURSE_REPO:
@@ -94,10 +96,9 @@ if "google.colab" in sys.modules:
                      ["-C", COURSE_DIR, "checkout", "-q", "FETCH_HEAD"]):
             subprocess.run(["git", *args], check=True)
     if importlib.util.find_spec("moe_lib") is None:  # = %pip install into this kernel, keeping Colab's torch
-        import torch
         pin = os.path.join(tempfile.gettempdir(), "keep-colab-torch.txt")
-        with open(pin, "w") as f:
-            f.write(f"torch=={{torch.__version__}}\\n")
+        with open(pin, "w") as f:  # the installed version as pip sees it (PyPI's CUDA wheel: 2.x, not 2.x+cu130)
+            f.write(f"torch=={{importlib.metadata.version('torch')}}\\n")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", pin, COURSE_DIR], check=True)
         importlib.invalidate_caches()
     os.environ.setdefault("MOE_PROFILE", "cpu")  # the stored results; "colab" trains every run on the GPU (~1 h on a T4, estimated)

@@ -48,6 +48,7 @@ import pandas as pd
 from filelock import FileLock
 
 from .config import RunConfig
+from .data.corpora import corpus_identity
 from .files import atomic_write_text
 from .workers import Task, default_jobs, run_in_workers, threads_per_job
 
@@ -81,8 +82,11 @@ HASH_OMITTED_DEFAULTS = {"model": {
 # runs stored by an older moe_lib are refused instead of mixed with new ones. Version 2: the
 # auxiliary losses are summed over layers (not averaged), capacity queues first choices first
 # and evaluation is dropless, the router stays fp32 under autocast, evaluation no longer draws
-# from the training RNG and skips padding in the routing statistics.
-RESULTS_VERSION = 2
+# from the training RNG and skips padding in the routing statistics. Version 3:
+# - the CPU Newton-Schulz of Muon runs in fp32, not bf16 (the Muon update changes by about 1.3%);
+# - Muon trains the routed experts and the router's gate, as the original's llm.py did;
+# - the config hash includes the corpus's content (a ``text:`` file's bytes, a hub revision).
+RESULTS_VERSION = 3
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -93,7 +97,8 @@ def _slug(text: str) -> str:
 
 
 def config_hash(config: RunConfig) -> str:
-    """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config and
+    """First 12 hex digits of sha256 over the canonical JSON (sorted keys) of the config,
+    the corpus's content where it is not part of the package (:func:`corpus_identity`) and
     :data:`RESULTS_VERSION`.
 
     The fields in :data:`HASH_IGNORED` (progress bar, cache folder) are left out, so turning
@@ -109,6 +114,9 @@ def config_hash(config: RunConfig) -> str:
         for name, default in defaults.items():
             if data[section].get(name) == default:
                 data[section].pop(name)
+    identity = corpus_identity(config.data.corpus)
+    if identity is not None:  # a text file's content, a hub corpus's revision (the embedded corpus: None)
+        data["data"]["corpus_content"] = identity
     if RESULTS_VERSION > 1:  # version 1 (before the constant existed) hashed the config alone
         data["results_version"] = RESULTS_VERSION
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)

@@ -32,7 +32,7 @@ from tqdm.std import tqdm
 from .checkpoint import save_checkpoint
 from .config import RunConfig, TrainConfig
 from .data import eval_batches, prepare_data, sample_batch
-from .metrics import RoutingAccumulator, layer_routing_stats, perplexity, top_k_accuracy
+from .metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
 from .model import MoETransformer, count_parameters
 from .muon import Muon
 from .perf import configure_cpu_allocator, release_free_heap
@@ -494,6 +494,7 @@ def run_metrics(
         "val_top3_accuracy": val.top3_accuracy,
         "best_val_loss": log.best_val_loss,
         "best_val_perplexity": perplexity(log.best_val_loss),
+        **overfitting([row["val_loss"] for row in log.rows if "val_loss" in row]),  # val_loss_rise_from_best, overfit
         "test_loss": test.loss,
         "test_perplexity": test.perplexity,
         "test_accuracy": test.accuracy,

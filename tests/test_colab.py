@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,37 @@ def test_stamp_sets_the_url_once_and_is_idempotent(checkout):
     assert rows and all(row.count("Open In Colab") == 1 and "/blob/v1.0/notebooks/" in row for row in rows)
 
 
+@pytest.mark.parametrize("dunder_version, metadata_version", [
+    ("2.14.1+cu130", "2.14.1"),        # PyPI's CUDA wheel: the local label only in torch.__version__
+    ("2.9.0+cpu", "2.9.0+cpu"),        # the PyTorch index's wheels (Colab's): the label in both
+])
+def test_first_cell_pins_the_torch_version_pip_sees(tmp_path, monkeypatch, dunder_version, metadata_version):
+    """The pin is the installed distribution's metadata version: pip matches that, not ``torch.__version__``."""
+    import importlib.util
+
+    import torch
+    dist = tmp_path / "site" / f"torch-{metadata_version}.dist-info"  # a fake torch distribution, found first
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {metadata_version}\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(torch, "__version__", dunder_version)
+    course = tmp_path / "course"
+    (course / ".git").mkdir(parents=True)  # already fetched: no git calls
+    (course / "notebooks").mkdir()
+    monkeypatch.setenv("COURSE_DIR", str(course))
+    monkeypatch.setenv("MOE_PROFILE", "cpu")
+    monkeypatch.chdir(tmp_path)  # the cell changes directory; this restores it
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moe_lib" else find_spec(name, *a))
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: commands.append(args))
+    exec(colab.setup_block(REPO, "v1"), {})
+    assert commands == [[sys.executable, "-m", "pip", "install", "-q", "-c", str(tmp_path / "keep-colab-torch.txt"), str(course)]]
+    assert (tmp_path / "keep-colab-torch.txt").read_text() == f"torch=={metadata_version}\n"
+
+
 def _repository_at_tag(tmp_path: Path, tag: str) -> str:
     """A git repository holding this working tree (tracked and untracked, not ignored files), tagged."""
     src = tmp_path / "origin"
@@ -96,22 +128,42 @@ def _repository_at_tag(tmp_path: Path, tag: str) -> str:
     return src.as_uri()
 
 
-def _clean_python(tmp_path: Path) -> tuple[Path, Path]:
-    """A new venv without moe_lib: every other package of this environment linked in, as Colab has its own."""
-    env_dir = tmp_path / "venv"
+def _clean_python(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A new venv without moe_lib, and every other package of this environment in a folder on its path
+    (as Colab has its own packages). Links in a folder outside the venv, not in its site-packages: pip
+    counts them as installed, but were it to replace one (a torch pin that matches nothing it sees), it
+    would install into the venv and never write through a link into this environment."""
+    env_dir, linked = tmp_path / "venv", tmp_path / "packages"
     venv.create(env_dir, with_pip=False, symlinks=True)
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
+    linked.mkdir()
     for lib in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
         for entry in Path(lib).iterdir():
-            if "moe_lib" not in entry.name and entry.name != "__pycache__" and not (site / entry.name).exists():
-                (site / entry.name).symlink_to(entry)
-    return python, site
+            if "moe_lib" in entry.name or entry.suffix == ".pth" or entry.name == "__pycache__" or (linked / entry.name).exists():
+                continue
+            if entry.name.startswith("torch-") and entry.name.endswith(".dist-info"):
+                _copy_as_public_version(entry, linked)
+            else:
+                (linked / entry.name).symlink_to(entry)
+    (site / "colab_packages.pth").write_text(f"{linked}\n")
+    return python, site, linked
+
+
+def _copy_as_public_version(dist_info: Path, folder: Path) -> None:
+    """torch's distribution with its version's local label dropped (``2.13.0+cpu`` -> ``2.13.0``), while
+    ``torch.__version__`` keeps it: what PyPI's CUDA wheel installs, whatever wheel this machine has."""
+    metadata = (dist_info / "METADATA").read_text()
+    version = re.search(r"^Version: (.+)$", metadata, re.MULTILINE)[1]
+    public = version.split("+")[0]
+    copy = folder / f"torch-{public}.dist-info"
+    shutil.copytree(dist_info, copy)
+    (copy / "METADATA").write_text(metadata.replace(f"Version: {version}\n", f"Version: {public}\n", 1))
 
 
 CHECK = """
-import json, sys, types
+import importlib.metadata, json, sys, types
 sys.modules["google.colab"] = types.ModuleType("google.colab")  # what Colab's kernel has imported
 exec(compile(open(sys.argv[1]).read(), "first cell", "exec"))   # the stamped first cell, as the kernel runs it
 import moe_lib, torch
@@ -122,6 +174,7 @@ paths = output_paths(profile)
 grid = studies.build_grid("noise", profile)  # a grid whose stored cpu results match it (routing gained runs in issue 12)
 print(json.dumps({
     "moe_lib": moe_lib.__file__, "torch": torch.__file__, "profile": profile.name,
+    "torch_version": torch.__version__, "torch_metadata_version": importlib.metadata.version("torch"),
     "stored_runs": len(experiments.load_results(grid, paths.results)), "grid_runs": len(grid.runs),
     "checkpoint_params": sum(p.numel() for p in load_checkpoint(paths.saved_models / "01_basics")[0].parameters()),
 }))
@@ -130,7 +183,7 @@ print(json.dumps({
 
 def test_stamped_first_cell_installs_and_finds_the_data_in_simulated_colab(tmp_path):
     url = _repository_at_tag(tmp_path, "v-test")
-    python, site = _clean_python(tmp_path)
+    python, site, linked = _clean_python(tmp_path)
     nb = nbformat.read(ROOT / "notebooks" / "02_routing_types.ipynb", as_version=4)
     setup = next(c for c in nb.cells if colab.SETUP_MARKER in c.source)
     cell = tmp_path / "first_cell.py"
@@ -141,6 +194,7 @@ def test_stamped_first_cell_installs_and_finds_the_data_in_simulated_colab(tmp_p
     assert run.returncode == 0, run.stdout + run.stderr
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(seen["moe_lib"]).is_relative_to(site) and not (site / "moe_lib").is_symlink()  # installed, not linked
-    assert (site / "torch").is_symlink()  # Colab's torch kept: pip did not reinstall it
+    assert Path(seen["torch"]).is_relative_to(linked) and not (site / "torch").exists()  # Colab's torch kept, not reinstalled
+    assert seen["torch_metadata_version"] == seen["torch_version"].split("+")[0]  # as PyPI's CUDA wheel has it
     assert seen["profile"] == "cpu" and seen["stored_runs"] == seen["grid_runs"] > 0  # the stored results, found
     assert seen["checkpoint_params"] > 0

@@ -316,6 +316,43 @@ def test_runs_stored_by_an_older_results_version_are_refused(tmp_path, monkeypat
         run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
 
 
+def test_runs_stored_under_results_version_2_are_refused(tmp_path, monkeypatch):
+    """Version 3: fp32 Newton-Schulz on CPU, Muon on the experts and the gate, corpus content in the hash."""
+    monkeypatch.setattr(ex, "RESULTS_VERSION", 2)
+    run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
+    stored = load_results("noise", tmp_path)
+    monkeypatch.undo()
+    assert set(stored["config_hash"]).isdisjoint(r.config_hash for r in noise_grid(seeds=(42,)).runs)
+    with pytest.raises(ValueError, match="config hash"):
+        run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
+
+
+def test_a_text_corpus_is_hashed_by_its_content_not_only_its_name(tmp_path, monkeypatch):
+    config = BASE.with_data(corpus="text:corpus.txt")  # the same name, read in two folders
+    hashes = []
+    for folder, text in (("a", "To be, or not to be.\n"), ("b", "To be, or not to be?\n"), ("c", "To be, or not to be.\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "corpus.txt").write_text(text)
+        monkeypatch.chdir(tmp_path / folder)
+        hashes.append(ex.config_hash(config))
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]  # content decides, not the folder
+    (tmp_path / "c" / "corpus.txt").write_text("edited in place\n")
+    assert ex.config_hash(config) != hashes[2]
+
+
+def test_a_hub_corpus_is_hashed_with_its_revision(monkeypatch):
+    from dataclasses import replace
+
+    from moe_lib.data import corpora
+
+    config = BASE.with_data(corpus="tinystories")
+    before = ex.config_hash(config)
+    monkeypatch.setitem(corpora.HUB_CORPORA, "tinystories", replace(corpora.HUB_CORPORA["tinystories"], revision="0123abc"))
+    assert ex.config_hash(config) != before
+    assert corpora.corpus_identity("tinystories") == "hub:roneneldan/TinyStories:None@0123abc"
+    assert corpora.corpus_identity("shakespeare") is None  # part of the package: versioned by RESULTS_VERSION
+
+
 def test_more_seeds_later_trains_only_the_new_runs(tmp_path):
     run_grid(noise_grid(seeds=(42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
     bigger, trainer = noise_grid(seeds=(42, 43)), FakeTrainer()

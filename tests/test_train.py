@@ -16,6 +16,7 @@ from moe_lib.config import TrainConfig
 from moe_lib.model import MoETransformer
 from moe_lib.muon import Muon
 from moe_lib.profiles import get_profile
+from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
 from moe_lib.data import eval_batches, sample_batch
 from moe_lib.train import (
     TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_split, optimizer_step,
@@ -187,6 +188,25 @@ def test_best_val_is_the_best_periodic_validation_on_the_same_batches(smoke, dat
     assert m["best_val_loss"] == h.val_loss.min()
     assert m["best_val_perplexity"] == pytest.approx(math.exp(h.val_loss.min()))
     assert m["val_loss"] < h.val_loss.min()  # other data: mixing it in would have "improved" the best
+    assert m["val_loss_rise_from_best"] == h.val_loss.dropna().iloc[-1] - h.val_loss.min()
+    assert m["overfit"] == (m["val_loss_rise_from_best"] > OVERFIT_MARGIN_NATS)
+
+
+@pytest.mark.parametrize("val_losses, rise, overfit", [
+    ([4.8, 4.2, 3.95, 3.94], 0.0, False),              # still improving at the end
+    ([4.8, 3.95, 3.953], 0.003, False),                # a rise within the margin
+    ([4.78, 4.23, 4.05, 3.95, 3.95, 4.00, 4.57], 0.62, True),  # the gpu z-loss baseline (seed 42), 1000 steps
+    ([5.0], 0.0, False),
+])
+def test_overfitting_is_the_rise_of_the_last_validation_above_the_best(val_losses, rise, overfit):
+    flagged = overfitting(val_losses)
+    assert flagged["val_loss_rise_from_best"] == pytest.approx(rise)
+    assert flagged["overfit"] is overfit
+
+
+def test_overfitting_needs_a_validation():
+    with pytest.raises(ValueError, match="at least one validation loss"):
+        overfitting([])
 
 
 def test_evaluation_routing_statistics_leave_out_padding(smoke, data):
@@ -307,6 +327,45 @@ def test_cli_rejects_bad_arguments(capsys):
 def test_unknown_profile_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown profile 'huge'.*\['smoke', 'cpu', 'gpu', 'colab'\]"):
         get_profile("huge")
+
+
+def test_moe_corpus_moves_a_profile_to_another_corpus_and_results_folder(tmp_path, monkeypatch):
+    """The opt-in larger corpus: offline here with local records in the Hub's (TinyStories') schema.
+    The default profile, and so the stored runs' hashes and folder, do not change."""
+    from moe_lib import studies
+    from moe_lib.data import load_documents
+    from moe_lib.profiles import CORPUS_VARIABLE, output_paths
+
+    monkeypatch.setenv("MOE_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.setenv("MOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(CORPUS_VARIABLE, raising=False)
+    default = get_profile("gpu")
+    hashes = [r.config_hash for r in studies.build_grid("zloss", default).runs]
+    monkeypatch.setenv(CORPUS_VARIABLE, "shakespeare")  # naming the default changes nothing
+    assert [r.config_hash for r in studies.build_grid("zloss", get_profile("gpu")).runs] == hashes
+    assert output_paths(get_profile("gpu")).results == tmp_path / "results" / "gpu"
+
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text("".join(json.dumps({"text": f"Once upon a time there was story {i}."}) + "\n" for i in range(12)))
+    monkeypatch.setenv(CORPUS_VARIABLE, f"text:{stories}")
+    profile = get_profile("gpu")
+    assert profile.base.data.corpus == f"text:{stories}" and profile.base.model == default.base.model
+    assert output_paths(profile).results.name.startswith("gpu-text-") and output_paths(profile).results.name.endswith("-gpt2")
+    assert set(r.config_hash for r in studies.build_grid("zloss", profile).runs).isdisjoint(hashes)
+    assert [d.text for d in load_documents(profile.base.data)][:2] == ["Once upon a time there was story 0.", "Once upon a time there was story 1."]
+    assert get_profile("gpu").with_corpus("shakespeare").results_name == ""  # a notebook's setup("shakespeare")
+
+
+def test_moe_corpus_on_the_hub_fails_fast_offline_and_bad_names_list_the_valid_ones(monkeypatch):
+    from moe_lib.data import HubUnavailableError
+    from moe_lib.profiles import CORPUS_VARIABLE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(CORPUS_VARIABLE, "tinystories")
+    with pytest.raises(HubUnavailableError, match="MOE_CORPUS=tinystories needs the Hugging Face Hub.*'shakespeare'"):
+        get_profile("gpu")
+    with pytest.raises(ValueError, match=r"'wiki' is invalid: expected one of \['shakespeare', 'tinystories'"):
+        get_profile("gpu", corpus="wiki")
 
 
 TIMING_COLUMNS = ["finished_at", "training_time_minutes", "ms_per_step", "tokens_per_second", "peak_memory_gb"]

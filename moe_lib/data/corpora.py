@@ -7,6 +7,7 @@ with the caps (``max_documents``, ``max_tokens``) applied as a prefix of the cor
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import os
 from collections import defaultdict
@@ -31,12 +32,17 @@ def list_corpora() -> list[str]:
 
 @dataclass(frozen=True)
 class _HubCorpus:
-    """A Hub dataset with a ``text`` column, streamed, and its default caps."""
+    """A Hub dataset with a ``text`` column, streamed at ``revision``, and its default caps.
+
+    ``revision`` is a branch, tag or commit of the dataset repository. ``main`` moves when the
+    dataset's owner pushes; pin a commit here to freeze the data (runs' config hashes include it).
+    """
 
     repo: str
     config_name: str | None
     max_documents: int | None
     max_tokens: int | None
+    revision: str = "main"
 
 
 # Streaming plus default caps keeps the first load to seconds rather than a multi-GB download.
@@ -55,6 +61,33 @@ def parse_corpus(corpus: str) -> tuple[str, str]:
         return corpus, ""
     check_choice("DataConfig", "corpus", corpus, CORPORA)
     raise AssertionError(corpus)  # unreachable: no valid corpus gets here
+
+
+def corpus_identity(corpus: str) -> str | None:
+    """What a run's config hash records about the corpus's content, beyond its name.
+
+    * ``text:<pattern>``: SHA-256 over the SHA-256 of each matched file's bytes, in reading
+      order, so an edited file makes a different run, under the same name;
+    * hub corpora: repository, configuration and :attr:`_HubCorpus.revision` (the content is
+      not read: that needs the network, and a commit pins it);
+    * ``shakespeare``: ``None``. The embedded text ships inside ``moe_lib``, so a change to it
+      is a change to the package and bumps ``RESULTS_VERSION``; leaving it out keeps the hashes
+      of the stored runs, which all use it.
+    """
+    kind, argument = parse_corpus(corpus)
+    if kind == "text":
+        digest = hashlib.sha256()
+        for path in _expand_text_pattern(argument):
+            file_digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    file_digest.update(chunk)
+            digest.update(file_digest.digest())
+        return f"sha256:{digest.hexdigest()}"
+    if kind in HUB_CORPORA:
+        hub = HUB_CORPORA[kind]
+        return f"hub:{hub.repo}:{hub.config_name}@{hub.revision}"
+    return None
 
 
 def effective_caps(cfg: DataConfig) -> tuple[int | None, int | None]:
@@ -105,7 +138,7 @@ def hub_documents(name: str, cache_root: Path) -> Iterator[Document]:
     what = f"corpus {name!r} ({hub.repo})"
     require_hub(what)
     try:
-        records = _stream_dataset(hub.repo, cache_root, name=hub.config_name)
+        records = _stream_dataset(hub.repo, cache_root, name=hub.config_name, revision=hub.revision)
         yield from _records_to_documents(records, name, hub.repo)
     except OSError as exc:  # datasets reports HTTP failures as ConnectionError / OSError
         raise hub_error(what, f"loading failed: {exc}") from exc
