@@ -85,7 +85,10 @@ HASH_OMITTED_DEFAULTS = {"model": {
 # from the training RNG and skips padding in the routing statistics. Version 3:
 # - the CPU Newton-Schulz of Muon runs in fp32, not bf16 (the Muon update changes by about 1.3%);
 # - Muon trains the routed experts and the router's gate, as the original's llm.py did;
-# - the config hash includes the corpus's content (a ``text:`` file's bytes, a hub revision).
+# - the config hash includes the corpus's content (a ``text:`` file's bytes, a hub revision);
+# - expert choice never picks evaluation padding and honours ``capacity_factor_eval``;
+# - a step that the fp16 GradScaler skipped moves no aux-loss-free bias;
+# - expert parallelism draws router noise and random experts for the global batch.
 RESULTS_VERSION = 3
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
