@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 try:  # the layout after the refactor
     from moe_lib import studies
-    from moe_lib.studies import capacity, dispatch, modern, noise, routing, setup, specialization, zloss
+    from moe_lib.studies import capacity, comparison, dispatch, modern, noise, routing, specialization, zloss
     NEW = True
 except ImportError:
     from moe_lib import modern_reports, reports, studies  # noqa: F401
@@ -40,7 +40,7 @@ def api(name: str):
     """The function ``name`` in whichever layout is installed."""
     if not NEW:
         return getattr(modern_reports, name) if hasattr(modern_reports, name) and not hasattr(reports, name) else getattr(reports, name)
-    for module in (routing, noise, zloss, specialization, capacity, dispatch, modern, setup):
+    for module in (routing, noise, zloss, specialization, capacity, dispatch, modern, comparison):
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(name)
