@@ -1,4 +1,4 @@
-"""moe_lib.specialization: information measures against hand values, the play-layout rules,
+"""moe_lib.information and moe_lib.studies.traces / trace_counts: information measures against hand values, the play-layout rules,
 co-activation counts, and routing traces of a real (small) model on the embedded plays."""
 
 from __future__ import annotations
