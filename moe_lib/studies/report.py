@@ -20,6 +20,8 @@ from .zloss import zloss_table
 
 @dataclass
 class StudyReport:
+    """The study's main table and the paths its figures were saved to."""
+
     summary: pd.DataFrame
     figure_paths: list[Path]
 
