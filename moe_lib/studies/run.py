@@ -19,6 +19,7 @@
 tables and verdicts are in its module, ``moe_lib.studies.<study>``.
 """
 
+from __future__ import annotations
 
 import functools
 from typing import Callable
@@ -50,6 +51,7 @@ CHECKPOINTED_STUDIES = frozenset({"specialization"})
 
 
 def build_grid(study: str, profile: Profile | str | None = None, seeds=None) -> Grid:
+    """The grid of ``study`` (a key of :data:`STUDIES`) sized by ``profile`` (a name, default ``$MOE_PROFILE``) on ``seeds``."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}: valid studies are {sorted(STUDIES)}")
     profile = profile if isinstance(profile, Profile) else get_profile(profile)

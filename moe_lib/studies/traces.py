@@ -1,4 +1,4 @@
-"""What do the experts learn? Routing traces and the statistics of specialization.
+"""What do the experts learn? Routing traces of a trained model, and the token labels they are read against.
 
 A **routing trace** records, for every token of a split, which k experts each MoE layer chose
 (:func:`trace_routing`), next to what we know about the token: its id and text, its document
