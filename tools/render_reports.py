@@ -19,13 +19,12 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-try:  # the layout after the refactor
+try:  # the layout with moe_lib/studies/ (the fallback renders the flat layout before it, for a before/after diff)
     from moe_lib import studies
     from moe_lib.studies import capacity, comparison, dispatch, modern, noise, routing, specialization, zloss
     NEW = True
@@ -162,5 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(legacy=False)
     main()
