@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .profiles import PROFILE_NAMES, default_profile_name
-from .reports import report_study
+from .studies.report import report_study
 from .studies import STUDIES, run_study
 
 

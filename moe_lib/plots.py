@@ -182,7 +182,7 @@ def _layer_panels(n_layers: int, width: float = 3.4, height: float = 3.2):
 def plot_label_expert_heatmap(table: pd.DataFrame, label: str, value: str = "share", title: str = "") -> plt.Figure:
     """One heatmap per layer: rows the values of ``label`` (e.g. genre), columns the experts.
 
-    ``table`` is :func:`moe_lib.specialization.label_utilization`'s long format. ``value="share"``
+    ``table`` is :func:`moe_lib.studies.trace_counts.label_utilization`'s long format. ``value="share"``
     colours each row's share of slots per expert around the uniform ``1/E``; ``"lift"`` colours the
     ratio to the expert's overall share around 1. One colour scale for all layers.
     """

@@ -7,7 +7,7 @@
   one minute per run on 2 CPU cores.
 * ``gpu`` - the original study's configuration: d_model 384, 8 heads, 6 layers, d_ff 1536,
   8 experts top-2, sequence 512, batch 24, 400 steps (the z-loss study too: see
-  :func:`moe_lib.studies.zloss_grid`), bf16 autocast, the Muon + AdamW hybrid.
+  :func:`moe_lib.studies.zloss.zloss_grid`), bf16 autocast, the Muon + AdamW hybrid.
 
 * ``colab`` - a free Colab T4 (fp16 autocast + GradScaler, no native bf16): the gpu profile's
   depth and expert layout at a smaller width, BPE tokens and fewer steps, sized so the whole
@@ -18,7 +18,7 @@
 
 Every profile trains on the embedded Shakespeare by default (offline, and the stored results'
 corpus). Its GPT-2 training split is small: the gpu profile passes over it several times
-(``reports.scale_statement`` gives the epochs). With internet, ``MOE_CORPUS=tinystories``
+(``moe_lib.studies.comparison.scale_statement`` gives the epochs). With internet, ``MOE_CORPUS=tinystories``
 trains any profile on a larger Hub corpus instead; its results go to ``results/<profile>-<corpus>/``,
 so the stored runs on the embedded corpus stay as they are.
 """
@@ -123,7 +123,7 @@ def _gpu() -> Profile:
             ),
         ),
         seeds=DEFAULT_SEEDS,
-        zloss_steps=400,  # not the original's 1000: on the embedded corpus those overfit (studies.zloss_grid)
+        zloss_steps=400,  # not the original's 1000: on the embedded corpus those overfit (studies.zloss.zloss_grid)
         description="the original configuration, on a CUDA GPU with bf16 autocast",
     )
 

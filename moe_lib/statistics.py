@@ -5,7 +5,8 @@
 * :func:`paired_differences` / :func:`paired_comparison` - seed-paired differences against a
   baseline condition, with their t interval and a paired t-test (``scipy.stats.ttest_rel``);
 * :func:`sign_consistency` and :func:`minimum_detectable_effect` - what a small-n paired
-  comparison can and cannot say ("3/3 seeds", "inconclusive at n = 3, MDE 2.1 PPL");
+  comparison can and cannot say ("3/3 seeds", "inconclusive at n = 3, MDE 2.1 PPL"; the words
+  are :mod:`moe_lib.studies.verdicts`');
 * :func:`t_errorbar` - the same t interval as an ``errorbar=`` for seaborn, so figures and tables agree;
 * :func:`factorial_anova` / :func:`factorial_contrasts` - a factorial design analysed as one:
   two-way ANOVA with seed as a block (``statsmodels``), main effects and interaction contrasts.
@@ -181,6 +182,16 @@ def paired_differences(
     return pd.DataFrame(rows, columns=[by, pair_on, "baseline", "treatment", "difference", "improvement_pct"])
 
 
+def condition_differences(
+    df: pd.DataFrame, baseline: str, condition: str, metric: str, column: str = "difference", pair_on: str = "seed"
+) -> pd.Series:
+    """The per-seed paired ``column`` (``difference`` or ``improvement_pct``) of ``condition`` against
+    ``baseline`` (:func:`paired_differences`, lower ``metric`` better), indexed by ``pair_on``."""
+    pairs = paired_differences(df, baseline=baseline, metric=metric, pair_on=pair_on)
+    part = pairs[pairs.condition == condition]
+    return pd.Series(part[column].to_numpy(dtype=float), index=part[pair_on].to_numpy())
+
+
 def paired_comparison(
     df: pd.DataFrame,
     baseline: str,
@@ -251,15 +262,25 @@ def t_errorbar(confidence: float = 0.95) -> Callable[[Sequence[float]], tuple[fl
     return interval
 
 
-def sign_consistency(differences: Sequence[float] | np.ndarray) -> str:
-    """How many paired differences share the sign of their mean, e.g. ``"3/3 seeds"``; zeros count against."""
+SIGN_SIDES = ("mean", "lower", "higher")
+
+
+def sign_consistency(differences: Sequence[float] | np.ndarray, favours: str = "mean") -> tuple[int, int]:
+    """``(k, n)``: k of the n paired ``differences`` (NaN left out) favour one side, "k/n seeds favour X".
+
+    ``favours="lower"`` counts ``d < 0`` (the treatment lower than its baseline), ``"higher"`` counts
+    ``d > 0``, and ``"mean"`` the side of their mean: how many seeds point the same way as the
+    average (a zero difference, or a zero mean, counts against).
+    """
+    if favours not in SIGN_SIDES:
+        raise ValueError(f"unknown side favours={favours!r}: valid sides are {SIGN_SIDES}")
     d = np.asarray(differences, dtype=float)
     d = d[~np.isnan(d)]
     if len(d) == 0:
-        return "0/0 seeds"
-    direction = np.sign(d.mean())
+        return 0, 0
+    direction = {"lower": -1.0, "higher": 1.0, "mean": np.sign(d.mean())}[favours]
     agreeing = int((np.sign(d) == direction).sum()) if direction != 0 else 0
-    return f"{agreeing}/{len(d)} seeds"
+    return agreeing, len(d)
 
 
 def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
@@ -332,7 +353,7 @@ def factorial_contrasts(
         rows.append({
             "effect": effect, "level": level, "mean": mean, "ci_low": low, "ci_high": high,
             "pct": pct(mean), "pct_ci_low": pct(low) if n >= 2 else float("nan"), "pct_ci_high": pct(high) if n >= 2 else float("nan"),
-            "n": n, "signs": sign_consistency(per_seed.to_numpy()),
+            "n": n, "signs": "{}/{} seeds".format(*sign_consistency(per_seed.to_numpy())),
         })
 
     for level in levels:

@@ -98,3 +98,56 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_plots_depend_only_on_statistics_and_profiles():
     assert graph()["moe_lib.plots"] <= {"moe_lib.statistics", "moe_lib.profiles"}
+
+
+# --------------------------------------------------------------------------- layers
+# The package in layers, lowest first: a module may import only from its own layer or a lower one.
+# Keys are module names under moe_lib (a package's name covers its submodules); when modules move
+# into packages, update the keys here. Pure helpers (files, numbers, figures, the profiles' sizes)
+# sit in core so every layer can use them.
+LAYER_ORDER = ("core", "training", "runs", "studies", "course")
+LAYERS = {
+    "config": "core", "routing": "core", "losses": "core", "experts": "core", "model": "core", "metrics": "core",
+    "muon": "core", "precision": "core", "data": "core",
+    "files": "core", "versions": "core", "statistics": "core", "information": "core", "profiles": "core", "plots": "core",
+    "train": "training", "checkpoint": "training", "expert_parallel": "training", "perf": "training",
+    "experiments": "runs", "workers": "runs", "course_efficiency": "course",
+    "studies": "studies",
+    "course": "course", "cli": "course", "colab": "course", "notebook": "course", "budget": "course", "__main__": "course",
+    "": "course",  # moe_lib/__init__.py: the public API may gather from every layer
+}
+
+
+def layer_of(module: str) -> str:
+    """The layer of ``moe_lib.<module>``: its own entry, else its package's (``data.cache`` -> ``data``)."""
+    name = module.removeprefix("moe_lib").removeprefix(".")
+    parts = name.split(".") if name else [""]
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in LAYERS:
+            return LAYERS[".".join(parts[:i])]
+    raise KeyError(f"{module} has no layer: add it to LAYERS in tests/test_architecture.py (layers: {LAYER_ORDER})")
+
+
+def upward_imports(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a higher layer than the importer's."""
+    rank = {layer: i for i, layer in enumerate(LAYER_ORDER)}
+    return sorted(
+        f"{m} ({layer_of(m)}) imports {t} ({layer_of(t)})"
+        for m, targets in edges.items() for t in targets if rank[layer_of(t)] > rank[layer_of(m)]
+    )
+
+
+def test_layer_checker_finds_a_planted_upward_import():
+    edges = {"moe_lib.model": {"moe_lib.train"}, "moe_lib.train": {"moe_lib.model"}, "moe_lib.studies.noise": {"moe_lib.cli"}}
+    assert upward_imports(edges) == [
+        "moe_lib.model (core) imports moe_lib.train (training)", "moe_lib.studies.noise (studies) imports moe_lib.cli (course)",
+    ]
+    assert layer_of("moe_lib.data.cache") == "core" and layer_of("moe_lib.studies.run") == "studies" and layer_of("moe_lib") == "course"
+
+
+def test_every_module_has_a_layer():
+    assert all(layer_of(m) in LAYER_ORDER for m in MODULES)
+
+
+def test_no_module_imports_from_a_higher_layer():
+    assert upward_imports(graph()) == []

@@ -450,14 +450,14 @@ def test_bad_names_raise_clearly():
 
 
 def test_verdict_phrases_claim_a_winner_only_when_the_ci_excludes_zero():
-    from moe_lib.reports import _lower_is_better_phrase
+    from moe_lib.studies.verdicts import lower_is_better_phrase
 
-    assert _lower_is_better_phrase("top-2", -0.1, -0.2, -0.05) == "top-2 is better (the CI excludes 0)"
-    assert _lower_is_better_phrase("top-2", 0.1, 0.05, 0.2) == "top-2 is worse (the CI excludes 0)"
-    noisy = _lower_is_better_phrase("top-2", -0.1, -0.3, 0.1, [-0.05, -0.1, -0.15])
+    assert lower_is_better_phrase("top-2", -0.1, -0.2, -0.05) == "top-2 is better (the CI excludes 0)"
+    assert lower_is_better_phrase("top-2", 0.1, 0.05, 0.2) == "top-2 is worse (the CI excludes 0)"
+    noisy = lower_is_better_phrase("top-2", -0.1, -0.3, 0.1, [-0.05, -0.1, -0.15])
     assert "lower mean" in noisy and "inconclusive at n = 3 (3/3 seeds" in noisy and "better" not in noisy
     assert "seed noise" not in noisy
-    assert "too few seeds" in _lower_is_better_phrase("top-2", 0.1, float("nan"), float("nan"))
+    assert "too few seeds" in lower_is_better_phrase("top-2", 0.1, float("nan"), float("nan"))
 
 
 def test_routing_grid_adds_learned_and_random_top2_with_a_shared_expert():

@@ -9,7 +9,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from moe_lib import reports
+from moe_lib.studies import comparison, noise
 from moe_lib.profiles import get_profile
 from moe_lib.statistics import mean_ci, paired_comparison
 from moe_lib.studies import StudyResult, build_grid
@@ -50,7 +50,7 @@ def test_holm_over_the_noise_verdicts_fifteen_tests():
         p += [pc.loc[f"noise={n}, lb={lb}", "p_value"] for n in (0.1, 0.5)]
     for n in (0.0, 0.1, 0.5):
         p.append(paired_comparison(r, f"noise={n}, lb=0.01", "best_val_perplexity").set_index("condition").loc[f"noise={n}, lb=0.0", "p_value"])
-    anova, contrasts = reports.noise_factorial_analysis(study)
+    anova, contrasts = noise.noise_factorial_analysis(study)
     terms = list(anova.index.drop(["Residual", "seed"]))
     p += [anova.loc[t, "PR(>F)"] for t in terms]
     shown = contrasts[contrasts.effect.str.endswith("main effect") | contrasts.effect.str.startswith("noise_std x")]
@@ -64,6 +64,6 @@ def test_holm_over_the_noise_verdicts_fifteen_tests():
 
 
 def test_epochs_over_the_embedded_corpus():
-    statement = reports.scale_statement(get_profile("gpu", corpus="shakespeare"))
+    statement = comparison.scale_statement(get_profile("gpu", corpus="shakespeare"))
     epochs = float(statement.split(" epochs over")[0].rsplit(" ", 1)[1])
     assert f"pass over it {epochs:.1f} times" in README

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import ModelConfig, RunConfig, fine_grained
-from moe_lib.modern_reports import earlier_output_change
+from moe_lib.studies.modern import earlier_output_change
 from moe_lib.experiments import HASH_IGNORED, HASH_OMITTED_DEFAULTS, RESULTS_VERSION, config_hash
 from moe_lib.experts import Experts, swiglu
 from moe_lib.losses import load_balancing_loss
@@ -392,7 +392,7 @@ def test_expert_choice_routes_in_fp32_and_runs_under_bf16_autocast():
 
 
 def test_routing_trace_refuses_expert_choice():
-    from moe_lib.specialization import trace_routing
+    from moe_lib.studies.traces import trace_routing
 
     with pytest.raises(ValueError, match="token-choice router"):
         trace_routing(MoETransformer(tiny(router="expert_choice")), None, annotation=object())
@@ -400,7 +400,7 @@ def test_routing_trace_refuses_expert_choice():
 
 # --------------------------------------------------------------------------- notebook 07's grid
 def test_modern_grid_matches_what_each_comparison_holds_equal():
-    from moe_lib.modern_studies import modern_conditions, modern_grid
+    from moe_lib.studies.modern import modern_conditions, modern_grid
     from moe_lib.profiles import get_profile
 
     profile = get_profile("cpu")

@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from moe_lib import modern_reports as mr
+from moe_lib.statistics import condition_differences, minimum_detectable_effect
+from moe_lib.studies import modern
 
 NAN = float("nan")
 # test PPL per seed (42, 43, 44): "better" is lower in every seed by about 1; "noisy" goes both ways;
@@ -37,28 +38,32 @@ def results() -> pd.DataFrame:
 
 def test_verdicts_name_a_winner_only_when_the_interval_excludes_zero():
     r = results()
-    assert mr.verdict(r, "better").endswith("excludes 0: better is better.")
-    assert "-1.00 on average (9.1% better), lower in 3/3 seeds" in mr.verdict(r, "better")
-    noisy = mr.verdict(r, "noisy")
-    assert noisy.endswith("includes 0: inconclusive at n = 3.") and "lower in 2/3 seeds" in noisy
-    one = mr.verdict(r, "one seed")
-    assert "no 95% CI with 1 pair" in one and "inconclusive at n = 1" in one
-    gap = mr.verdict(r, "gap")  # seed 44's NaN leaves 2 pairs, both exactly 1 lower: a zero-width interval
+    assert modern.verdict(r, "better").endswith("excludes 0: better is better.")
+    assert "-1.00 on average (9.1% better), lower in 3/3 seeds" in modern.verdict(r, "better")
+    noisy = modern.verdict(r, "noisy")
+    # the course's one inconclusive phrase: sign consistency (seeds on the mean's side) and the 80%-power MDE
+    differences = condition_differences(r, "classic", "noisy", "test_perplexity")
+    mde = minimum_detectable_effect(float(differences.std(ddof=1)), 3)
+    assert noisy.endswith(f"includes 0: inconclusive at n = 3 (2/3 seeds point the same way; MDE {mde:.2f} at 80% power).")
+    assert "lower in 2/3 seeds" in noisy
+    one = modern.verdict(r, "one seed")
+    assert "no 95% CI with 1 pair" in one and "inconclusive at n = 1 (1/1 seeds point the same way; too few seeds for an MDE)" in one
+    gap = modern.verdict(r, "gap")  # seed 44's NaN leaves 2 pairs, both exactly 1 lower: a zero-width interval
     assert "lower in 2/2 seeds" in gap and gap.endswith("excludes 0: gap is better.")
-    assert "no effect" not in " ".join(mr.verdict(r, c) for c in PPL if c != "classic")
+    assert "no effect" not in " ".join(modern.verdict(r, c) for c in PPL if c != "classic")
     with pytest.raises(ValueError, match="unknown condition 'nope'"):
-        mr.verdict(r, "nope")
+        modern.verdict(r, "nope")
 
 
 def test_worse_condition_is_called_worse():
     r = results()
     r.loc[r.condition == "better", "test_perplexity"] += 3  # now higher than classic in every seed
-    worse = mr.verdict(r, "better")
+    worse = modern.verdict(r, "better")
     assert worse.endswith("excludes 0: better is worse.") and "+2.00 on average (18.3% worse), lower in 0/3 seeds" in worse
 
 
 def test_comparison_table_counts_pairs_and_seeds_with_nan_and_one_seed():
-    table = mr.comparison_table(results())
+    table = modern.comparison_table(results())
     assert table.loc["gap", "pairs"] == 2 and table.loc["gap", "better in"] == "2/2 seeds"
     assert table.loc["one seed", "95% CI"] == "–" and table.loc["one seed", "better in"] == "1/1 seeds"
     assert table.loc["better", "better in"] == "3/3 seeds"
@@ -66,30 +71,30 @@ def test_comparison_table_counts_pairs_and_seeds_with_nan_and_one_seed():
 
 
 def test_condition_table_shows_mean_std_and_zero_balance_for_dense():
-    table = mr.condition_table(results(), flops={"classic": 12_000_000})
+    table = modern.condition_table(results(), flops={"classic": 12_000_000})
     assert table.loc["classic", "test PPL"] == "11.00 ± 1.00"
     assert table.loc["one seed", "test PPL"] == "9.50"  # one run: no std
     assert table.loc["gap", "seeds"] == 3 and table.loc["gap", "test PPL"] == "9.50 ± 0.71"  # the NaN run is left out
     assert table.loc["gap", "usage CV"] == "0.000 ± 0.000" and table.loc["classic", "MaxVio"] == "0.500 ± 0.000"
     assert table.loc["classic", "MFLOPs/token"] == "12.0" and table.loc["better", "MFLOPs/token"] == "–"
     assert table.loc["classic", "active params (M)"] == "2.00"
-    balance = mr.per_layer_balance(results(), ["classic", "gap"])
+    balance = modern.per_layer_balance(results(), ["classic", "gap"])
     assert balance.loc["classic", "MaxVio L0"] == 0.5 and math.isnan(balance.loc["gap", "CV L0"])
 
 
 def test_ratio_phrase_and_compute_axes():
     r = results()
-    assert mr.ratio_phrase(r, "better") == "better takes 0.50x the ms/step of classic (seed means)."
-    assert mr.ratio_phrase(r, "better", metric="expert_maxvio", baseline="gap", what="MaxVio").endswith("no MaxVio to compare.")
+    assert modern.ratio_phrase(r, "better") == "better takes 0.50x the ms/step of classic (seed means)."
+    assert modern.ratio_phrase(r, "better", metric="expert_maxvio", baseline="gap", what="MaxVio").endswith("no MaxVio to compare.")
     hist = pd.DataFrame({"run_id": ["classic-42"] * 2, "condition": ["classic"] * 2, "step": [5, 10], "tokens": [50, 100], "val_loss": [NAN, 3.0]})
-    axes = mr.with_compute_axes(hist, r, {"classic": 7})
+    axes = modern.with_compute_axes(hist, r, {"classic": 7})
     assert axes.step.tolist() == [10] and axes.train_flops.tolist() == [700] and axes.train_seconds.tolist() == [1.0]
 
 
 def _dense_results(classic_ppl, classic_ms):
     """classic against the two dense baselines, 3 seeds; the dense models at PPL 10, 11, 12 and 100 ms/step."""
     rows = []
-    for condition in ("classic", *mr.DENSE_BASELINES):
+    for condition in ("classic", *modern.DENSE_BASELINES):
         for seed, base in zip((42, 43, 44), (10.0, 11.0, 12.0)):
             ppl = base + classic_ppl[seed - 42] if condition == "classic" else base
             rows.append({"run_id": f"{condition}-{seed}", "condition": condition, "seed": seed, "test_perplexity": ppl,
@@ -109,7 +114,7 @@ FLOPS = {"classic": 8, "dense (same active)": 8, "dense (same total)": 24}
     ((-1.0, 2.0, 0.5), 90.0, "costs 0.90x the time and 1.00x the FLOPs for a perplexity not shown to differ"),
 ])
 def test_moe_vs_dense_summary_chooses_its_words_from_the_numbers(shift, ms, words):
-    lines = mr.moe_vs_dense_summary(_dense_results(shift, ms), FLOPS)
+    lines = modern.moe_vs_dense_summary(_dense_results(shift, ms), FLOPS)
     assert len(lines) == 2 and lines[0].startswith("Against dense (same active), classic reaches")
     assert words in lines[0]
     assert "1.00x its FLOPs per token" in lines[0] and "0.33x its FLOPs per token" in lines[1]
@@ -117,7 +122,7 @@ def test_moe_vs_dense_summary_chooses_its_words_from_the_numbers(shift, ms, word
 
 
 def test_moe_vs_dense_summary_never_claims_per_second_from_a_slower_better_model():
-    line = mr.moe_vs_dense_summary(_dense_results((-1.0, -1.1, -0.9), 150.0), FLOPS)[0]
+    line = modern.moe_vs_dense_summary(_dense_results((-1.0, -1.1, -0.9), 150.0), FLOPS)[0]
     assert "ahead per token and per FLOP; per second it pays 1.50x per step" in line and "ahead per second" not in line
 
 
@@ -125,7 +130,7 @@ def test_saturation_summary_reads_each_checkpoint_against_chance():
     curves = pd.DataFrame({
         "condition": ["a"] * 6, "step": [10, 10, 20, 20, 30, 30], "layer": [0, 1] * 3, "saturation": [0.4, 0.6, 0.8, 0.9, 1.0, 1.0],
     })
-    (line,) = mr.saturation_summary(curves, chance={"a": 0.25})
+    (line,) = modern.saturation_summary(curves, chance={"a": 0.25})
     assert line.startswith("a: 0.50 at step 10, 0.85 at step 20 (mean over layers; chance 0.25")
     assert "first checkpoint is 2.0x chance" in line and "still routes 15% of top-k choices differently" in line
 
@@ -135,11 +140,11 @@ def test_plot_saturation_draws_each_chance_level_in_its_conditions_colour():
 
     curves = pd.DataFrame({"condition": ["a", "a", "b", "b"], "step": [10, 20, 10, 20], "layer": [0, 0, 0, 0],
                            "saturation": [0.5, 1.0, 0.4, 1.0]})
-    fig = mr.plot_saturation(curves, chance={"a": 0.25, "b": 0.2})
+    fig = modern.plot_saturation(curves, chance={"a": 0.25, "b": 0.2})
     ax = fig.axes[0]
     lines = {round(l.get_ydata()[0], 3): l for l in ax.lines if l.get_linestyle() == ":"}
     assert set(lines) == {0.25, 0.2}
     curve_colours = {mcolors.to_hex(l.get_color()) for l in ax.lines if l.get_linestyle() != ":" and len(l.get_xdata()) == 2}
     assert {mcolors.to_hex(lines[0.25].get_color()), mcolors.to_hex(lines[0.2].get_color())} <= curve_colours
     assert {t.get_text() for t in ax.texts} == {"chance, a (k/E = 0.25)", "chance, b (k/E = 0.20)"}
-    assert len(mr.plot_saturation(curves).axes[0].texts) == 0
+    assert len(modern.plot_saturation(curves).axes[0].texts) == 0

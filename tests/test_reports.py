@@ -9,7 +9,8 @@ import re
 import pandas as pd
 import pytest
 
-from moe_lib import originals, reports, studies
+from moe_lib import studies
+from moe_lib.studies import capacity, comparison, noise, originals, routing, zloss
 from moe_lib.profiles import get_profile
 
 SMOKE = get_profile("smoke")
@@ -42,9 +43,9 @@ def assert_clean(output: str) -> None:
 
 
 @pytest.mark.parametrize("name, table, verdicts", [
-    ("noise", reports.noise_condition_table, reports.noise_verdicts),
-    ("zloss", reports.zloss_table, reports.zloss_verdicts),
-    ("routing", reports.routing_table, reports.routing_verdicts),
+    ("noise", noise.noise_condition_table, noise.noise_verdicts),
+    ("zloss", zloss.zloss_table, zloss.zloss_verdicts),
+    ("routing", routing.routing_table, routing.routing_verdicts),
 ])
 def test_a_single_seed_gives_no_interval_and_no_nan(name, table, verdicts):
     study = fake_study(name, (42,))
@@ -56,29 +57,29 @@ def test_a_single_seed_gives_no_interval_and_no_nan(name, table, verdicts):
 
 
 def test_zloss_with_one_seed_does_not_compare_with_the_reported_improvement():
-    last = reports.zloss_verdicts(fake_study("zloss", (42,)))[-1]
+    last = zloss.zloss_verdicts(fake_study("zloss", (42,)))[-1]
     assert "too few for an interval, so no comparison" in last
     assert "outside" not in last and "inside" not in last
     assert f"{originals.ZLOSS.improvement_pct['z=0.01']:.1f}%" in last
 
 
 def test_a_usage_cv_of_zero_gives_words_not_nan_or_inf():
-    lines = reports.noise_verdicts(fake_study("noise", (42, 43), expert_usage_cv=0.0))
+    lines = noise.noise_verdicts(fake_study("noise", (42, 43), expert_usage_cv=0.0))
     cv_lines = [line for line in lines if "usage CV" in line]
     assert len(cv_lines) == 3 and all("both are 0 (perfectly even usage), so there is no ratio." in line for line in cv_lines)
     assert_clean("\n".join(lines))
     study = fake_study("noise", (42, 43))
     study.results["expert_usage_cv"] = 0.2 * (study.results.load_balancing_weight == 0)  # 0 with load balancing only
-    one_zero = reports.noise_verdicts(study)
+    one_zero = noise.noise_verdicts(study)
     assert all("ratio is unbounded" in line for line in one_zero if "usage CV" in line)
 
 
 def test_nan_metrics_give_dashes_and_no_comparison():
     study = fake_study("noise", (42, 43), best_val_perplexity=float("nan"), expert_usage_cv=float("nan"),
                        training_time_minutes=float("nan"))
-    table = reports.noise_condition_table(study)
+    table = noise.noise_condition_table(study)
     assert (table[["best val PPL", "PPL 95% CI", "usage CV", "CV 95% CI", "time (min)"]] == "–").all().all()
-    lines = reports.noise_verdicts(study)
+    lines = noise.noise_verdicts(study)
     assert sum("no comparison" in line for line in lines) == 4 + 3
     assert_clean(text(table) + "\n" + "\n".join(lines))
 
@@ -87,7 +88,7 @@ def test_verdicts_take_the_originals_numbers_from_the_data():
     original = originals.ZLOSS.copy()
     try:
         originals.ZLOSS.loc["z=0.01", "improvement_pct"] = 9.9
-        assert "9.9% lower test PPL" in reports.zloss_verdicts(fake_study("zloss", (42, 43)))[-1]
+        assert "9.9% lower test PPL" in zloss.zloss_verdicts(fake_study("zloss", (42, 43)))[-1]
     finally:
         originals.ZLOSS.loc[:, :] = original
 
@@ -100,7 +101,7 @@ def test_a_ci_that_includes_zero_is_inconclusive_with_signs_and_minimum_detectab
     study.results["best_val_perplexity"] = [
         100.0 + (shift[s] if n == 0.1 else 0.0) for n, s in zip(study.results.noise_std, study.results.seed)
     ]
-    lines = reports.noise_verdicts(study)
+    lines = noise.noise_verdicts(study)
     assert not any("seed noise" in line for line in lines)
     line = next(l for l in lines if l.startswith("noise 0.1 vs 0 (lb 0.01)"))
     mde = minimum_detectable_effect(float(pd.Series(list(shift.values())).std()), 3)
@@ -115,26 +116,26 @@ def _routing_study_with_entropy(per_layer):
 
 
 def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
-    rising = reports.routing_verdicts(_routing_study_with_entropy([0.5, 0.9, 1.1, 1.2]))
+    rising = routing.routing_verdicts(_routing_study_with_entropy([0.5, 0.9, 1.1, 1.2]))
     top1 = next(l for l in rising if l.startswith("Top-1 routing entropy per layer"))
     assert "rises with depth, lowest in layer 0" in top1 and "(falls with depth)" in top1 and "opposite" in top1
-    falling = reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+    falling = routing.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
     top2 = next(l for l in falling if l.startswith("Top-2 routing entropy per layer"))
     assert "falls with depth, lowest in layer 3" in top2 and "the same trend" in top2
     # a rise then a fall is no trend: the gpu profile's 0.38 1.33 1.31 1.22 has a positive least-squares slope
-    bent = reports.routing_verdicts(_routing_study_with_entropy([0.38, 1.33, 1.31, 1.22, 1.21, 1.13]))
+    bent = routing.routing_verdicts(_routing_study_with_entropy([0.38, 1.33, 1.31, 1.22, 1.21, 1.13]))
     top1 = next(l for l in bent if l.startswith("Top-1 routing entropy per layer"))
     assert "(is not monotone in depth: lowest in layer 0, highest in layer 1)" in top1 and "rises" not in top1
     assert "our most confident layer is the first" in top1
-    peak = reports.routing_verdicts(_routing_study_with_entropy([0.83, 0.90, 0.99, 0.87, 0.77, 0.78]))
+    peak = routing.routing_verdicts(_routing_study_with_entropy([0.83, 0.90, 0.99, 0.87, 0.77, 0.78]))
     top2 = next(l for l in peak if l.startswith("Top-2 routing entropy per layer"))
     assert "lowest in layer 4, highest in layer 2" in top2 and top2.endswith("a different trend.")
-    level = reports.routing_verdicts(_routing_study_with_entropy([1.0, 1.005, 0.998, 1.002]))
+    level = routing.routing_verdicts(_routing_study_with_entropy([1.0, 1.005, 0.998, 1.002]))
     assert "(is flat with depth, lowest in layer 2)" in next(l for l in level if l.startswith("Top-1 routing entropy"))
     original = originals.ROUTING.copy()
     try:  # the original's trend is read from its data, not typed
         originals.ROUTING.at["top-2", "routing_entropy_per_layer"] = (0.6, 0.7, 0.8, 0.9, 1.0)
-        top2 = next(l for l in reports.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
+        top2 = next(l for l in routing.routing_verdicts(_routing_study_with_entropy([1.2, 1.0, 0.9, 0.6]))
                     if l.startswith("Top-2 routing entropy per layer"))
         assert "(rises with depth): a different trend" in top2
     finally:
@@ -143,7 +144,7 @@ def test_routing_verdicts_compare_the_entropy_trend_with_depth_from_the_data():
 
 @pytest.mark.parametrize("name", ["routing", "noise", "zloss"])
 def test_setup_comparison_puts_the_originals_data_next_to_ours_computed_from_the_grid(name):
-    table = reports.setup_comparison(name, SMOKE)
+    table = comparison.setup_comparison(name, SMOKE)
     assert list(table.columns) == ["original", "ours (smoke)"]
     assert list(table.index) == [*originals.SETUP_ROWS, "source"]
     assert table.loc["source", "original"] == originals.SETUP_SOURCES[name]
@@ -155,12 +156,12 @@ def test_setup_comparison_puts_the_originals_data_next_to_ours_computed_from_the
 
 
 def test_setup_comparison_reads_each_original_from_the_data_and_rejects_unknown_studies():
-    assert "1 SwiGLU expert" in reports.setup_comparison("routing", SMOKE).loc["shared expert", "original"]
-    assert "summed over layers" in reports.setup_comparison("noise", SMOKE).loc["auxiliary-loss reduction", "ours (smoke)"]
-    noise = reports.setup_comparison("noise", SMOKE).loc["router noise", "ours (smoke)"]
+    assert "1 SwiGLU expert" in comparison.setup_comparison("routing", SMOKE).loc["shared expert", "original"]
+    assert "summed over layers" in comparison.setup_comparison("noise", SMOKE).loc["auxiliary-loss reduction", "ours (smoke)"]
+    noise = comparison.setup_comparison("noise", SMOKE).loc["router noise", "ours (smoke)"]
     assert noise == "noise_std 0, 0.1, 0.5"
     with pytest.raises(ValueError, match="unknown study 'capacity'.*valid choices"):
-        reports.setup_comparison("capacity", SMOKE)
+        comparison.setup_comparison("capacity", SMOKE)
 
 
 @pytest.mark.parametrize("name", ["noise", "zloss"])
@@ -170,7 +171,7 @@ def test_setup_table_names_each_optimizers_parameters_and_the_originals_differen
     from moe_lib.model import MoETransformer
     from moe_lib.train import optimizer_split
 
-    table = reports.setup_comparison(name, SMOKE)
+    table = comparison.setup_comparison(name, SMOKE)
     ours, original = table["ours (smoke)"], table["original"]
     config = studies.build_grid(name, SMOKE).runs[0].config
     split = optimizer_split(MoETransformer(config.model), config.train)
@@ -197,18 +198,18 @@ def test_setup_table_names_each_optimizers_parameters_and_the_originals_differen
 
 
 def test_setup_tables_compared_metric_is_the_one_the_comparison_uses():
-    """reports.COMPARED_METRIC, named in the setup table, is the column results_vs_original's noise comparison reads."""
+    """comparison.COMPARED_METRIC, named in the setup table, is the column results_vs_original's noise comparison reads."""
     import inspect
 
-    assert inspect.signature(reports.noise_factorial_verdicts).parameters["metric"].default == reports.COMPARED_METRIC["noise"]
-    assert reports.COMPARED_METRIC == {"routing": "test_loss", "noise": "best_val_perplexity", "zloss": "test_perplexity"}
+    assert inspect.signature(noise.noise_factorial_verdicts).parameters["metric"].default == comparison.COMPARED_METRIC["noise"]
+    assert comparison.COMPARED_METRIC == {"routing": "test_loss", "noise": "best_val_perplexity", "zloss": "test_perplexity"}
 
 
 def test_scale_statement_computes_parameters_tokens_and_epochs():
     from moe_lib.model import MoETransformer, count_parameters
     from moe_lib.train import load_data
 
-    text_ = reports.scale_statement(SMOKE)
+    text_ = comparison.scale_statement(SMOKE)
     counts = count_parameters(MoETransformer(SMOKE.base.model))
     t = SMOKE.base.train
     tokens = t.steps * t.batch_size * t.seq_len
@@ -234,7 +235,7 @@ def _factorial_study(interaction: float) -> studies.StudyResult:
 
 
 def test_noise_factorial_analysis_gives_anova_terms_and_effect_sizes():
-    anova, contrasts = reports.noise_factorial_analysis(_factorial_study(0.0))
+    anova, contrasts = noise.noise_factorial_analysis(_factorial_study(0.0))
     assert {"noise_std", "load_balancing_weight", "noise_std:load_balancing_weight", "seed", "Residual"} <= set(anova.index)
     assert anova.loc["noise_std", "PR(>F)"] < 0.001
     main = contrasts.set_index(["effect", "level"])
@@ -242,14 +243,14 @@ def test_noise_factorial_analysis_gives_anova_terms_and_effect_sizes():
     assert main.loc[("load_balancing_weight main effect", 0.0), "signs"] == "3/3 seeds"
 
 
-def test_noise_factorial_verdicts_test_the_seeds_limited_interaction_claim():
-    additive = reports.noise_factorial_verdicts(_factorial_study(0.0))
+def test_noise_factorial_verdicts_test_the_originals_limited_interaction_claim():
+    additive = noise.noise_factorial_verdicts(_factorial_study(0.0))
     at_high = next(l for l in additive if l.startswith("Noise x lb interaction at noise 0.5"))
     assert "no evidence of an interaction" in at_high and "inconclusive at n = 3" in at_high
     assert any(l.startswith("Noise 0.5 vs 0, averaged over lb:") and "the CI excludes 0" in l for l in additive)
-    strong = reports.noise_factorial_verdicts(_factorial_study(-0.2))
+    strong = noise.noise_factorial_verdicts(_factorial_study(-0.2))
     at_high = next(l for l in strong if l.startswith("Noise x lb interaction at noise 0.5"))
-    assert "the interaction is real here, against the seed's claim" in at_high
+    assert "the interaction is real here, against the original's claim" in at_high
     assert_clean("\n".join(additive + strong))
 
 
@@ -258,19 +259,19 @@ def test_routing_verdicts_compare_learned_and_random_with_a_shared_expert():
     r = study.results
     gap = {"top-2": 0.0, "top-2 random": 0.2, "top-2 + shared": 0.0, "top-2 random + shared": 0.05}
     r["test_loss"] = [2.0 + gap.get(c, 0.0) + 0.01 * s for c, s in zip(r.condition, r.seed)]
-    line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
+    line = next(l for l in routing.routing_verdicts(study) if l.startswith("With one shared expert"))
     assert "paired difference -0.050 nats" in line and "without it -0.200 nats" in line
     assert "shrinks learned routing's advantage by 0.150 nats" in line and "the CI excludes 0" in line
     # seeds that disagree: the shared expert shrinks the advantage on one seed and grows it on two
     shared_gap = {42: 0.0, 43: 0.3, 44: 0.25}
     r["test_loss"] = [2.0 + gap.get(c, 0.0) + (shared_gap[s] if c == "top-2 random + shared" else 0.0)
                       for c, s in zip(r.condition, r.seed)]
-    line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
+    line = next(l for l in routing.routing_verdicts(study) if l.startswith("With one shared expert"))
     assert "inconclusive at n = 3" in line and "2/3 seeds" in line and "grows learned routing's advantage" in line
     # a reversal: with the shared expert random routing wins on every seed
     r["test_loss"] = [2.0 + {"top-2 random": 0.2, "top-2 + shared": 0.05}.get(c, 0.0) + 0.001 * (s - 43) * (c == "top-2 + shared")
                       for c, s in zip(r.condition, r.seed)]
-    line = next(l for l in reports.routing_verdicts(study) if l.startswith("With one shared expert"))
+    line = next(l for l in routing.routing_verdicts(study) if l.startswith("With one shared expert"))
     assert "shrinks learned routing's advantage by 0.250 nats" in line and "random routing has the lower mean loss" in line
 
 
@@ -287,7 +288,7 @@ def _capacity_study(seeds=None) -> studies.StudyResult:
 
 
 def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
-    lines = reports.capacity_verdicts(_capacity_study((42, 43, 44)))
+    lines = capacity.capacity_verdicts(_capacity_study((42, 43, 44)))
     drops = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: dropped slots"))
     assert "40.0 without load balancing vs 10.0 with it" in drops and "the CI excludes 0" in drops
     ppl = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: val PPL"))
@@ -295,7 +296,7 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
     assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: val PPL 102.00 vs 100.00") for l in lines)
     assert len([l for l in lines if "must drop" in l]) == 0  # no cf < 1 in the sweep: nothing is forced to drop
     assert "lb=0.01: every finite capacity factor in the sweep drops 1% of slots or more (seed mean); the fewest, 8.0%, at cf=1.25." in lines
-    loose = reports.capacity_verdicts(_capacity_study((42, 43, 44)), threshold=0.09)
+    loose = capacity.capacity_verdicts(_capacity_study((42, 43, 44)), threshold=0.09)
     assert "lb=0.01: the smallest capacity factor in the sweep that drops fewer than 9% of slots (seed mean) is cf=1.25." in loose
     dropless = next(l for l in lines if l.startswith("cf=dropless, lb 0.01 vs 0: val PPL"))
     assert "100.00 without load balancing vs 100.00 with it" in dropless and "inconclusive at n = 3" in dropless
@@ -304,7 +305,7 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
     anova = {l.split(":")[0]: l for l in lines if l.startswith("ANOVA")}
     assert set(anova) == {f"ANOVA on log val_perplexity, {t}" for t in ("capacity factor", "load_balancing_weight", "capacity factor x load_balancing_weight")}
     assert "p < 0.001" in anova["ANOVA on log val_perplexity, capacity factor"]
-    one_seed = reports.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
+    one_seed = capacity.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
     assert any("too few seeds for an interval" in l for l in one_seed)
     assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)
     assert_clean("\n".join(lines + one_seed).replace("Time per step", ""))
@@ -317,7 +318,7 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
 ])
 def test_results_vs_original_puts_the_reported_numbers_beside_ours(name, original, metric):
     study = fake_study(name, (42, 43, 44), expert_usage_cv_pooled=0.2, val_entropy_L0=1.2, val_entropy_L1=1.0)
-    table = reports.results_vs_original(study)
+    table = comparison.results_vs_original(study)
     assert len(table) == len(original)  # one row per condition the original reported
     assert (table[("seeds", "ours")] == 3).all()
     assert metric in table.columns and (metric[0], "ours") in table.columns
@@ -331,15 +332,15 @@ def test_results_vs_original_puts_the_reported_numbers_beside_ours(name, origina
         assert table.loc["baseline", ("improvement vs baseline", "ours")] == "–"
     assert_clean(table.to_string())
     with pytest.raises(ValueError, match="valid studies"):
-        reports.results_vs_original(fake_study("capacity", (42,)))
+        comparison.results_vs_original(fake_study("capacity", (42,)))
 
 
 def test_zloss_verdicts_read_the_entropy_change_seed_paired():
     study = fake_study("zloss", (42, 43, 44))
     r = study.results
     r["router_entropy"] = [1.0 + 0.01 * (s - 43) + {"z=0.01": 0.1, "z=0.001": -0.1}.get(c, 0.0) for c, s in zip(r.condition, r.seed)]
-    lines = reports.zloss_verdicts(study)
+    lines = zloss.zloss_verdicts(study)
     assert any(l.startswith("z=0.01: routing entropy +0.100 nats") and "less confident routing" in l for l in lines)
-    assert any(l.startswith("z=0.001: routing entropy -0.100 nats") and "more confident routing, as the seed claimed" in l for l in lines)
+    assert any(l.startswith("z=0.001: routing entropy -0.100 nats") and "more confident routing, as the original claimed" in l for l in lines)
     assert any(l.startswith("z=0.001, no noise: routing entropy +0.000 nats") and "inconclusive" in l for l in lines)
     assert_clean("\n".join(lines))

@@ -1,4 +1,4 @@
-"""moe_lib.specialization: information measures against hand values, the play-layout rules,
+"""moe_lib.information and moe_lib.studies.traces / trace_counts: information measures against hand values, the play-layout rules,
 co-activation counts, and routing traces of a real (small) model on the embedded plays."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lib import specialization as spec
+from moe_lib import information
+from moe_lib.studies import trace_counts, traces
 from moe_lib.config import DataConfig, ModelConfig
 from moe_lib.data import line_roles, prepare_data
 from moe_lib.model import MoETransformer
@@ -17,22 +18,22 @@ from moe_lib.model import MoETransformer
 
 # --------------------------------------------------------------------------- information
 def test_entropy_and_mutual_information_match_hand_values():
-    assert spec.entropy_bits(["a", "a", "b", "b"]) == pytest.approx(1.0)
-    assert spec.entropy_bits([0, 0, 0, 1]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
-    assert spec.mutual_information([0, 0, 1, 1], ["x", "x", "y", "y"]) == pytest.approx(1.0)  # y determines x
-    assert spec.mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0)  # independent, balanced
+    assert trace_counts.entropy_bits(["a", "a", "b", "b"]) == pytest.approx(1.0)
+    assert trace_counts.entropy_bits([0, 0, 0, 1]) == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    assert trace_counts.mutual_information([0, 0, 1, 1], ["x", "x", "y", "y"]) == pytest.approx(1.0)  # y determines x
+    assert trace_counts.mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0)  # independent, balanced
     # p(x,y): (0,0)=1/2, (1,0)=1/4, (1,1)=1/4 -> I = H(X) + H(Y) - H(X,Y) = 1 + 0.811 - 1.5
     h_y = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
-    assert spec.mutual_information([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(1 + h_y - 1.5)
+    assert trace_counts.mutual_information([0, 0, 1, 1], [0, 0, 0, 1]) == pytest.approx(1 + h_y - 1.5)
     with pytest.raises(ValueError, match="equally long"):
-        spec.mutual_information([0, 1], [0])
+        trace_counts.mutual_information([0, 1], [0])
 
 
 def test_plug_in_mi_of_independent_labels_is_about_the_miller_madow_bias():
     rng = np.random.default_rng(0)
     m, nx, ny = 20_000, 8, 6
-    estimates = [spec.mutual_information(rng.integers(0, nx, m), rng.integers(0, ny, m)) for _ in range(20)]
-    bias = spec.miller_madow_bias(m, nx, ny)
+    estimates = [trace_counts.mutual_information(rng.integers(0, nx, m), rng.integers(0, ny, m)) for _ in range(20)]
+    bias = trace_counts.miller_madow_bias(m, nx, ny)
     assert bias == pytest.approx(35 / (2 * m * math.log(2)))
     assert 0.6 * bias < np.mean(estimates) < 1.4 * bias  # positive, and of the predicted size
 
@@ -43,8 +44,8 @@ def test_line_roles_read_speakers_and_stage_directions_from_the_layout():
     assert line_roles(text) == [
         "direction", "blank", "direction", "blank", "speaker", "speech", "speech", "blank", "direction", "blank", "direction",
     ]
-    classes = spec.character_classes(text)
-    names = np.asarray(spec.TOKEN_CLASSES)
+    classes = traces.character_classes(text)
+    names = np.asarray(traces.TOKEN_CLASSES)
     start = text.index("HAMLET\nSo")
     assert set(names[classes[start : start + 6]]) == {"speaker name"}
     assert names[classes[text.index("much")]] == "other word"
@@ -55,7 +56,7 @@ def test_line_roles_read_speakers_and_stage_directions_from_the_layout():
 
 # --------------------------------------------------------------------------- co-activation
 def test_coactivation_counts_and_lift():
-    counts = spec.coactivation_counts(np.array([[0, 1], [1, 0], [1, 2], [3, 2]]), 4)
+    counts = trace_counts.coactivation_counts(np.array([[0, 1], [1, 0], [1, 2], [3, 2]]), 4)
     expected = np.zeros((4, 4), dtype=int)
     expected[0, 1] = expected[1, 0] = 2
     expected[1, 2] = expected[2, 1] = 1
@@ -63,7 +64,7 @@ def test_coactivation_counts_and_lift():
     assert np.array_equal(counts, expected)
     # every pair equally often: the usage-predicted count is met exactly, lift 1 off the diagonal
     pairs = np.array([[i, j] for i in range(4) for j in range(4) if i < j])
-    lift = spec.coactivation_lift(spec.coactivation_counts(pairs, 4))
+    lift = trace_counts.coactivation_lift(trace_counts.coactivation_counts(pairs, 4))
     off_diagonal = lift[~np.eye(4, dtype=bool)]
     assert np.allclose(off_diagonal, 1.0) and np.isnan(np.diag(lift)).all()
 
@@ -83,8 +84,8 @@ def tiny_model(vocab_size: int, router: str = "topk") -> MoETransformer:
 
 def test_trace_routes_every_token_within_its_document(plays):
     model = tiny_model(plays.vocab_size)
-    annotation = spec.annotate_split(plays.test, plays.tokenizer)
-    trace = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32)
+    annotation = traces.annotate_split(plays.test, plays.tokenizer)
+    trace = traces.trace_routing(model, plays.test, annotation=annotation, seq_len=32)
     assert trace.experts.shape == (2, len(plays.test), 2)
     assert len(annotation.token_text) == len(plays.test) == len(annotation.token_class)
     assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # k distinct experts per token
@@ -97,7 +98,7 @@ def test_trace_routes_every_token_within_its_document(plays):
         assert np.array_equal(r.expert_indices.numpy(), trace.experts[layer, start : start + 32])
     genres = set(trace.labels("genre"))
     assert genres <= {"comedy", "tragedy", "history"} and len(genres) >= 2
-    table = spec.label_utilization(trace, trace.labels("genre"), "genre")
+    table = trace_counts.label_utilization(trace, trace.labels("genre"), "genre")
     assert np.allclose(table.groupby(["layer", "genre"]).share.sum(), 1.0)
     with pytest.raises(ValueError, match="unknown label 'mood'"):
         trace.labels("mood")
@@ -105,13 +106,13 @@ def test_trace_routes_every_token_within_its_document(plays):
 
 def test_random_router_trace_is_reproducible_and_near_chance(plays):
     model = tiny_model(plays.vocab_size, router="random")
-    annotation = spec.annotate_split(plays.test, plays.tokenizer)
-    a = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
-    b = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
-    c = spec.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=8)
+    annotation = traces.annotate_split(plays.test, plays.tokenizer)
+    a = traces.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
+    b = traces.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=7)
+    c = traces.trace_routing(model, plays.test, annotation=annotation, seq_len=32, seed=8)
     assert np.array_equal(a.experts, b.experts) and not np.array_equal(a.experts, c.experts)
     assert np.abs(a.utilization() - 0.25).max() < 0.02
-    mi = spec.mi_by_layer(a, ("token_class",))
+    mi = trace_counts.mi_by_layer(a, ("token_class",))
     # the random router's MI with the token class is of the size of the estimator's bias, not more
     assert (mi.mi_bits < 5 * mi.miller_madow_bits).all()
 
@@ -119,11 +120,11 @@ def test_random_router_trace_is_reproducible_and_near_chance(plays):
 # --------------------------------------------------------------------------- genre beyond play and token
 def _trace(doc_of_token, documents, experts, tokens):
     n = len(doc_of_token)
-    annotation = spec.SplitAnnotation(
+    annotation = traces.SplitAnnotation(
         token_ids=np.asarray(tokens), doc_index=np.asarray(doc_of_token), doc_offsets=np.zeros(len(documents) + 1, dtype=int),
         token_text=[""] * n, token_class=np.zeros(n, dtype=int), documents=documents,
     )
-    return spec.RoutingTrace(annotation, np.asarray(experts, dtype=np.int16).reshape(1, n, 1), np.ones((1, n, 1), np.float32), 4)
+    return traces.RoutingTrace(annotation, np.asarray(experts, dtype=np.int16).reshape(1, n, 1), np.ones((1, n, 1), np.float32), 4)
 
 
 def test_conditional_mi_is_zero_when_the_token_explains_the_expert():
@@ -131,11 +132,11 @@ def test_conditional_mi_is_zero_when_the_token_explains_the_expert():
     token = rng.integers(0, 20, 4000)
     genre = np.where(token < 10, "comedy", "tragedy")  # genres use different words
     expert = token // 5  # a router that only looks at the token
-    assert spec.mutual_information(expert, genre) > 0.9  # "genre information" (about 1 bit) without knowing genre
-    assert spec.conditional_mutual_information(expert, genre, token) == pytest.approx(0.0, abs=1e-12)
+    assert trace_counts.mutual_information(expert, genre) > 0.9  # "genre information" (about 1 bit) without knowing genre
+    assert information.conditional_mutual_information(expert, genre, token) == pytest.approx(0.0, abs=1e-12)
     # by hand on a tiny case: X = Y within each Z, two equiprobable values -> I(X;Y|Z) = 1 bit
     x, y, z = [0, 1, 0, 1], [0, 1, 0, 1], [0, 0, 1, 1]
-    assert spec.conditional_mutual_information(x, y, z) == pytest.approx(1.0)
+    assert information.conditional_mutual_information(x, y, z) == pytest.approx(1.0)
 
 
 def test_genre_permutation_test_shuffles_whole_plays():
@@ -147,23 +148,23 @@ def test_genre_permutation_test_shuffles_whole_plays():
     # each play has its own favourite expert, unrelated to its genre: play-level clustering only
     favourite = rng.integers(0, 4, 12)
     experts = np.where(rng.random(doc.size) < 0.7, favourite[doc], rng.integers(0, 4, doc.size))
-    clustered = spec.label_permutation_test(_trace(doc, documents, experts, doc), 0, permutations=200, seed=0)
-    assert clustered["mi_bits"] > 10 * spec.miller_madow_bias(doc.size, 4, 2)  # a token-level test would call it significant
+    clustered = trace_counts.label_permutation_test(_trace(doc, documents, experts, doc), 0, permutations=200, seed=0)
+    assert clustered["mi_bits"] > 10 * trace_counts.miller_madow_bias(doc.size, 4, 2)  # a token-level test would call it significant
     assert clustered["p_value"] > 0.05 and clustered["units"] == 12
     # experts that really follow genre: the observed MI is beyond every relabelling of plays
     by_genre = np.where(rng.random(doc.size) < 0.7, np.where(np.asarray(genres)[doc] == "comedy", 0, 3), rng.integers(0, 4, doc.size))
-    real = spec.label_permutation_test(_trace(doc, documents, by_genre, doc), 0, permutations=200, seed=0)
+    real = trace_counts.label_permutation_test(_trace(doc, documents, by_genre, doc), 0, permutations=200, seed=0)
     assert real["p_value"] <= 0.01
     mixed = [dict(d) for d in documents]
     mixed.append({"play": "play0", "genre": "tragedy"})
     with pytest.raises(ValueError, match="not constant"):
-        spec.label_permutation_test(_trace(np.append(doc, 12), mixed, np.append(experts, 0), np.append(doc, 0)), 0)
+        trace_counts.label_permutation_test(_trace(np.append(doc, 12), mixed, np.append(experts, 0), np.append(doc, 0)), 0)
 
 
 def test_genre_controls_separate_genre_following_experts_from_play_clustering():
     from types import SimpleNamespace
 
-    from moe_lib import reports
+    from moe_lib.studies import specialization
 
     rng = np.random.default_rng(2)
     genres = ["comedy"] * 6 + ["tragedy"] * 6
@@ -175,14 +176,14 @@ def test_genre_controls_separate_genre_following_experts_from_play_clustering():
         follows = np.where(rng.random(doc.size) < 0.7, np.where(np.asarray(genres)[doc] == "comedy", 0, 3), rng.integers(0, 4, doc.size))
         traces[("learned top-2", seed)] = _trace(doc, documents, follows, tokens)
         traces[("random top-2", seed)] = _trace(doc, documents, rng.integers(0, 4, doc.size), tokens)
-    controls = reports.genre_controls(SimpleNamespace(traces=traces), permutations=99)
+    controls = specialization.genre_controls(SimpleNamespace(traces=traces), permutations=99)
     assert len(controls) == 6 and set(controls.condition) == {"learned top-2", "random top-2"}
     # the fast permutation path computes the same observed MI as the plain estimator
     trace = traces[("learned top-2", 42)]
     row = controls[(controls.condition == "learned top-2") & (controls.seed == 42)].iloc[0]
-    assert row.mi_bits == pytest.approx(spec.expert_label_mi(trace, trace.labels("genre"), 0), abs=1e-12)
+    assert row.mi_bits == pytest.approx(trace_counts.expert_label_mi(trace, trace.labels("genre"), 0), abs=1e-12)
     assert (controls[controls.condition == "learned top-2"].p_value <= 0.01).all()
-    table = reports.genre_control_table(controls)
+    table = specialization.genre_control_table(controls)
     assert table.loc[0, "learned top-2: seeds p < 0.05"] == "3/3"
-    lines = reports.genre_control_verdicts(controls)
+    lines = specialization.genre_control_verdicts(controls)
     assert "3 of 3 layer-seed pairs" in lines[0] and "in 1 of 1 layers" in lines[2]

@@ -31,11 +31,21 @@ def test_t_errorbar_is_the_tables_t_interval_not_a_bootstrap():
 
 
 def test_sign_consistency_counts_the_seeds_that_agree_with_the_mean():
-    assert sign_consistency([1.0, 2.0, -1.0]) == "2/3 seeds"
-    assert sign_consistency([-0.5, -0.1, -2.0]) == "3/3 seeds"
-    assert sign_consistency([0.0, 0.0]) == "0/2 seeds"
-    assert sign_consistency([1.0, float("nan")]) == "1/1 seeds"
-    assert sign_consistency([]) == "0/0 seeds"
+    assert sign_consistency([1.0, 2.0, -1.0]) == (2, 3)
+    assert sign_consistency([-0.5, -0.1, -2.0]) == (3, 3)
+    assert sign_consistency([0.0, 0.0]) == (0, 2)
+    assert sign_consistency([1.0, float("nan")]) == (1, 1)
+    assert sign_consistency([]) == (0, 0)
+
+
+def test_sign_consistency_counts_the_seeds_that_favour_a_named_side():
+    # "lower in k/n seeds" (notebook 07) and "k/n seeds point the same way" are one count with a side
+    differences = [1.0, 2.0, -1.0, 0.0]
+    assert sign_consistency(differences, favours="lower") == (1, 4)
+    assert sign_consistency(differences, favours="higher") == (2, 4)
+    assert sign_consistency(differences, favours="mean") == (2, 4)
+    with pytest.raises(ValueError, match="favours='better'.*'mean', 'lower', 'higher'"):
+        sign_consistency(differences, favours="better")
 
 
 def test_minimum_detectable_effect_solves_the_paired_t_power_equation():
@@ -91,7 +101,7 @@ def test_factorial_contrasts_are_per_seed_differences_with_the_t_interval():
     assert row.pct == pytest.approx(100 * (math.exp(mean) - 1))
     inter = (y[(0.5, 0.01)] - y[(0.0, 0.01)]) - (y[(0.5, 0.0)] - y[(0.0, 0.0)])
     row = out.loc[("noise x lb interaction (lb 0.01 minus 0.0)", 0.5)]
-    assert row["mean"] == pytest.approx(inter.mean()) and row.signs == sign_consistency(inter)
+    assert row["mean"] == pytest.approx(inter.mean()) and row.signs == "{}/{} seeds".format(*sign_consistency(inter))
     with pytest.raises(ValueError, match="valid levels"):
         factorial_contrasts(df, "ppl", "noise", "lb", baseline=0.3)
     with pytest.raises(ValueError, match="unknown column"):

@@ -407,8 +407,9 @@ def test_real_grid_interrupted_and_resumed_equals_uninterrupted(smoke, tmp_path)
 
 def test_missing_checkpoint_is_retrained_and_its_row_replaced(smoke, tmp_path, monkeypatch):
     from moe_lib import studies
+    from moe_lib.studies import result
 
-    monkeypatch.setattr(studies, "output_paths", lambda profile: type("P", (), {"saved_models": tmp_path / "models", "results": tmp_path / "results"})())
+    monkeypatch.setattr(result, "output_paths", lambda profile: type("P", (), {"saved_models": tmp_path / "models", "results": tmp_path / "results"})())
     grid = studies.build_grid("routing", smoke, seeds=[42])
     train = functools.partial(train_run, profile="smoke")
     from moe_lib.experiments import load_histories, run_grid

@@ -1,9 +1,9 @@
 """The original studies' reported results, as data, with their source.
 
 The course compares its runs with what the originals reported; those numbers live here, once,
-and the verdicts in :mod:`moe_lib.reports` compute their comparisons from these tables. Labels
+and the verdicts in :mod:`moe_lib.studies` compute their comparisons from these tables. Labels
 (``condition``) are the course's condition labels, so a table joins on them directly. The
-sources are the documents in the course's seed material (see the README's sources).
+sources are the documents in the course's source material (see the README's sources).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ SOURCES = {"routing": ROUTING_SOURCE, "noise": NOISE_SOURCE, "zloss": ZLOSS_SOUR
 
 # --------------------------------------------------------------------------- the originals' setups
 # What each original's code and write-up actually did, one entry per row of
-# :func:`moe_lib.reports.setup_comparison` (keys are :data:`SETUP_ROWS`). Facts read from the
-# originals' public code, summarised in the seed material's README ("What the originals' code
+# :func:`moe_lib.studies.comparison.setup_comparison` (keys are :data:`SETUP_ROWS`). Facts read from the
+# originals' public code, summarised in the source material's README ("What the originals' code
 # actually did"); "not stated" where neither the code summary nor the write-up gives a value.
 SETUP_ROWS = (
     "data", "model size", "steps and tokens", "gate function", "shared expert",
@@ -133,7 +133,7 @@ SETUPS: dict[str, dict[str, str]] = {
     },
 }
 SETUP_SOURCES = {
-    "routing": "tsh-03/moe-experiments code and README (seed 003)",
-    "noise": f"routing-noise write-up (seed 004) and {_LLM_PY}",
-    "zloss": f"z-loss tutorial and plan (seeds 000, 001) and {_LLM_PY}",
+    "routing": "tsh-03/moe-experiments code and README (source tutorial 003)",
+    "noise": f"routing-noise write-up (source tutorial 004) and {_LLM_PY}",
+    "zloss": f"z-loss tutorial and plan (source tutorials 000, 001) and {_LLM_PY}",
 }

@@ -1,29 +1,108 @@
-"""Tables, verdicts and figures of notebook 07 (the ``modern`` study of :mod:`moe_lib.modern_studies`).
+"""Notebook 07's study: what modern MoE changes, each variant against the classic one. Its grid, tables,
+verdicts and figures (loss per token, FLOP and second; router saturation; the expert-choice leak).
 
-Pure functions of a results table (one row per run) and a history table, so that they can be
-checked on hand-made frames. A comparison names a winner only when its 95% t interval
-excludes 0; otherwise it says "inconclusive at n = <pairs>", never "no effect".
+One grid, so the shared baseline is trained once per seed and every comparison is paired
+by seed. Conditions (all from the profile's base model, 8 experts top-2 on the cpu profile):
+
+* ``classic`` - token-choice top-2, softmax, load-balancing loss 0.01: the baseline.
+* ``dense (same active)`` - one SwiGLU of width ``k d_ff``: the same FLOPs per token,
+  less the router's (``ffn="dense"``, see :class:`~moe_lib.config.ModelConfig`).
+* ``dense (same total)`` - one SwiGLU of width ``E d_ff``: the same FFN parameters as all
+  E experts, so E/k times the FFN FLOPs.
+* ``fine-grained + shared`` - DeepSeekMoE: granularity m = 4 (:func:`~moe_lib.config.fine_grained`),
+  one fine expert made shared and the routed top-k cut by one, and one routed expert
+  fewer: ``(E m - 1)`` routed, top ``(k m - 1)``, 1 shared of width ``d_ff / m``. Active
+  and total expert parameters equal the classic model's.
+* ``sigmoid`` - DeepSeek-V3's scoring, everything else classic.
+* ``aux-loss-free`` - no load-balancing loss; the selection bias with u = 1e-3 (Wang et al.).
+* ``no balancing`` - neither the loss nor the bias: the control for both, so that notebook 07
+  can say what each mechanism buys over doing nothing.
+* ``expert choice`` - each expert takes its top C = N k / E tokens. Its validation loss is
+  computed in batches like every other, so it benefits from the future tokens it can see:
+  read it as a leak, not a win.
+
+Router saturation (OLMoE) needs checkpoints from inside a run: notebook 07 trains those runs
+with ``TrainConfig.checkpoint_steps``, outside this grid.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import torch
 
-from .config import RunConfig
-from .metrics import router_saturation
-from .model import MoETransformer, flops_per_token
-from .statistics import mean_std_text, paired_comparison, paired_differences
+from ..config import RunConfig, fine_grained
+from ..experiments import Grid, Run
+from ..metrics import router_saturation
+from ..model import MoETransformer, flops_per_token
+from ..profiles import Profile
+from ..statistics import condition_differences, mean_std_text, paired_comparison, sign_consistency
+from .verdicts import ci_side, inconclusive, seeds_text
 
-BASELINE = "classic"
+GRANULARITY = 4
+BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's u
+MODERN_BASELINE = "classic"
+
+
+def modern_conditions(base: RunConfig) -> dict[str, RunConfig]:
+    """Label -> config of every condition, built from ``base`` as the module docstring says."""
+    m = base.model.replace(
+        ffn="moe", router="topk", score_func="softmax", load_balancing_weight=0.01, bias_update_rate=0.0,
+        noise_std=0.0, z_loss_weight=0.0, capacity_factor=None, num_shared_experts=0,
+    )
+    fine = fine_grained(m, GRANULARITY)
+    models = {
+        MODERN_BASELINE: m,
+        "dense (same active)": m.replace(ffn="dense"),
+        "dense (same total)": m.replace(ffn="dense", top_k=1, d_ff=m.num_experts * m.d_ff),
+        "fine-grained + shared": fine.replace(num_experts=fine.num_experts - 1, top_k=fine.top_k - 1, num_shared_experts=1),
+        "sigmoid": m.replace(score_func="sigmoid"),
+        "aux-loss-free": m.replace(load_balancing_weight=0.0, bias_update_rate=BIAS_UPDATE_RATE),
+        "no balancing": m.replace(load_balancing_weight=0.0),
+        "expert choice": m.replace(router="expert_choice"),
+    }
+    return {label: RunConfig(model=model, data=base.data, train=base.train) for label, model in models.items()}
+
+
+def variant_slug(label: str) -> str:
+    """``"dense (same active)"`` -> ``"dense-same-active"``: the run id's factor level."""
+    return "-".join(label.replace("(", " ").replace(")", " ").replace("+", " ").split())
+
+
+# The default grid: every condition (8 conditions x 3 seeds on the cpu profile).
+MODERN_GRID_CONDITIONS = (
+    MODERN_BASELINE, "dense (same active)", "dense (same total)", "fine-grained + shared", "sigmoid", "aux-loss-free", "no balancing",
+    "expert choice",
+)
+
+
+def modern_grid(profile: Profile, seeds=None, conditions: tuple[str, ...] = MODERN_GRID_CONDITIONS) -> Grid:
+    """The ``conditions`` of :func:`modern_conditions` on the profile's seeds, paired against ``classic``."""
+    available = modern_conditions(profile.base)
+    unknown = [c for c in conditions if c not in available]
+    if unknown or MODERN_BASELINE not in conditions:
+        raise ValueError(f"modern_grid conditions {list(conditions)!r} must include {MODERN_BASELINE!r} and come from {list(available)}")
+    runs: list[Run] = []
+    for label in conditions:
+        config = available[label]
+        factors: dict[str, Any] = {"variant": variant_slug(label)}
+        runs.extend(Run(condition=label, factors=factors, seed=seed, config=config) for seed in seeds or profile.seeds)
+    return Grid(name="modern", runs=runs, factors=("variant",), baseline=MODERN_BASELINE, compares_time=True)  # per-second verdicts
+
+
+# Merged into moe_lib.studies.STUDIES: ``run_study("modern")``.
+MODERN_STUDIES = {"modern": modern_grid}
+
+
+BASELINE = MODERN_BASELINE
 DENSE_BASELINES = ("dense (same active)", "dense (same total)")
 
 
-def _conditions(results: pd.DataFrame) -> list[str]:
+def condition_order(results: pd.DataFrame) -> list[str]:
+    """The conditions in the order their first row appears in ``results``."""
     return list(dict.fromkeys(results["condition"]))
 
 
@@ -39,7 +118,7 @@ def condition_table(results: pd.DataFrame, flops: Mapping[str, int]) -> pd.DataF
     set, averaged over layers; both are 0 for a dense model, which has nothing to balance.
     """
     rows = []
-    for condition in _conditions(results):
+    for condition in condition_order(results):
         part = results[results.condition == condition]
         rows.append({
             "condition": condition,
@@ -69,39 +148,22 @@ def per_layer_balance(results: pd.DataFrame, conditions: Sequence[str]) -> pd.Da
     return pd.DataFrame(rows).set_index("condition")
 
 
-def sign_consistency(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity") -> tuple[int, int]:
-    """``(k, n)``: in k of the n seed pairs ``condition`` has the lower ``metric`` than ``baseline``."""
-    pairs = paired_differences(results, baseline, metric)
-    part = pairs[pairs.condition == condition]
-    return int((part.difference < 0).sum()), len(part)
-
-
 def comparison_table(results: pd.DataFrame, metric: str = "test_perplexity", baseline: str = BASELINE) -> pd.DataFrame:
     """Every condition against ``baseline``, paired by seed: mean difference, its 95% t interval,
     the % change (positive = better) and "k/n seeds" in which the condition is better."""
     cmp = paired_comparison(results, baseline=baseline, metric=metric)
     rows = []
     for _, c in cmp.iterrows():
-        k, n = sign_consistency(results, c.condition, baseline, metric)
+        k, n = sign_consistency(condition_differences(results, baseline, c.condition, metric), favours="lower")
         rows.append({
             "condition": c.condition,
             "pairs": c.n_pairs,
             f"Δ {metric}": "–" if pd.isna(c.mean_difference) else f"{c.mean_difference:+.2f}",
             "95% CI": "–" if pd.isna(c.difference_ci_low) else f"[{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]",
             "better (%)": "–" if pd.isna(c.improvement_pct) else f"{c.improvement_pct:+.1f}",
-            "better in": f"{k}/{n} seeds",
+            "better in": seeds_text(k, n),
         })
     return pd.DataFrame(rows).set_index("condition")
-
-
-def _ci_side(comparison: pd.Series) -> str:
-    """``"lower"``, ``"higher"`` or ``"inconclusive"``: where a :func:`~moe_lib.statistics.paired_comparison` row's
-    95% CI of the difference lies against 0 (no interval, one pair: inconclusive)."""
-    if comparison.difference_ci_high < 0:
-        return "lower"
-    if comparison.difference_ci_low > 0:
-        return "higher"
-    return "inconclusive"
 
 
 def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
@@ -111,18 +173,19 @@ def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, met
     if condition not in row.index:
         raise ValueError(f"unknown condition {condition!r}: valid conditions are {list(row.index)}")
     c = row.loc[condition]
-    k, n = sign_consistency(results, condition, baseline, metric)
+    differences = condition_differences(results, baseline, condition, metric)
+    k, n = sign_consistency(differences, favours="lower")
     subject = f"{condition} vs {baseline}, {what}"
     if n == 0:
         return f"{subject}: no seed has both runs, so there is nothing to compare."
     pct = f"{abs(c.improvement_pct):.1f}% {'better' if c.improvement_pct >= 0 else 'worse'}"
-    head = f"{subject}: {c.mean_difference:+.2f} on average ({pct}), lower in {k}/{n} seeds"
+    head = f"{subject}: {c.mean_difference:+.2f} on average ({pct}), lower in {seeds_text(k, n)}"
     if pd.isna(c.difference_ci_low):
-        return f"{head}; no 95% CI with {n} pair, so inconclusive at n = {n}."
+        return f"{head}; no 95% CI with {n} pair, so {inconclusive(differences)}."
     ci = f"95% CI [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}]"
-    side = _ci_side(c)
+    side = ci_side(c)
     if side == "inconclusive":
-        return f"{head}; {ci} includes 0: inconclusive at n = {n}."
+        return f"{head}; {ci} includes 0: {inconclusive(differences)}."
     return f"{head}; {ci} excludes 0: {condition} is {'better' if side == 'lower' else 'worse'}."
 
 
@@ -144,7 +207,7 @@ def moe_vs_dense_summary(results: pd.DataFrame, flops: Mapping[str, int], condit
     for dense in DENSE_BASELINES:
         if dense not in ms.index or condition not in ms.index:
             continue
-        state = _ci_side(paired_comparison(results, baseline=dense, metric="test_perplexity").set_index("condition").loc[condition])
+        state = ci_side(paired_comparison(results, baseline=dense, metric="test_perplexity").set_index("condition").loc[condition])
         flop_ratio, time_ratio = flops[condition] / flops[dense], ms[condition] / ms[dense]
         ppl = {"lower": "lower test perplexity (the CI excludes 0)", "higher": "higher test perplexity (the CI excludes 0)",
                "inconclusive": f"a test perplexity that cannot be told apart from it at n = {n}"}[state]

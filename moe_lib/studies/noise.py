@@ -1,0 +1,178 @@
+"""Notebook 03's study: routing noise_std {0, 0.1, 0.5} x load_balancing_weight {0.01, 0}, the
+routing-noise factorial (6 conditions x seeds 42, 43, 44 = 18 runs). Its grid, tables, factorial
+analysis and verdicts, each effect next to what the original reported.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from ..experiments import Grid
+from ..profiles import Profile
+from ..statistics import factorial_anova, factorial_contrasts, format_mean_std, summarize
+from . import originals
+from .result import StudyResult, conditions, pair_values, paired_table
+from .verdicts import anova_lines, ci_text, contrast_text, interval_cell, p_text, significance
+
+
+NOISE_LEVELS = (0.0, 0.1, 0.5)
+LB_WEIGHTS = (0.01, 0.0)
+
+
+def noise_grid(profile: Profile, seeds=None) -> Grid:
+    """noise_std x load_balancing_weight, 8 experts top-2, the original's Muon + AdamW hybrid."""
+    conditions = {
+        f"noise={noise}, lb={lb}": {"noise_std": noise, "load_balancing_weight": lb}
+        for noise, lb in itertools.product(NOISE_LEVELS, LB_WEIGHTS)
+    }
+    base = profile.base.with_train(optimizer="muon")
+    return Grid.from_conditions("noise_factorial", base, conditions, seeds or profile.seeds, baseline="noise=0.0, lb=0.01")
+
+
+ORIGINAL_NOISE_COLUMNS = [
+    "seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
+    "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv",
+    "expert_usage_cv_pooled",  # the original's expert_usage_cv: counts of all layers summed, then CV
+]
+
+
+def _cv_ratio_phrase(off: float, on: float) -> str:
+    """How many times lower the usage CV is with load balancing; words, never ``inf`` or ``nan``, when there is no ratio."""
+    if pd.isna(off) or pd.isna(on):
+        return "no value to compare."
+    if on == 0:
+        return "both are 0 (perfectly even usage), so there is no ratio." if off == 0 else "0 with it, so the ratio is unbounded."
+    return f"{off / on:.1f}x lower with lb 0.01."
+
+
+def noise_condition_table(study: StudyResult) -> pd.DataFrame:
+    """Best val PPL, usage CV and time per condition: mean ± std and the 95% CI of the mean."""
+    metrics = ["best_val_perplexity", "expert_usage_cv", "training_time_minutes"]
+    s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=metrics)
+    table = pd.DataFrame({
+        "noise_std": s.noise_std,
+        "lb weight": s.load_balancing_weight,
+        "n": s.best_val_perplexity_n,
+        "best val PPL": [format_mean_std(m, d, 2) for m, d in zip(s.best_val_perplexity_mean, s.best_val_perplexity_std)],
+        "PPL 95% CI": [interval_cell(lo, hi, 2) for lo, hi in zip(s.best_val_perplexity_ci_low, s.best_val_perplexity_ci_high)],
+        "usage CV": [format_mean_std(m, d, 4) for m, d in zip(s.expert_usage_cv_mean, s.expert_usage_cv_std)],
+        "CV 95% CI": [interval_cell(lo, hi, 4) for lo, hi in zip(s.expert_usage_cv_ci_low, s.expert_usage_cv_ci_high)],
+        "time (min)": [format_mean_std(m, float("nan"), 2) for m in s.training_time_minutes_mean],
+    })
+    return table.reset_index(drop=True)
+
+
+def per_seed_table(study: StudyResult, metrics: list[str]) -> pd.DataFrame:
+    """Rows: conditions; columns: (metric, seed)."""
+    table = study.results.pivot_table(index="condition", columns="seed", values=metrics, sort=False)
+    return table.reindex(conditions(study)).round(4)
+
+
+def _original_noise() -> pd.DataFrame:
+    """The original's noise table, one row per noise level: PPL cost of noise vs noise 0 and of lb 0 vs 0.01, and the CV ratio."""
+    t = originals.NOISE.set_index(["noise_std", "load_balancing_weight"])
+    ppl, cv = t.best_val_perplexity_mean, t.expert_usage_cv
+    rows = []
+    for noise in NOISE_LEVELS:
+        cost = [ppl[noise, lb] - ppl[0.0, lb] for lb in LB_WEIGHTS]
+        rows.append({
+            "noise_std": noise,
+            "noise_cost_ppl": np.mean(cost),
+            "noise_cost_pct": np.mean([100 * c / ppl[0.0, lb] for c, lb in zip(cost, LB_WEIGHTS)]),
+            "lb_edge_ppl": ppl[noise, 0.0] - ppl[noise, 0.01],
+            "cv_ratio": cv[noise, 0.0] / cv[noise, 0.01],
+        })
+    return pd.DataFrame(rows).set_index("noise_std")
+
+
+def _ppl_line(study: StudyResult, baseline: str, condition: str, label: str, metric: str = "best_val_perplexity") -> str:
+    """``condition`` vs ``baseline`` on ``metric`` (PPL), seed-paired: % and PPL change, CI, p, verdict."""
+    cmp = paired_table(study, metric, baseline).loc[condition]
+    if cmp.n_pairs == 0:
+        return f"{label}: no seed has a {metric} for both, so no comparison."
+    return (
+        f"{label}: {-cmp.improvement_pct:+.1f}% {metric.replace('_', ' ')} "
+        f"({cmp.mean_difference:+.2f} PPL, {ci_text(-cmp.improvement_pct_ci_high, -cmp.improvement_pct_ci_low, 1, '%')}, "
+        f"paired t-test p = {p_text(cmp.p_value)}): "
+        f"{significance(cmp.difference_ci_low, cmp.difference_ci_high, pair_values(study, metric, baseline, condition), 1, ' PPL')}."
+    )
+
+
+def noise_verdicts(study: StudyResult) -> list[str]:
+    """Noise and load-balancing effects (seed-paired, with CIs), each followed by what the original reported."""
+    r = study.results
+    orig = _original_noise()
+    lines = []
+    for lb in LB_WEIGHTS:
+        for noise in NOISE_LEVELS[1:]:
+            lines.append(_ppl_line(study, f"noise=0.0, lb={lb}", f"noise={noise}, lb={lb}", f"noise {noise} vs 0 (lb {lb})"))
+    high, low = orig.loc[NOISE_LEVELS[2]], orig.loc[NOISE_LEVELS[1]]
+    lines.append(
+        f"Original: noise {NOISE_LEVELS[2]} cost about {high.noise_cost_ppl:+.0f} PPL ({high.noise_cost_pct:+.0f}%) at both lb settings; "
+        f"noise {NOISE_LEVELS[1]} about {low.noise_cost_ppl:+.0f} PPL ({low.noise_cost_pct:+.1f}%)."
+    )
+    for noise in NOISE_LEVELS:
+        for column, name in (("expert_usage_cv", "usage CV (per layer, mean over layers)"), ("expert_usage_cv_pooled", "pooled usage CV (the original's)")):
+            if column not in r.columns:
+                continue
+            on = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.01)][column].mean()
+            off = r[(r.noise_std == noise) & (r.load_balancing_weight == 0.0)][column].mean()
+            cv_off, cv_on = format_mean_std(off, float("nan"), 4), format_mean_std(on, float("nan"), 4)
+            lines.append(f"noise {noise}: {name} {cv_off} without load balancing vs {cv_on} with it: {_cv_ratio_phrase(off, on)}")
+    ratios = ", ".join(f"{x:.1f}x" for x in orig.cv_ratio.iloc[:-1]) + f" and {orig.cv_ratio.iloc[-1]:.1f}x"
+    levels = ", ".join(f"{n:g}" for n in NOISE_LEVELS[:-1]) + f" and {NOISE_LEVELS[-1]:g}"
+    lines.append(f"Original (pooled CV): lb 0.01 cut the CV {ratios} at noise {levels}.")
+    for noise in NOISE_LEVELS:
+        lines.append(_ppl_line(study, f"noise={noise}, lb=0.01", f"noise={noise}, lb=0.0", f"lb 0 vs 0.01 at noise {noise}"))
+    lines.append(
+        f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
+        f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
+    )
+    return lines
+
+
+FACTORS = ("noise_std", "load_balancing_weight")
+
+
+def noise_factorial_analysis(study: StudyResult, metric: str = "best_val_perplexity") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The noise study analysed as the 3 x 2 factorial it is, on log ``metric`` with the seed as a block.
+
+    Returns ``(anova, contrasts)``: :func:`~moe_lib.statistics.factorial_anova` (main effects of noise
+    and lb, their interaction, the seed block, partial eta squared) and the effect sizes of
+    :func:`~moe_lib.statistics.factorial_contrasts` for both factors (noise vs 0; lb 0 vs 0.01), each
+    main effect and interaction contrast with its seed-paired t interval, as % change in ``metric``.
+    """
+    r = study.results
+    anova = factorial_anova(r, metric, list(FACTORS), block="seed", log=True)
+    contrasts = pd.concat([
+        factorial_contrasts(r, metric, "noise_std", "load_balancing_weight", baseline=NOISE_LEVELS[0]),
+        factorial_contrasts(r, metric, "load_balancing_weight", "noise_std", baseline=LB_WEIGHTS[0]),
+    ], ignore_index=True)
+    return anova, contrasts
+
+
+def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplexity") -> list[str]:
+    """Main effects and the noise x lb interaction, from :func:`noise_factorial_analysis`, in words."""
+    anova, contrasts = noise_factorial_analysis(study, metric)
+    lines = anova_lines(anova, metric)
+    for _, row in contrasts.iterrows():
+        if row.effect == "noise_std main effect":
+            lines.append(f"Noise {row.level:g} vs 0, averaged over lb: {contrast_text(row)}.")
+        elif row.effect == "load_balancing_weight main effect":
+            lines.append(f"lb {row.level:g} vs {LB_WEIGHTS[0]:g}, averaged over noise: {contrast_text(row)}.")
+    for _, row in contrasts[contrasts.effect.str.startswith("noise_std x")].iterrows():
+        bounded = pd.notna(row.pct_ci_low)
+        claim = (
+            "no interval, so the original's claim of a limited interaction is untested here" if not bounded else
+            f"no evidence of an interaction, consistent with the original's claim that it is limited, but only to the CI's "
+            f"resolution: interactions from {row.pct_ci_low:+.1f}% to {row.pct_ci_high:+.1f}% remain possible" if row.ci_low <= 0 <= row.ci_high else
+            "the interaction is real here, against the original's claim that it is limited"
+        )
+        lines.append(
+            f"Noise x lb interaction at noise {row.level:g} (the noise effect with lb {LB_WEIGHTS[0]:g} minus with lb {LB_WEIGHTS[1]:g}): "
+            f"{contrast_text(row)}; {claim}."
+        )
+    return lines

@@ -1,0 +1,136 @@
+"""The one language of the course's verdicts: how a difference, its 95% CI and its seeds are put in words.
+
+Every study's verdicts are built from these phrases. A comparison claims a winner only when its
+95% confidence interval excludes 0; otherwise it says "inconclusive at n = N", with how many
+seeds point the same way (:func:`~moe_lib.statistics.sign_consistency`) and the smallest effect
+those seeds would detect with 80% power (the MDE), never "no effect".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..statistics import mean_ci, minimum_detectable_effect, sign_consistency
+
+__all__ = [
+    "anova_lines", "ci_side", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
+    "interval_text", "lower_is_better_phrase", "p_text", "seed_interval", "seeds_text", "sign_consistency", "significance",
+]
+
+
+def seeds_text(k: int, n: int) -> str:
+    """``"3/3 seeds"``: k of n seeds (a :func:`~moe_lib.statistics.sign_consistency` count)."""
+    return f"{k}/{n} seeds"
+
+
+def ci_text(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    """``"95% CI [-0.12, +0.03]"``, or why there is none (fewer than 2 seeds)."""
+    if pd.isna(low) or pd.isna(high):
+        return "no 95% CI (fewer than 2 seeds)"
+    return f"95% CI [{low:+.{digits}f}{unit}, {high:+.{digits}f}{unit}]"
+
+
+def interval_cell(low: float, high: float, digits: int, unit: str = "", sign: str = "") -> str:
+    """``"[94.15, 106.85]"`` for a table cell, ``"–"`` when there is no interval (one seed)."""
+    if pd.isna(low) or pd.isna(high):
+        return "–"
+    return f"[{low:{sign}.{digits}f}{unit}, {high:{sign}.{digits}f}{unit}]"
+
+
+def p_text(p: float) -> str:
+    """``"0.023"``, or ``"–"`` when the paired t-test has no value (fewer than 2 pairs, or no spread in the differences)."""
+    return "–" if pd.isna(p) else f"{p:.3f}"
+
+
+def ci_side(comparison: pd.Series) -> str:
+    """``"lower"``, ``"higher"`` or ``"inconclusive"``: where a :func:`~moe_lib.statistics.paired_comparison` row's
+    95% CI of the difference lies against 0 (no interval, one pair: inconclusive)."""
+    if comparison.difference_ci_high < 0:
+        return "lower"
+    if comparison.difference_ci_low > 0:
+        return "higher"
+    return "inconclusive"
+
+
+def inconclusive_text(n: int, signs: str, mde: float, digits: int = 2, unit: str = "") -> str:
+    """``"inconclusive at n = 3 (3/3 seeds point the same way; MDE 2.1 PPL at 80% power)"``: the one
+    phrase for a CI that includes 0, with the sign count ``signs`` and the 80%-power MDE (NaN: too few seeds)."""
+    mde_text = f"MDE {mde:.{digits}f}{unit} at 80% power" if np.isfinite(mde) else "too few seeds for an MDE"
+    return f"inconclusive at n = {n} ({signs} point the same way; {mde_text})"
+
+
+def inconclusive(differences, digits: int = 2, unit: str = "") -> str:
+    """:func:`inconclusive_text` of per-seed paired ``differences``.
+
+    MDE: the smallest true mean difference a paired t-test on these n seeds would detect with 80%
+    power at the observed paired SD (:func:`~moe_lib.statistics.minimum_detectable_effect`).
+    """
+    if differences is None:
+        return "inconclusive"
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    n = len(d)
+    mde = minimum_detectable_effect(float(d.std(ddof=1)) if n >= 2 else float("nan"), n)
+    return inconclusive_text(n, seeds_text(*sign_consistency(d)), mde, digits, unit)
+
+
+def significance(low: float, high: float, differences=None, digits: int = 2, unit: str = "") -> str:
+    """Whether the CI excludes 0; if not, "inconclusive at n = N" with sign consistency and MDE of ``differences``."""
+    if pd.isna(low) or pd.isna(high):
+        return "too few seeds for an interval"
+    return "the CI excludes 0" if low > 0 or high < 0 else f"the CI includes 0: {inconclusive(differences, digits, unit)}"
+
+
+def lower_is_better_phrase(subject: str, difference: float, low: float, high: float, differences=None, digits: int = 3, unit: str = " nats") -> str:
+    """``subject`` vs its baseline for a lower-is-better metric, claiming a winner only when the CI excludes 0."""
+    if pd.isna(low) or pd.isna(high):
+        return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean ({significance(low, high)})"
+    if high < 0:
+        return f"{subject} is better (the CI excludes 0)"
+    if low > 0:
+        return f"{subject} is worse (the CI excludes 0)"
+    return f"{subject} has the {'lower' if difference < 0 else 'higher'} mean, but the CI includes 0: {inconclusive(differences, digits, unit)}"
+
+
+def contrast_mde_pct(row: pd.Series, confidence: float = 0.95) -> float:
+    """The MDE (80% power) of a contrast in %, from the per-seed SD its t interval implies:
+    ``sd = (high - low) / 2 * sqrt(n) / t_{(1+confidence)/2, n-1}`` on the log scale."""
+    if row.n < 2 or pd.isna(row.ci_low):
+        return float("nan")
+    sd = (row.ci_high - row.ci_low) / 2 * np.sqrt(row.n) / stats.t.ppf((1 + confidence) / 2, row.n - 1)
+    return 100 * (np.exp(minimum_detectable_effect(float(sd), int(row.n))) - 1)
+
+
+def contrast_text(row: pd.Series) -> str:
+    """``+8.1% (95% CI [+2.0%, +14.6%], 3/3 seeds)`` and what the interval says."""
+    head = f"{row.pct:+.1f}% ({ci_text(row.pct_ci_low, row.pct_ci_high, 1, '%')}, {row.signs})"
+    if pd.isna(row.ci_low):
+        return f"{head}: too few seeds for an interval"
+    if row.ci_low > 0 or row.ci_high < 0:
+        return f"{head}: the CI excludes 0"
+    return f"{head}: the CI includes 0: {inconclusive_text(int(row.n), row.signs, contrast_mde_pct(row), 1, '%')}"
+
+
+def anova_lines(anova: pd.DataFrame, metric: str) -> list[str]:
+    """One sentence per main effect and interaction of a :func:`~moe_lib.statistics.factorial_anova` table."""
+    lines = []
+    for term in anova.index.drop(["Residual", "seed"], errors="ignore"):
+        row = anova.loc[term]
+        p = "–" if pd.isna(row["PR(>F)"]) else "< 0.001" if row["PR(>F)"] < 0.001 else f"= {row['PR(>F)']:.3f}"
+        lines.append(f"ANOVA on log {metric}, {term.replace(':', ' x ')}: F = {row.F:.2f}, p {p}, partial eta squared {row.partial_eta_sq:.2f}.")
+    return lines
+
+
+def interval_text(mean: float, low: float, high: float, digits: int = 4) -> str:
+    """``"0.0123 [0.0100, 0.0146]"``: a mean and its 95% interval, the mean alone when there is none."""
+    if pd.isna(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def seed_interval(values: pd.Series, digits: int = 4) -> str:
+    """Seed mean with its 95% t-interval, as "mean [low, high]"."""
+    mean, _, _, low, high = mean_ci(values)
+    return interval_text(mean, low, high, digits)
