@@ -205,21 +205,25 @@ class CpuTimeByOp(TorchDispatchMode):
         return out
 
 
-def cpu_time_breakdown(runner: StepRunner, steps: int, peak_gflops: float, top: int = 15) -> dict:
-    """Per step: GEMM, attention and other ops' CPU ms; what the GEMMs reach as % of ``peak_gflops``;
-    and the ceiling of the step if only its GEMMs and attention took time. Run with one thread."""
+def cpu_time_breakdown(runner: StepRunner, steps: int, probe_n: int, clock, top: int = 15) -> dict:
+    """Per step: GEMM, attention and other ops' CPU ms; what the GEMMs reach as % of the peak probe
+    (measured before and after, in the same minute); and the ceiling of the step if only its GEMMs
+    and attention took time. Run with one thread."""
     runner.run()
     mode = CpuTimeByOp()
+    probes = [matmul_seconds(probe_n, 2, clock)]
     with mode:
         for _ in range(steps):
             runner.run()
+    probes.append(matmul_seconds(probe_n, 2, clock))
+    peak_gflops = 2 * probe_n**3 / statistics.mean(probes) / 1e9
     ms = {name: ns / steps / 1e6 for name, ns in mode.ns.items()}
     gemm, attention = sum(ms.get(n, 0.0) for n in GEMMS), sum(ms.get(n, 0.0) for n in ATTENTION)
     total = sum(ms.values())
     gflop = runner.flops / 1e9
     others = sorted((n for n in ms if n not in GEMMS + ATTENTION), key=ms.get, reverse=True)
     return {
-        "steps": steps, "total_ms": total, "gemm_ms": gemm, "attention_ms": attention, "other_ms": total - gemm - attention,
+        "steps": steps, "peak_gflops": peak_gflops, "total_ms": total, "gemm_ms": gemm, "attention_ms": attention, "other_ms": total - gemm - attention,
         "gemm_pct_peak": 100 * gflop / (gemm / 1e3) / peak_gflops,  # attention's few FLOPs counted as GEMM's: an upper bound
         "ceiling_pct_peak": 100 * gflop / ((gemm + attention) / 1e3) / peak_gflops,
         "top_other": [(n, ms[n], mode.calls[n] / steps) for n in others[:top]],
@@ -231,7 +235,8 @@ def breakdown_text(b: dict) -> str:
              f"({100 * b['gemm_ms'] / b['total_ms']:.0f}%) + attention {b['attention_ms']:.1f} ({100 * b['attention_ms'] / b['total_ms']:.0f}%) "
              f"+ other {b['other_ms']:.1f} ({100 * b['other_ms'] / b['total_ms']:.0f}%)",
              f"the step's FLOPs in its GEMM time alone: {b['gemm_pct_peak']:.0f}% of peak; in GEMM + attention time: "
-             f"{b['ceiling_pct_peak']:.0f}% (the ceiling if every other op took no time)",
+             f"{b['ceiling_pct_peak']:.0f}% (the ceiling if every other op took no time); peak probe around it: "
+             f"{b['peak_gflops']:.0f} GFLOP/s",
              "other ops, CPU ms per step (calls per step):"]
     lines += [f"  {name:45s} {ms:7.2f} ms  ({calls:.0f})" for name, ms, calls in b["top_other"]]
     return "\n".join(lines)
@@ -353,7 +358,7 @@ def main(argv=None) -> None:
     if args.breakdown:
         if args.breakdown not in runners:
             raise SystemExit(f"--breakdown {args.breakdown!r}: valid choices are {list(runners)}")
-        run["breakdown"] = {"variant": args.breakdown, **cpu_time_breakdown(runners[args.breakdown], args.profile_steps, result["peak_gflops"])}
+        run["breakdown"] = {"variant": args.breakdown, **cpu_time_breakdown(runners[args.breakdown], args.profile_steps, peak_n, CLOCKS[args.clock])}
         print(breakdown_text(run["breakdown"]))
     run["seconds"] = time.perf_counter() - start
     if not args.quick:
