@@ -344,3 +344,16 @@ def test_zloss_verdicts_read_the_entropy_change_seed_paired():
     assert any(l.startswith("z=0.001: routing entropy -0.100 nats") and "more confident routing, as the original claimed" in l for l in lines)
     assert any(l.startswith("z=0.001, no noise: routing entropy +0.000 nats") and "inconclusive" in l for l in lines)
     assert_clean("\n".join(lines))
+
+
+def test_verdicts_name_the_runs_that_overfit_and_stay_silent_otherwise():
+    """A results row flagged ``overfit`` (validation rose above its best by more than the margin)
+    adds one line naming its condition; rows without the flag, or stored before it existed, add none."""
+    from moe_lib.studies.verdicts import overfit_lines
+
+    base = pd.DataFrame({"condition": ["a", "a", "b"], "seed": [1, 2, 1]})
+    assert overfit_lines(base) == []  # stored before the column existed
+    flagged = base.assign(overfit=[False, True, "True"], val_loss_rise_from_best=[0.0, 0.62, 0.3])
+    (line,) = overfit_lines(flagged)
+    assert line.startswith("Overfitting: 2 of 3 runs") and "a (1), b (1)" in line and "up to 0.62 nats" in line
+    assert overfit_lines(base.assign(overfit=[False, "False", float("nan")], val_loss_rise_from_best=0.0)) == []

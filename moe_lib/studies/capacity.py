@@ -14,7 +14,7 @@ from ..profiles import Profile
 from ..statistics import capacity_label, factorial_anova, mean_std_text, paired_comparison, paired_differences
 from .noise import LB_WEIGHTS
 from .result import StudyResult, conditions
-from .verdicts import anova_lines, ci_text, significance
+from .verdicts import anova_lines, ci_text, overfit_lines, significance
 
 
 CAPACITY_FACTORS: tuple[float | None, ...] = (1.0, 1.25, None)  # None = dropless
@@ -139,4 +139,4 @@ def capacity_verdicts(study: StudyResult, seed_std: float | None = None, thresho
             f"Time per step: {fast:.0f} ms at cf={capacity_label(r.capacity_factor.min())} vs {slow:.0f} ms dropless "
             "(wall-clock on this machine; on shared CPUs a rough guide only)."
         )
-    return lines
+    return lines + overfit_lines(study.results)

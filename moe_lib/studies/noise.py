@@ -15,7 +15,7 @@ from ..profiles import Profile
 from ..statistics import factorial_anova, factorial_contrasts, format_mean_std, summarize
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import anova_lines, ci_text, contrast_text, interval_cell, p_text, significance
+from .verdicts import anova_lines, ci_text, contrast_text, interval_cell, overfit_lines, p_text, significance
 
 
 NOISE_LEVELS = (0.0, 0.1, 0.5)
@@ -131,7 +131,7 @@ def noise_verdicts(study: StudyResult) -> list[str]:
         f"Original: lb 0.01 gave at most a {orig.lb_edge_ppl.max():.1f} PPL edge, inside its seed spread "
         f"(std about {originals.NOISE.best_val_perplexity_std.mean():.0f} PPL)."
     )
-    return lines
+    return lines + overfit_lines(study.results)
 
 
 FACTORS = ("noise_std", "load_balancing_weight")

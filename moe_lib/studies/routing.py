@@ -13,7 +13,7 @@ from ..profiles import Profile
 from ..statistics import mean_ci, mean_std_text
 from . import originals
 from .result import StudyResult, conditions, layer_means, pair_series, pair_values, paired_table, per_layer
-from .verdicts import ci_text, lower_is_better_phrase, significance
+from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, significance
 
 
 SHARED_EXPERT_CONDITIONS = {"top-2 + shared": "topk", "top-2 random + shared": "random"}
@@ -142,4 +142,4 @@ def routing_verdicts(study: StudyResult) -> list[str]:
             f"({ours_trend}{where}); the original's {' '.join(f'{h:.2f}' for h in theirs)} ({their_trend}): "
             + _trend_comparison(ours_trend, their_trend, lowest)
         )
-    return lines
+    return lines + overfit_lines(study.results)

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..metrics import OVERFIT_MARGIN_NATS
 from ..statistics import mean_ci, minimum_detectable_effect, sign_consistency
 
 __all__ = [
-    "anova_lines", "ci_side", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
+    "anova_lines", "ci_side", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
     "interval_text", "lower_is_better_phrase", "p_text", "seed_interval", "seeds_text", "sign_consistency", "significance",
 ]
 
@@ -134,3 +135,28 @@ def seed_interval(values: pd.Series, digits: int = 4) -> str:
     """Seed mean with its 95% t-interval, as "mean [low, high]"."""
     mean, _, _, low, high = mean_ci(values)
     return interval_text(mean, low, high, digits)
+
+
+def flagged_overfit(results: pd.DataFrame) -> pd.Series:
+    """Per row, whether the run was flagged ``overfit`` (False where the column is missing or empty:
+    rows stored before the flag existed)."""
+    if "overfit" not in results:
+        return pd.Series(False, index=results.index)
+    values = results["overfit"].replace({"True": 1, "False": 0, True: 1, False: 0})
+    return pd.to_numeric(values, errors="coerce").fillna(0) > 0
+
+
+def overfit_lines(results: pd.DataFrame) -> list[str]:
+    """One line naming the runs whose validation loss rose more than
+    :data:`~moe_lib.metrics.OVERFIT_MARGIN_NATS` above its best (``overfit`` in their row), or
+    none: the final-model numbers of those runs measure overfitting as well as the factor studied."""
+    flagged = results[flagged_overfit(results)]
+    if flagged.empty:
+        return []
+    worst = pd.to_numeric(flagged["val_loss_rise_from_best"], errors="coerce").max()
+    names = ", ".join(f"{c} ({n})" for c, n in flagged.groupby("condition", sort=False).size().items())
+    return [
+        f"Overfitting: {len(flagged)} of {len(results)} runs ended with a validation loss more than "
+        f"{OVERFIT_MARGIN_NATS:g} nats above their best (up to {worst:.2f} nats): {names}. Their final-model "
+        "numbers measure overfitting as well as the factor studied."
+    ]

@@ -11,7 +11,7 @@ from ..profiles import Profile
 from ..statistics import mean_std_text
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import ci_text, interval_cell, p_text, significance
+from .verdicts import ci_text, interval_cell, overfit_lines, p_text, significance
 
 
 ZLOSS_CONDITIONS = {
@@ -114,11 +114,11 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
             f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
             f"Ours is {c.improvement_pct:+.2f}% on {int(c.n_pairs)} paired seed(s): too few for an interval, so no comparison."
         )
-        return lines
+        return lines + overfit_lines(study.results)
     lines.append(
         f"The original reported a {reported:.1f}% lower test PPL at z=0.01 (improvement {reported:+.1f}%, one seed). "
         f"That is {'inside' if inside else 'outside'} "
         f"our 95% CI for the improvement, [{c.improvement_pct_ci_low:+.2f}%, {c.improvement_pct_ci_high:+.2f}%]"
         + _versus_reported(inside, c.improvement_pct_ci_high < reported, c.improvement_pct)
     )
-    return lines
+    return lines + overfit_lines(study.results)
