@@ -24,6 +24,7 @@ what the reference sees.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -64,9 +65,14 @@ def difference(label: str, actual: Any, expected: Any, rtol: float, atol: float)
     except (AssertionError, TypeError, ValueError):
         if isinstance(expected, torch.Tensor) and expected.is_floating_point():
             gap = (actual.double() - expected.double()).abs().nan_to_num(nan=float("inf")).max().item()
-            return f"{label} differs: max |difference| = {gap:.2g} (allowed: {atol:g} + {rtol:g} x |expected|)"
+            return f"{label} differs: max |difference| = {number(gap)} (allowed: {number(atol)} + {number(rtol)} x |expected|)"
         return f"{label} differs: {summary(actual)}, expected {summary(expected)}"
     return None
+
+
+def number(value: float) -> str:
+    """``value`` to 2 significant digits, exponents unpadded (``1e-6``, not ``1e-06``): short, and the same everywhere."""
+    return re.sub(r"e([-+])0*(\d)", r"e\1\2", f"{value:.2g}")
 
 
 def summary(value: Any) -> str:

@@ -96,3 +96,10 @@ def test_tolerances_are_the_callers():
     x = torch.tensor([1.0, 2.0])
     assert compare(lambda v: v + 1e-3, lambda v: v, x).startswith("the output differs: max |difference| = 0.001")
     assert compare(lambda v: v + 1e-3, lambda v: v, x, atol=1e-2) == "correct"
+
+
+def test_numbers_in_a_verdict_are_short_and_unpadded():
+    """The bug: the tolerance printed as '1e-06', which reads as round-off noise in a stored notebook output."""
+    x = torch.tensor([1.0, 2.0])
+    verdict = compare(lambda v: v + 2e-5, lambda v: v, x, rtol=0.0, atol=1e-6)
+    assert verdict == "the output differs: max |difference| = 2e-5 (allowed: 1e-6 + 0 x |expected|)"
