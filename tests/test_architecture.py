@@ -113,7 +113,7 @@ LAYERS = {
     "train": "training", "checkpoint": "training", "expert_parallel": "training", "perf": "training",
     "experiments": "runs", "workers": "runs", "course_efficiency": "course",
     "studies": "studies",
-    "course": "course", "cli": "course", "colab": "course", "notebook": "course", "budget": "course", "__main__": "course",
+    "course": "course", "exercises": "course", "cli": "course", "colab": "course", "notebook": "course", "budget": "course", "__main__": "course",
     "": "course",  # moe_lib/__init__.py: the public API may gather from every layer
 }
 
