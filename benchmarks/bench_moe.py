@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from moe_lib.model import flops_per_token  # noqa: E402
+from moe_lib.moe.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
-from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
 from moe_lib.precision import optimizer_step  # noqa: E402
 from moe_lib.train import autocast_context, build_optimizer  # noqa: E402

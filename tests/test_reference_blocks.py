@@ -1,7 +1,7 @@
 """moe_lib's MoE layer computes what the released MoE families compute (issue 21 §6).
 
 Each test builds a tiny random configuration of Hugging Face transformers' OWN sparse-MoE
-block of a family, copies its weights into :class:`moe_lib.model.MoEFeedForward` configured
+block of a family, copies its weights into :class:`moe_lib.moe.model.MoEFeedForward` configured
 as that family, and compares the output and the gradients of the input and of every weight
 (fp32, ``rtol`` 1e-5), at three shapes, at k = 1 and k >= 2, with both dispatchers.
 
@@ -35,8 +35,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from moe_lib import experiments
 from moe_lib.config import ModelConfig, RunConfig
-from moe_lib.model import DenseFeedForward, MoEFeedForward
-from moe_lib.routing import top_group_mask
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward
+from moe_lib.moe.routing import top_group_mask
 
 RTOL = 1e-5
 # Absolute floor for entries that are sums cancelling to near 0: 1e-6 of the tensor's scale (its largest

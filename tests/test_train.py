@@ -13,7 +13,7 @@ import torch
 from moe_lib import cli
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
-from moe_lib.model import MoETransformer
+from moe_lib.moe.model import MoETransformer
 from moe_lib.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting

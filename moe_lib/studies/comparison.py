@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig
-from ..model import MoETransformer, count_parameters
+from ..moe.model import MoETransformer, count_parameters
 from ..profiles import Profile
 from ..statistics import format_mean_std, mean_std_text
 from ..train import build_optimizer, load_data, optimizer_split
