@@ -23,7 +23,7 @@ they were measured at another time, perhaps on another machine.
 worker commits its own runs; a lock file (``.<grid>.csv.lock``) serialises the CSV's
 read-modify-write, so no row is lost when two finish together.
 
-The statistics over a results table live in :mod:`moe_lib.statistics`.
+The statistics over a results table live in :mod:`moe_lib.stats`.
 """
 
 from __future__ import annotations

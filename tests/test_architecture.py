@@ -96,8 +96,8 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
-def test_plots_depend_only_on_statistics_and_profiles():
-    assert graph()["moe_lib.plots"] <= {"moe_lib.statistics", "moe_lib.profiles"}
+def test_plots_depend_only_on_stats_and_profiles():
+    assert graph()["moe_lib.plots"] <= {"moe_lib.stats", "moe_lib.profiles"}
 
 
 # --------------------------------------------------------------------------- layers
@@ -109,7 +109,7 @@ LAYER_ORDER = ("core", "training", "runs", "studies", "course")
 LAYERS = {
     "config": "core", "moe": "core", "metrics": "core",
     "muon": "core", "precision": "core", "data": "core",
-    "files": "core", "versions": "core", "statistics": "core", "information": "core", "profiles": "core", "plots": "core",
+    "files": "core", "versions": "core", "stats": "core", "information": "core", "profiles": "core", "plots": "core",
     "train": "training", "checkpoint": "training", "expert_parallel": "training", "perf": "training",
     "experiments": "runs", "workers": "runs", "course_efficiency": "course",
     "studies": "studies",

@@ -94,7 +94,7 @@ def test_verdicts_take_the_originals_numbers_from_the_data():
 
 
 def test_a_ci_that_includes_zero_is_inconclusive_with_signs_and_minimum_detectable_effect():
-    from moe_lib.statistics import minimum_detectable_effect
+    from moe_lib.stats import minimum_detectable_effect
 
     study = fake_study("noise", (42, 43, 44))
     shift = {42: 1.0, 43: 3.0, 44: -1.0}  # noise 0.1 minus noise 0 per seed: the CI includes 0, 2 of 3 signs agree

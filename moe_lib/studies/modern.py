@@ -39,7 +39,7 @@ from ..experiments import Grid, Run
 from ..metrics import router_saturation
 from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile
-from ..statistics import condition_differences, mean_std_text, paired_comparison, sign_consistency
+from ..stats import condition_differences, mean_std_text, paired_comparison, sign_consistency
 from .verdicts import ci_side, inconclusive, seeds_text
 
 GRANULARITY = 4

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..experiments import Grid
 from ..profiles import Profile
-from ..statistics import mean_std_text
+from ..stats import mean_std_text
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
 from .verdicts import ci_text, interval_cell, p_text, significance
