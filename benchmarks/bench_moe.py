@@ -481,7 +481,7 @@ def course_cost(args) -> dict[str, Any]:
         out["nbval"] = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "summary": tail[0],
                         "command": "MOE_PROFILE=smoke " + " ".join(cmd[1:]), "notebooks": len(notebooks)}
     try:
-        from moe_lib.studies import STUDIES  # needs moe_lib.experiments
+        from moe_lib.studies import STUDIES  # needs moe_lib.runs
     except ImportError as err:
         out["studies"] = {"skipped": f"moe_lib.studies unavailable: {err}"}
         return out

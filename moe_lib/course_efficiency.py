@@ -55,7 +55,7 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from .workers import available_cores
+    from .runs import available_cores
 
     text = f"{cpu}, {available_cores()} cores"
     with contextlib.suppress(ImportError, RuntimeError):
@@ -168,7 +168,7 @@ class CourseMeasurement:
 def _default_jobs() -> int:
     import torch
 
-    from .workers import default_jobs
+    from .runs import default_jobs
 
     return default_jobs("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -111,7 +111,7 @@ LAYERS = {
     "muon": "core", "precision": "core", "data": "core",
     "files": "core", "versions": "core", "stats": "core", "information": "core", "profiles": "core", "plots": "core",
     "train": "training", "checkpoint": "training", "expert_parallel": "training", "perf": "training",
-    "experiments": "runs", "workers": "runs", "course_efficiency": "course",
+    "runs": "runs", "course_efficiency": "course",
     "studies": "studies",
     "course": "course", "cli": "course", "colab": "course", "notebook": "course", "budget": "course", "__main__": "course",
     "": "course",  # moe_lib/__init__.py: the public API may gather from every layer

@@ -12,7 +12,7 @@ import pytest
 from moe_lib import cli
 from moe_lib import course_efficiency as ce
 from moe_lib.config import RunConfig
-from moe_lib.experiments import Grid, run_grid
+from moe_lib.runs import Grid, run_grid
 from moe_lib.moe.model import flops_per_token
 
 

@@ -9,7 +9,7 @@ import itertools
 
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
 from ..stats import capacity_label, factorial_anova, mean_std_text, paired_comparison, paired_differences
 from .noise import LB_WEIGHTS

@@ -35,7 +35,7 @@ import seaborn as sns
 import torch
 
 from ..config import RunConfig, fine_grained
-from ..experiments import Grid, Run
+from ..runs import Grid, Run
 from ..metrics import router_saturation
 from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile

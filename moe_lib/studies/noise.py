@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
 from ..stats import factorial_anova, factorial_contrasts, format_mean_std, summarize
 from . import originals

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..experiments import Grid, load_results, retrain_run
+from ..runs import Grid, load_results, retrain_run
 from ..profiles import Profile, describe_config, output_paths
 from ..stats import condition_differences, paired_comparison
 from ..train import train_run

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoint import load_checkpoint
-from ..experiments import Grid
+from ..runs import Grid
 from ..information import conditional_mutual_information
 from ..profiles import Profile
 from ..stats import mean_ci, paired_comparison, paired_differences
