@@ -5,7 +5,7 @@
 
 Every setting trains the same ``--runs`` runs (the cpu profile's model and batch, seeds 0..runs-1,
 ``--steps`` optimizer steps, a short evaluation) from scratch in a fresh results folder, through
-``moe_lib.experiments.run_grid``: ``jobs=1`` trains them one after another in this process on all
+``moe_lib.runs.run_grid``: ``jobs=1`` trains them one after another in this process on all
 threads, ``jobs=N`` in N spawned workers with ``cores // N`` threads each. The wall time includes
 worker start-up and data loading, as a course pays them. The machine's fp32 GEMM peak is measured in
 the same run, and each setting's training FLOPs per second are given as % of it. Writes the section
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moe_lib.course_efficiency import machine_description, measure_fp32_peak, run_training_flops, write_section  # noqa: E402
-from moe_lib.experiments import Grid, run_grid  # noqa: E402
+from moe_lib.runs import Grid, run_grid  # noqa: E402
 from moe_lib.profiles import get_profile  # noqa: E402
 from moe_lib.train import train_run  # noqa: E402
-from moe_lib.workers import available_cores  # noqa: E402
+from moe_lib.runs import available_cores  # noqa: E402
 
 SECTION = "## Grid throughput (`benchmarks/bench_grid.py`)"
 

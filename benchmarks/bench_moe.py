@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from moe_lib.model import flops_per_token  # noqa: E402
+from moe_lib.moe.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
-from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
 from moe_lib.precision import optimizer_step  # noqa: E402
 from moe_lib.train import autocast_context, build_optimizer  # noqa: E402
@@ -481,7 +481,7 @@ def course_cost(args) -> dict[str, Any]:
         out["nbval"] = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "summary": tail[0],
                         "command": "MOE_PROFILE=smoke " + " ".join(cmd[1:]), "notebooks": len(notebooks)}
     try:
-        from moe_lib.studies import STUDIES  # needs moe_lib.experiments
+        from moe_lib.studies import STUDIES  # needs moe_lib.runs
     except ImportError as err:
         out["studies"] = {"skipped": f"moe_lib.studies unavailable: {err}"}
         return out

@@ -69,11 +69,11 @@ class Library:
 
 
 def current_library() -> Library:
-    import moe_lib.model
+    import moe_lib.moe.model
     import moe_lib.profiles
     import moe_lib.train
 
-    return Library("", moe_lib.train, moe_lib.model, moe_lib.profiles)
+    return Library("", moe_lib.train, moe_lib.moe.model, moe_lib.profiles)
 
 
 def baseline_library(ref: str, folder: Path) -> Library:
@@ -85,8 +85,16 @@ def baseline_library(ref: str, folder: Path) -> Library:
     package = importlib.util.module_from_spec(spec)
     sys.modules["moe_lib_baseline"] = package
     spec.loader.exec_module(package)
-    load = importlib.import_module
-    return Library(f"{ref}:", load("moe_lib_baseline.train"), load("moe_lib_baseline.model"), load("moe_lib_baseline.profiles"))
+    return Library(f"{ref}:", first_module("moe_lib_baseline", "train", "training"), first_module("moe_lib_baseline", "moe.model", "model"),
+                   first_module("moe_lib_baseline", "profiles"))
+
+
+def first_module(package: str, *names: str) -> ModuleType:
+    """``package.name`` for the first of ``names`` that exists: a baseline may predate a module's move."""
+    for name in names:
+        if importlib.util.find_spec(f"{package}.{name.split('.')[0]}") is not None:
+            return importlib.import_module(f"{package}.{name}")
+    raise ImportError(f"none of {names} in {package}")
 
 
 def variant_configs(lib: Library, gpu_batch: int) -> dict:

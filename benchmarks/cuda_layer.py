@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from moe_lib.files import atomic_write_text
-from moe_lib.model import DenseFeedForward, MoEFeedForward
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward
 
 from .moe_layers import LayerShape, dense_flops, hf_mixtral_block, layer_flops, moe_config
 from .timing import interleaved_times, measure_peaks, median, square_mm

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moe_lib.config import ModelConfig
-from moe_lib.model import MoEFeedForward
+from moe_lib.moe.model import MoEFeedForward
 
 @dataclass(frozen=True)
 class LayerShape:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from moe_lib.model import flops_per_token
+from moe_lib.moe.model import flops_per_token
 from moe_lib.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio
 
 from .moe_layers import LayerShape, dense_flops, layer_flops

@@ -1,7 +1,7 @@
 """How long the whole course takes on a device, from FLOP counts: an estimate, not a measurement.
 
 A training step costs ``6 x (matmul parameters a token uses) + 6 L T d`` FLOPs per token
-(forward + backward, :func:`moe_lib.model.flops_per_token`; the second term is attention's scores and values); an evaluation
+(forward + backward, :func:`moe_lib.moe.model.flops_per_token`; the second term is attention's scores and values); an evaluation
 batch costs a third of that (forward only). Time = total FLOPs / (peak x MFU), where MFU, the
 fraction of the peak a run really achieves, is an assumption until someone times the run.
 """
@@ -9,7 +9,7 @@ fraction of the peak a run really achieves, is an assumption until someone times
 from __future__ import annotations
 
 from .config import RunConfig
-from .model import flops_per_token
+from .moe.model import flops_per_token
 from .profiles import Profile
 from .studies import STUDIES
 

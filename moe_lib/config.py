@@ -106,7 +106,7 @@ class ModelConfig(_ConfigBase):
     * ``num_shared_experts`` (DeepSeekMoE, Qwen-MoE): dense SwiGLU experts of width ``d_ff``
       that every token passes through, added to the routed output.
     * ``score_func="sigmoid"`` (DeepSeek-V3, torchtitan): expert scores ``sigmoid(logits)``
-      instead of ``softmax(logits)``; see :mod:`moe_lib.routing` for gates and the aux loss.
+      instead of ``softmax(logits)``; see :mod:`moe_lib.moe.routing` for gates and the aux loss.
     * ``bias_update_rate`` u > 0: auxiliary-loss-free balancing (Wang et al. 2024), a per-expert
       bias added to the scores for selection only, updated by ``b_i += u sign(mean load - load_i)``.
     * ``router="expert_choice"`` (Zhou et al. 2022): each expert picks its top
@@ -124,7 +124,7 @@ class ModelConfig(_ConfigBase):
     * ``expert_groups`` G and ``expert_groups_per_token`` M (DeepSeek-V3's ``n_group`` and
       ``topk_group``): group-limited routing; the E experts form G groups of E/G consecutive
       experts and each token picks its k experts from its M best groups only (see
-      :func:`moe_lib.routing.top_group_mask`). G = 1 = off.
+      :func:`moe_lib.moe.routing.top_group_mask`). G = 1 = off.
     * ``shared_expert_gate`` (Qwen2-MoE's ``shared_expert_gate``): the shared experts' output is
       scaled per token by ``sigmoid(x w_s)``, ``w_s`` a learned ``d``-vector. Needs shared experts.
     """

@@ -5,7 +5,7 @@ the start (a square ``torch.mm`` for about two seconds on all threads), times th
 at the end counts the training FLOPs of every grid run the course really trained: rows of
 ``results/<profile>/*.csv`` finished after the start and not copied from another study
 (``reused_from``), at ``flops_per_token(model, seq_len) x steps x tokens per step``
-(:func:`moe_lib.model.flops_per_token`). Evaluation, tokenizer training, data preparation,
+(:func:`moe_lib.moe.model.flops_per_token`). Evaluation, tokenizer training, data preparation,
 analysis and the few runs a notebook trains outside a grid count in the wall time but not in
 the FLOPs, so the efficiency is a lower bound. The result is printed and appended to
 ``benchmarks/RESULTS.md`` (atomically) with the machine it ran on.
@@ -27,7 +27,7 @@ import pandas as pd
 
 from .config import RunConfig
 from .files import atomic_write_text
-from .model import flops_per_token
+from .moe.model import flops_per_token
 from .profiles import default_profile_name, project_root
 
 SECTION = "## Course efficiency (`python -m moe_lib course`)"
@@ -55,7 +55,7 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from .workers import available_cores
+    from .runs import available_cores
 
     text = f"{cpu}, {available_cores()} cores"
     with contextlib.suppress(ImportError, RuntimeError):
@@ -168,7 +168,7 @@ class CourseMeasurement:
 def _default_jobs() -> int:
     import torch
 
-    from .workers import default_jobs
+    from .runs import default_jobs
 
     return default_jobs("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -23,7 +23,7 @@ Conventions (each chosen so that dropless EP equals single-process training on t
   global batch queues all ``N`` tokens for one capacity, so with a capacity factor the two
   drop different slots: EP equals single-process training only when dropless.
 * Random draws (router noise, the random router): every rank has the same seed and draws for
-  the GLOBAL batch, keeping its own rows (:func:`moe_lib.routing.draw_for_rows`), so each
+  the GLOBAL batch, keeping its own rows (:func:`moe_lib.moe.routing.draw_for_rows`), so each
   token gets the noise it gets in one process.
 * The load-balancing loss uses the GLOBAL routed fractions ``f`` (one all-reduce of ``[E]``
   counts) and the local mean probabilities ``P^r``: ``L^r = E sum_i f_i P^r_i``. Its mean
@@ -48,10 +48,10 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from .config import RunConfig
-from .experts import Experts, capacity_keep_mask, dispatch_grouped, expert_capacity
-from .losses import expert_counts
-from .model import MoEFeedForward, MoETransformer
-from .routing import BatchRows, RoutingResult, draws_random_numbers
+from .moe.experts import Experts, capacity_keep_mask, dispatch_grouped, expert_capacity
+from .moe.losses import expert_counts
+from .moe.model import MoEFeedForward, MoETransformer
+from .moe.routing import BatchRows, RoutingResult, draws_random_numbers
 
 EXPERT_PARAM_MARK = ".experts."
 
@@ -242,7 +242,7 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     """
     from .data import sample_batch
     from .precision import resolve_precision
-    from .routing import update_expert_biases
+    from .moe.routing import update_expert_biases
     from .train import build_optimizer, load_data, lr_factor, set_learning_rate
 
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -1,6 +1,6 @@
 """What we measure about routing and about the language model.
 
-Routing, per layer, from a :class:`~moe_lib.routing.RoutingResult`:
+Routing, per layer, from a :class:`~moe_lib.moe.routing.RoutingResult`:
 
 * entropy ``H = mean_n(-sum_i p_{n,i} ln p_{n,i})`` of the router's distribution, in nats, and
   normalised by its maximum ``ln E`` (1 = uniform, 0 = one-hot). For the random router the
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import expert_counts, mean_logsumexp
-from .routing import RoutingResult
+from .moe.losses import expert_counts, mean_logsumexp
+from .moe.routing import RoutingResult
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pandas as pd
 import seaborn as sns
 
 from .profiles import Profile, output_paths
-from .statistics import capacity_label, mean_ci, t_errorbar
+from .stats import capacity_label, mean_ci, t_errorbar
 
 sns.set_theme(style="whitegrid", context="notebook")
 

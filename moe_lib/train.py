@@ -33,12 +33,12 @@ from .checkpoint import save_checkpoint
 from .config import RunConfig, TrainConfig
 from .data import eval_batches, prepare_data, sample_batch
 from .metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
-from .model import MoETransformer, count_parameters
+from .moe.model import MoETransformer, count_parameters
 from .muon import Muon
 from .perf import configure_cpu_allocator, release_free_heap
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
-from .routing import update_expert_biases
+from .moe.routing import update_expert_biases
 from .versions import library_versions
 
 # --------------------------------------------------------------------------- device and precision
@@ -76,7 +76,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
     ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
     rest: the embedding (a lookup table, tied to the LM head; an untied head too) with weight
     decay, and the RMSNorm gains without. The aux-loss-free expert bias is a buffer, moved by its
-    own rule (:func:`moe_lib.routing.update_expert_biases`), not by an optimizer. The router's gate
+    own rule (:func:`moe_lib.moe.routing.update_expert_biases`), not by an optimizer. The router's gate
     on Muon (the original's choice) moves each step by an orthogonalised update of a fixed size,
     not AdamW's: its logits' growth, which the z-loss study measures, follows from that.
     """
@@ -387,7 +387,7 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
 def optimizer_step(state: TrainState) -> torch.Tensor:
     """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
     clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
-    biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`), unless the fp16
+    biases follow this step's loads (:func:`moe_lib.moe.routing.update_expert_biases`), unless the fp16
     GradScaler skipped the step: the bias then stays, as the weights do. Returns the pre-clip gradient norm."""
     step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
     update_expert_biases(state.model, step_taken=step.taken)  # aux-loss-free balancing: this step's loads, all micro-batches

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from moe_lib.config import ModelConfig
-from moe_lib.experts import Experts, capacity_keep_mask, dispatch_grouped, dispatch_loop, expert_capacity, queue_position
+from moe_lib.moe.experts import Experts, capacity_keep_mask, dispatch_grouped, dispatch_loop, expert_capacity, queue_position
 from moe_lib.metrics import RoutingAccumulator
-from moe_lib.model import MoETransformer
+from moe_lib.moe.model import MoETransformer
 from moe_lib.profiles import get_profile
 from moe_lib.train import load_data, train_run
 

@@ -167,7 +167,7 @@ import importlib.metadata, json, sys, types
 sys.modules["google.colab"] = types.ModuleType("google.colab")  # what Colab's kernel has imported
 exec(compile(open(sys.argv[1]).read(), "first cell", "exec"))   # the stamped first cell, as the kernel runs it
 import moe_lib, torch
-from moe_lib import experiments, studies
+from moe_lib import runs, studies
 from moe_lib.checkpoint import load_checkpoint
 from moe_lib.profiles import get_profile, output_paths
 paths = output_paths(profile)
@@ -175,7 +175,7 @@ grid = studies.build_grid("noise", profile)  # a grid whose stored cpu results m
 print(json.dumps({
     "moe_lib": moe_lib.__file__, "torch": torch.__file__, "profile": profile.name,
     "torch_version": torch.__version__, "torch_metadata_version": importlib.metadata.version("torch"),
-    "stored_runs": len(experiments.load_results(grid, paths.results)), "grid_runs": len(grid.runs),
+    "stored_runs": len(runs.load_results(grid, paths.results)), "grid_runs": len(grid.runs),
     "checkpoint_params": sum(p.numel() for p in load_checkpoint(paths.saved_models / "01_basics")[0].parameters()),
 }))
 """

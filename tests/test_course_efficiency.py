@@ -12,8 +12,8 @@ import pytest
 from moe_lib import cli
 from moe_lib import course_efficiency as ce
 from moe_lib.config import RunConfig
-from moe_lib.experiments import Grid, run_grid
-from moe_lib.model import flops_per_token
+from moe_lib.runs import Grid, run_grid
+from moe_lib.moe.model import flops_per_token
 
 
 def test_efficiency_is_training_flops_over_wall_time_times_peak():

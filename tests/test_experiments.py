@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_lib import experiments as ex
+from moe_lib.runs import grid as ex
 from moe_lib.config import RunConfig
-from moe_lib.experiments import Grid, Run, load_histories, load_results, run_grid
-from moe_lib.statistics import format_mean_std, mean_ci, paired_comparison, paired_differences, summarize, summary_table
+from moe_lib.runs import Grid, Run, load_histories, load_results, run_grid
+from moe_lib.stats import format_mean_std, mean_ci, paired_comparison, paired_differences, summarize, summary_table
 
 # Student's t quantiles. For 2 degrees of freedom the quantile has a closed form,
 # t_p = (2p - 1) / sqrt(2 p (1 - p)), so t_{0.975, 2} = 0.95 / sqrt(0.04875).

@@ -19,8 +19,8 @@ from moe_lib.expert_parallel import (
     spawn,
     train_expert_parallel,
 )
-from moe_lib.experts import Experts
-from moe_lib.model import MoETransformer
+from moe_lib.moe.experts import Experts
+from moe_lib.moe.model import MoETransformer
 from moe_lib.profiles import get_profile
 from moe_lib.train import load_data, train_run
 
@@ -59,7 +59,7 @@ def test_ep_layer_equals_single_process_on_two_ranks():
 
 
 def test_ep_layer_refuses_expert_choice():
-    from moe_lib.model import MoEFeedForward
+    from moe_lib.moe.model import MoEFeedForward
     from moe_lib.expert_parallel import ExpertParallelMoE
 
     with pytest.raises(ValueError, match="expert_choice"):

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from moe_lib.experiments import Grid, run_grid
+from moe_lib.runs import Grid, run_grid
 from moe_lib.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 

@@ -11,7 +11,7 @@ from statsmodels.stats.multitest import multipletests
 
 from moe_lib.studies import comparison, noise
 from moe_lib.profiles import get_profile
-from moe_lib.statistics import mean_ci, paired_comparison
+from moe_lib.stats import mean_ci, paired_comparison
 from moe_lib.studies import StudyResult, build_grid
 
 ROOT = Path(__file__).resolve().parents[1]

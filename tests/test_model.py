@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from moe_lib.config import ModelConfig
-from moe_lib.experts import Experts, dispatch_grouped, dispatch_loop
-from moe_lib.losses import load_balancing_loss, router_z_loss
+from moe_lib.moe.experts import Experts, dispatch_grouped, dispatch_loop
+from moe_lib.moe.losses import load_balancing_loss, router_z_loss
 from moe_lib.metrics import RoutingAccumulator, coefficient_of_variation, layer_routing_stats, pooled_usage_cv, routing_entropy
-from moe_lib.model import MoETransformer, count_parameters
-from moe_lib.routing import RandomRouter, RoutingResult, TopKRouter
+from moe_lib.moe.model import MoETransformer, count_parameters
+from moe_lib.moe.routing import RandomRouter, RoutingResult, TopKRouter
 
 VOCAB = 97
 
@@ -291,7 +291,7 @@ def test_invalid_router_error_lists_valid_choices():
 
 
 def test_padded_grouped_matmul_equals_per_segment_matmuls_in_bf16():
-    from moe_lib.experts import grouped_matmul
+    from moe_lib.moe.experts import grouped_matmul
 
     torch.manual_seed(0)
     counts = torch.tensor([5, 0, 130, 1, 64])  # an empty segment and one longer than a pad block
@@ -339,7 +339,7 @@ def assert_matches_per_segment_matmuls(out, a, w, counts):
 
 
 def test_grouped_matmul_uses_the_kernel_only_for_16_byte_aligned_rows(grouped_mm_spy):
-    from moe_lib.experts import grouped_matmul
+    from moe_lib.moe.experts import grouped_matmul
 
     a, w, counts, offsets = segment_inputs(d=16, m=8)  # fp32 rows of 64 and 32 bytes: aligned
     assert_matches_per_segment_matmuls(grouped_matmul(a, w, counts, offsets), a, w, counts)
@@ -352,7 +352,7 @@ def test_grouped_matmul_uses_the_kernel_only_for_16_byte_aligned_rows(grouped_mm
 
 def test_grouped_matmul_falls_back_where_the_kernel_is_missing(monkeypatch, grouped_mm_spy):
     """torch 2.8 has ``torch._grouped_mm`` but no CPU kernel: the attribute must not be trusted."""
-    from moe_lib.experts import grouped_matmul
+    from moe_lib.moe.experts import grouped_matmul
 
     def missing(*args, **kwargs):
         raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'CPU' backend")

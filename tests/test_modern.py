@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import ModelConfig, RunConfig, fine_grained
 from moe_lib.studies.modern import earlier_output_change
-from moe_lib.experiments import HASH_IGNORED, HASH_OMITTED_DEFAULTS, RESULTS_VERSION, config_hash
-from moe_lib.experts import Experts, swiglu
-from moe_lib.losses import load_balancing_loss
+from moe_lib.runs import HASH_IGNORED, HASH_OMITTED_DEFAULTS, RESULTS_VERSION, config_hash
+from moe_lib.moe.experts import Experts, swiglu
+from moe_lib.moe.losses import load_balancing_loss
 from moe_lib.metrics import RoutingAccumulator, max_violation, router_saturation, topk_overlap
-from moe_lib.model import MoEFeedForward, MoETransformer, count_parameters, flops_per_token
-from moe_lib.routing import ExpertChoiceRouter, TopKRouter, update_expert_biases
+from moe_lib.moe.model import MoEFeedForward, MoETransformer, count_parameters, flops_per_token
+from moe_lib.moe.routing import ExpertChoiceRouter, TopKRouter, update_expert_biases
 from moe_lib.train import build_optimizer
 
 VOCAB = 97

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from moe_lib.statistics import condition_differences, minimum_detectable_effect
+from moe_lib.stats import condition_differences, minimum_detectable_effect
 from moe_lib.studies import modern
 
 NAN = float("nan")

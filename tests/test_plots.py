@@ -11,7 +11,7 @@ import pytest
 from matplotlib.colors import LogNorm
 
 from moe_lib import plots
-from moe_lib.statistics import mean_ci
+from moe_lib.stats import mean_ci
 
 RESULTS = pd.DataFrame({"condition": ["a"] * 3 + ["b"] * 3, "seed": [1, 2, 3] * 2, "cv": [0.83, 0.96, 1.11, 0.2, 0.3, 0.25]})
 

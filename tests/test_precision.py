@@ -131,7 +131,7 @@ def test_colab_profile_is_sized_for_about_an_hour_on_a_t4():
 
 
 def test_flops_per_token_by_hand():
-    from moe_lib.model import MoETransformer, count_parameters, flops_per_token
+    from moe_lib.moe.model import MoETransformer, count_parameters, flops_per_token
 
     cfg = get_profile("smoke").base.model
     with torch.device("meta"):

@@ -1,7 +1,7 @@
 """moe_lib's MoE layer computes what the released MoE families compute (issue 21 §6).
 
 Each test builds a tiny random configuration of Hugging Face transformers' OWN sparse-MoE
-block of a family, copies its weights into :class:`moe_lib.model.MoEFeedForward` configured
+block of a family, copies its weights into :class:`moe_lib.moe.model.MoEFeedForward` configured
 as that family, and compares the output and the gradients of the input and of every weight
 (fp32, ``rtol`` 1e-5), at three shapes, at k = 1 and k >= 2, with both dispatchers.
 
@@ -33,10 +33,10 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from moe_lib import experiments
+from moe_lib.runs import grid
 from moe_lib.config import ModelConfig, RunConfig
-from moe_lib.model import DenseFeedForward, MoEFeedForward
-from moe_lib.routing import top_group_mask
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward
+from moe_lib.moe.routing import top_group_mask
 
 RTOL = 1e-5
 # Absolute floor for entries that are sums cancelling to near 0: 1e-6 of the tensor's scale (its largest
@@ -234,7 +234,7 @@ def test_reference_options_reject_bad_values_by_name(changes, field):
 
 def test_new_options_off_keep_the_stored_config_hashes(monkeypatch):
     """Hashes computed before these options existed (at results version 2) still come out."""
-    monkeypatch.setattr(experiments, "RESULTS_VERSION", 2)
-    assert experiments.config_hash(RunConfig()) == "51ff78f01318"
+    monkeypatch.setattr(grid, "RESULTS_VERSION", 2)
+    assert grid.config_hash(RunConfig()) == "51ff78f01318"
     modern = RunConfig().with_model(num_shared_experts=1, score_func="sigmoid", bias_update_rate=1e-3)
-    assert experiments.config_hash(modern) == "d95ea1333cdf"
+    assert grid.config_hash(modern) == "d95ea1333cdf"

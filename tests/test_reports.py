@@ -94,7 +94,7 @@ def test_verdicts_take_the_originals_numbers_from_the_data():
 
 
 def test_a_ci_that_includes_zero_is_inconclusive_with_signs_and_minimum_detectable_effect():
-    from moe_lib.statistics import minimum_detectable_effect
+    from moe_lib.stats import minimum_detectable_effect
 
     study = fake_study("noise", (42, 43, 44))
     shift = {42: 1.0, 43: 3.0, 44: -1.0}  # noise 0.1 minus noise 0 per seed: the CI includes 0, 2 of 3 signs agree
@@ -168,7 +168,7 @@ def test_setup_comparison_reads_each_original_from_the_data_and_rejects_unknown_
 def test_setup_table_names_each_optimizers_parameters_and_the_originals_differences(name):
     """Ours: the optimizer row lists exactly optimizer_split's names (experts and router gate on Muon, as the
     original). The original: every difference from llm.py that the seeds' README records."""
-    from moe_lib.model import MoETransformer
+    from moe_lib.moe.model import MoETransformer
     from moe_lib.train import optimizer_split
 
     table = comparison.setup_comparison(name, SMOKE)
@@ -206,7 +206,7 @@ def test_setup_tables_compared_metric_is_the_one_the_comparison_uses():
 
 
 def test_scale_statement_computes_parameters_tokens_and_epochs():
-    from moe_lib.model import MoETransformer, count_parameters
+    from moe_lib.moe.model import MoETransformer, count_parameters
     from moe_lib.train import load_data
 
     text_ = comparison.scale_statement(SMOKE)

@@ -13,7 +13,7 @@ from moe_lib import information
 from moe_lib.studies import trace_counts, traces
 from moe_lib.config import DataConfig, ModelConfig
 from moe_lib.data import line_roles, prepare_data
-from moe_lib.model import MoETransformer
+from moe_lib.moe.model import MoETransformer
 
 
 # --------------------------------------------------------------------------- information

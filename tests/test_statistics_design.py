@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import optimize, stats
 
-from moe_lib.statistics import (
+from moe_lib.stats import (
     factorial_anova,
     factorial_contrasts,
     mean_ci,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_lib.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from moe_lib.model import apply_rotary, rotary_tables
+from moe_lib.moe.model import apply_rotary, rotary_tables
 from moe_lib.train import init_train_state, train_step
 
 REFERENCE_LM_LOSSES = {  # recorded at a775636

@@ -13,7 +13,7 @@ import torch
 from moe_lib import cli
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
-from moe_lib.model import MoETransformer
+from moe_lib.moe.model import MoETransformer
 from moe_lib.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
@@ -149,7 +149,7 @@ def test_train_run_history_metrics_and_determinism(smoke, data):
 def test_checkpoint_steps_keep_the_weights_after_those_steps(smoke, data):
     """Snapshots after steps 2 and 6 (the last): the last equals the final model, the earlier one differs,
     and router saturation of the final model against itself is 1."""
-    from moe_lib.experiments import config_hash
+    from moe_lib.runs import config_hash
     from moe_lib.metrics import router_saturation
 
     config = smoke.base.with_train(checkpoint_steps=(2, smoke.base.train.steps), final_eval_batches=1)
@@ -374,7 +374,7 @@ TIMING_COLUMNS = ["finished_at", "training_time_minutes", "ms_per_step", "tokens
 def test_real_grid_interrupted_and_resumed_equals_uninterrupted(smoke, tmp_path):
     import functools
 
-    from moe_lib.experiments import run_grid
+    from moe_lib.runs import run_grid
     from moe_lib.studies import build_grid
 
     grid = build_grid("routing", smoke, seeds=[42])
@@ -412,7 +412,7 @@ def test_missing_checkpoint_is_retrained_and_its_row_replaced(smoke, tmp_path, m
     monkeypatch.setattr(result, "output_paths", lambda profile: type("P", (), {"saved_models": tmp_path / "models", "results": tmp_path / "results"})())
     grid = studies.build_grid("routing", smoke, seeds=[42])
     train = functools.partial(train_run, profile="smoke")
-    from moe_lib.experiments import load_histories, run_grid
+    from moe_lib.runs import load_histories, run_grid
 
     results = run_grid(grid, tmp_path / "results", train_fn=train, checkpoint_root=tmp_path / "models" / grid.name, progress=False)
     study = studies.StudyResult(grid, smoke, results, load_histories(grid, tmp_path / "results"), tmp_path / "results" / f"{grid.name}.csv")

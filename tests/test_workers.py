@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import worker_stubs
-from moe_lib import workers
-from moe_lib.experiments import TIMING_COLUMNS, Grid, load_histories, load_results, run_grid
+from moe_lib.runs import workers
+from moe_lib.runs import TIMING_COLUMNS, Grid, load_histories, load_results, run_grid
 from moe_lib.profiles import get_profile
 from moe_lib.train import train_run
 

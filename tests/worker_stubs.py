@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from moe_lib.config import RunConfig
-from moe_lib.experiments import Grid, run_grid
+from moe_lib.runs import Grid, run_grid
 
 CONTROL_ENV = "MOE_TEST_CONTROL"
 

@@ -31,7 +31,7 @@ try:  # the layout with moe_lib/studies/ (the fallback renders the flat layout b
 except ImportError:
     from moe_lib import modern_reports, reports, studies  # noqa: F401
     NEW = False
-from moe_lib.experiments import load_histories, load_results
+from moe_lib.runs import load_histories, load_results
 from moe_lib.profiles import get_profile
 
 

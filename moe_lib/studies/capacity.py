@@ -9,9 +9,9 @@ import itertools
 
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
-from ..statistics import capacity_label, factorial_anova, mean_std_text, paired_comparison, paired_differences
+from ..stats import capacity_label, factorial_anova, mean_std_text, paired_comparison, paired_differences
 from .noise import LB_WEIGHTS
 from .result import StudyResult, conditions
 from .verdicts import anova_lines, ci_text, overfit_lines, significance

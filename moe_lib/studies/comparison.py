@@ -11,9 +11,9 @@ import pandas as pd
 import torch
 
 from ..config import ModelConfig
-from ..model import MoETransformer, count_parameters
+from ..moe.model import MoETransformer, count_parameters
 from ..profiles import Profile
-from ..statistics import format_mean_std, mean_std_text
+from ..stats import format_mean_std, mean_std_text
 from ..train import build_optimizer, load_data, optimizer_split
 from . import originals
 from .result import StudyResult, paired_table, per_layer

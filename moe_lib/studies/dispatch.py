@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
 from .result import StudyResult, conditions
 

@@ -35,11 +35,11 @@ import seaborn as sns
 import torch
 
 from ..config import RunConfig, fine_grained
-from ..experiments import Grid, Run
+from ..runs import Grid, Run
 from ..metrics import router_saturation
-from ..model import MoETransformer, flops_per_token
+from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile
-from ..statistics import condition_differences, mean_std_text, paired_comparison, sign_consistency
+from ..stats import condition_differences, mean_std_text, paired_comparison, sign_consistency
 from .verdicts import ci_side, inconclusive, seeds_text
 
 GRANULARITY = 4
@@ -107,7 +107,7 @@ def condition_order(results: pd.DataFrame) -> list[str]:
 
 
 def flops_by_condition(configs: Mapping[str, RunConfig], vocab_size: int) -> dict[str, int]:
-    """Training FLOPs per token of each condition (:func:`~moe_lib.model.flops_per_token`) at the corpus's vocabulary."""
+    """Training FLOPs per token of each condition (:func:`~moe_lib.moe.model.flops_per_token`) at the corpus's vocabulary."""
     return {c: flops_per_token(cfg.model.replace(vocab_size=vocab_size), cfg.train.seq_len) for c, cfg in configs.items()}
 
 

@@ -10,9 +10,9 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
-from ..statistics import factorial_anova, factorial_contrasts, format_mean_std, summarize
+from ..stats import factorial_anova, factorial_contrasts, format_mean_std, summarize
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
 from .verdicts import anova_lines, ci_text, contrast_text, interval_cell, overfit_lines, p_text, significance
@@ -140,9 +140,9 @@ FACTORS = ("noise_std", "load_balancing_weight")
 def noise_factorial_analysis(study: StudyResult, metric: str = "best_val_perplexity") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The noise study analysed as the 3 x 2 factorial it is, on log ``metric`` with the seed as a block.
 
-    Returns ``(anova, contrasts)``: :func:`~moe_lib.statistics.factorial_anova` (main effects of noise
+    Returns ``(anova, contrasts)``: :func:`~moe_lib.stats.factorial_anova` (main effects of noise
     and lb, their interaction, the seed block, partial eta squared) and the effect sizes of
-    :func:`~moe_lib.statistics.factorial_contrasts` for both factors (noise vs 0; lb 0 vs 0.01), each
+    :func:`~moe_lib.stats.factorial_contrasts` for both factors (noise vs 0; lb 0 vs 0.01), each
     main effect and interaction contrast with its seed-paired t interval, as % change in ``metric``.
     """
     r = study.results

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from .. import plots
-from ..statistics import summarize
+from ..stats import summarize
 from .capacity import capacity_table
 from .dispatch import dispatch_table
 from .noise import noise_condition_table

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..experiments import Grid, load_results, retrain_run
+from ..runs import Grid, load_results, retrain_run
 from ..profiles import Profile, describe_config, output_paths
-from ..statistics import condition_differences, paired_comparison
+from ..stats import condition_differences, paired_comparison
 from ..train import train_run
 
 
@@ -73,7 +73,7 @@ def per_layer(rows: pd.DataFrame, prefix: str) -> str:
 
 
 def paired_table(study: StudyResult, metric: str, baseline: str) -> pd.DataFrame:
-    """:func:`~moe_lib.statistics.paired_comparison` of every condition against ``baseline``, indexed by condition."""
+    """:func:`~moe_lib.stats.paired_comparison` of every condition against ``baseline``, indexed by condition."""
     return paired_comparison(study.results, baseline=baseline, metric=metric).set_index("condition")
 
 

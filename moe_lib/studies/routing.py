@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
-from ..statistics import mean_ci, mean_std_text
+from ..stats import mean_ci, mean_std_text
 from . import originals
 from .result import StudyResult, conditions, layer_means, pair_series, pair_values, paired_table, per_layer
 from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, significance

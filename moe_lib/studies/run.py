@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from ..experiments import Grid, load_histories, run_grid
+from ..runs import Grid, load_histories, run_grid
 from ..profiles import Profile, get_profile, output_paths
 from ..train import train_run
 from .capacity import capacity_grid
@@ -70,7 +70,7 @@ def run_study(
     """Run (or resume) a study; finished runs already in its CSV are not trained again.
 
     ``jobs`` runs train at once in worker processes (default: ``$MOE_JOBS``, else the machine's,
-    :func:`moe_lib.workers.default_jobs`); 1 trains them one after another in this process.
+    :func:`moe_lib.runs.workers.default_jobs`); 1 trains them one after another in this process.
 
     Checkpoints go to ``saved_models/<grid>/<run_id>/`` when ``save_checkpoints`` is set, and
     always for the studies in :data:`CHECKPOINTED_STUDIES`.

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoint import load_checkpoint
-from ..experiments import Grid
+from ..runs import Grid
 from ..information import conditional_mutual_information
 from ..profiles import Profile
-from ..statistics import mean_ci, paired_comparison, paired_differences
+from ..stats import mean_ci, paired_comparison, paired_differences
 from ..train import load_data, resolve_device
 from .result import StudyResult, checkpoint_dir
 from .trace_counts import coactivation, label_permutation_test, label_utilization, mi_by_layer

@@ -2,7 +2,7 @@
 
 Every study's verdicts are built from these phrases. A comparison claims a winner only when its
 95% confidence interval excludes 0; otherwise it says "inconclusive at n = N", with how many
-seeds point the same way (:func:`~moe_lib.statistics.sign_consistency`) and the smallest effect
+seeds point the same way (:func:`~moe_lib.stats.sign_consistency`) and the smallest effect
 those seeds would detect with 80% power (the MDE), never "no effect".
 """
 
@@ -13,7 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from ..metrics import OVERFIT_MARGIN_NATS
-from ..statistics import mean_ci, minimum_detectable_effect, sign_consistency
+from ..stats import mean_ci, minimum_detectable_effect, sign_consistency
 
 __all__ = [
     "anova_lines", "ci_side", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
@@ -22,7 +22,7 @@ __all__ = [
 
 
 def seeds_text(k: int, n: int) -> str:
-    """``"3/3 seeds"``: k of n seeds (a :func:`~moe_lib.statistics.sign_consistency` count)."""
+    """``"3/3 seeds"``: k of n seeds (a :func:`~moe_lib.stats.sign_consistency` count)."""
     return f"{k}/{n} seeds"
 
 
@@ -46,7 +46,7 @@ def p_text(p: float) -> str:
 
 
 def ci_side(comparison: pd.Series) -> str:
-    """``"lower"``, ``"higher"`` or ``"inconclusive"``: where a :func:`~moe_lib.statistics.paired_comparison` row's
+    """``"lower"``, ``"higher"`` or ``"inconclusive"``: where a :func:`~moe_lib.stats.paired_comparison` row's
     95% CI of the difference lies against 0 (no interval, one pair: inconclusive)."""
     if comparison.difference_ci_high < 0:
         return "lower"
@@ -66,7 +66,7 @@ def inconclusive(differences, digits: int = 2, unit: str = "") -> str:
     """:func:`inconclusive_text` of per-seed paired ``differences``.
 
     MDE: the smallest true mean difference a paired t-test on these n seeds would detect with 80%
-    power at the observed paired SD (:func:`~moe_lib.statistics.minimum_detectable_effect`).
+    power at the observed paired SD (:func:`~moe_lib.stats.minimum_detectable_effect`).
     """
     if differences is None:
         return "inconclusive"
@@ -115,7 +115,7 @@ def contrast_text(row: pd.Series) -> str:
 
 
 def anova_lines(anova: pd.DataFrame, metric: str) -> list[str]:
-    """One sentence per main effect and interaction of a :func:`~moe_lib.statistics.factorial_anova` table."""
+    """One sentence per main effect and interaction of a :func:`~moe_lib.stats.factorial_anova` table."""
     lines = []
     for term in anova.index.drop(["Residual", "seed"], errors="ignore"):
         row = anova.loc[term]

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..experiments import Grid
+from ..runs import Grid
 from ..profiles import Profile
-from ..statistics import mean_std_text
+from ..stats import mean_std_text
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
 from .verdicts import ci_text, interval_cell, overfit_lines, p_text, significance

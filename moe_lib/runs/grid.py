@@ -19,11 +19,11 @@ row says so in ``reused_from``), unless the grid's verdicts compare time (``Grid
 A copied row's timing and memory columns are blank, their source's values kept in ``<column>_source``:
 they were measured at another time, perhaps on another machine.
 
-``run_grid(..., jobs=N)`` trains N runs at once in worker processes (:mod:`moe_lib.workers`). Each
+``run_grid(..., jobs=N)`` trains N runs at once in worker processes (:mod:`moe_lib.runs.workers`). Each
 worker commits its own runs; a lock file (``.<grid>.csv.lock``) serialises the CSV's
 read-modify-write, so no row is lost when two finish together.
 
-The statistics over a results table live in :mod:`moe_lib.statistics`.
+The statistics over a results table live in :mod:`moe_lib.stats`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ import pandas as pd
 
 from filelock import FileLock
 
-from .config import RunConfig
-from .data.corpora import corpus_identity
-from .files import atomic_write_text
+from ..config import RunConfig
+from ..data.corpora import corpus_identity
+from ..files import atomic_write_text
 from .workers import Task, default_jobs, run_in_workers, threads_per_job
 
 # Columns every results row starts with (the grid's factors go between condition and seed).
@@ -459,8 +459,8 @@ def resolved_hardware(config: RunConfig) -> tuple[str, str]:
     ``precision_used``."""
     import torch  # deferred: the grid machinery itself needs no torch
 
-    from .precision import resolve_precision
-    from .train import resolve_device
+    from ..precision import resolve_precision
+    from ..train import resolve_device
 
     device = resolve_device(config.train.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -526,13 +526,13 @@ def run_grid(
     same device kind and precision as this one would be (:func:`resolved_hardware`) is reused, never
     into a grid with ``compares_time``, and the copied row's timings are blanked (:data:`TIMING_COLUMNS`).
     ``jobs``: runs trained at once, each in a worker process with ``cores // jobs`` threads
-    (:mod:`moe_lib.workers`); ``None`` picks :func:`moe_lib.workers.default_jobs` (``$MOE_JOBS``, else
+    (:mod:`moe_lib.runs.workers`); ``None`` picks :func:`moe_lib.runs.workers.default_jobs` (``$MOE_JOBS``, else
     the machine's); 1 trains in this process, one run after another. ``threads`` overrides the workers' threads. ``train_fn`` must then be
     importable by a fresh process (a module-level function or a ``functools.partial`` of one).
     Interrupting (Ctrl-C) or killing the process loses only the runs in progress; call again to carry on.
     """
     if train_fn is None:
-        from .train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
+        from ..train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs={jobs!r} is invalid: expected a number of worker processes >= 1, or None for the machine's default")
     paths = GridPaths(Path(results_dir), grid.name)
@@ -641,7 +641,7 @@ def retrain_run(
     not kept). Same config and seed: on CPU the metrics come out the same, timings aside.
     """
     if train_fn is None:
-        from .train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
+        from ..train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     runs = {r.run_id: r for r in grid.runs}
     if run_id not in runs:
         raise ValueError(f"no run {run_id!r} in grid {grid.name!r}; valid: {sorted(runs)}")

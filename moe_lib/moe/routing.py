@@ -23,7 +23,7 @@ Modern options (notebook 07), in torchtitan's style:
   (re-normalised over the chosen k as above). The load-balancing loss needs a distribution
   ``P`` over experts, and sigmoid scores are not one, so ``probs`` are the scores normalised
   per token, ``s_i / sum_j s_j``: the ``s'`` of DeepSeek-V3's sequence-wise balance loss
-  (we keep the batch-wise ``f`` and ``P`` of :func:`~moe_lib.losses.load_balancing_loss`).
+  (we keep the batch-wise ``f`` and ``P`` of :func:`~moe_lib.moe.losses.load_balancing_loss`).
   Entropy metrics read the same normalised scores.
 * Auxiliary-loss-free balancing (Wang et al. 2024; ``bias_update_rate`` u > 0): a per-expert
   buffer ``b`` is added to the scores FOR SELECTION ONLY; gates use the unbiased scores. The
@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .experts import expert_capacity
 from .losses import expert_counts, load_balancing_loss, router_z_loss
 
@@ -69,7 +69,7 @@ class RoutingResult:
     has none); ``probs`` ``[N, E]`` is the distribution the experts were chosen from
     (softmax of the noisy logits, or uniform for the random router); ``expert_indices`` and
     ``gate_weights`` are ``[N, k]``. The auxiliary losses are this layer's unweighted scalars; the
-    model weights each layer's and sums them over layers (:mod:`moe_lib.losses`).
+    model weights each layer's and sums them over layers (:mod:`moe_lib.moe.losses`).
 
     Expert choice fills it per expert instead: ``token_indices`` ``[E, C]`` are the tokens
     each expert picked, ``gate_weights`` ``[E, C]`` their scores, and ``expert_indices``

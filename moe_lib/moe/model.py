@@ -7,7 +7,7 @@
   SwiGLU of width ``k * d_ff`` so that both spend the same FLOPs per token.
 * Loss: ``L = L_lm + w_lb * sum_layers(L_lb) + w_z * sum_layers(L_z)``: each MoE layer adds its
   own weighted auxiliary terms, as in Switch, ST-MoE and the original noise study (see
-  :mod:`moe_lib.losses` for the convention). The weights are taken from the config and applied
+  :mod:`moe_lib.moe.losses` for the convention). The weights are taken from the config and applied
   here, so a weight of 0 really removes its term.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .experts import DISPATCHERS, Experts, dispatch_expert_choice, expert_capacity, swiglu_fused
 from .routing import RoutingResult, build_router
 

@@ -16,7 +16,7 @@ How many (:func:`default_jobs`), unless ``MOE_JOBS`` says otherwise:
 * MPS: 1 (one Metal device, no measured gain).
 
 Each task commits its own result (the caller's function does; see
-:func:`moe_lib.experiments.run_grid`), so the parent holds nothing that a kill could lose. On
+:func:`moe_lib.runs.run_grid`), so the parent holds nothing that a kill could lose. On
 Linux a worker is killed with its parent (``PR_SET_PDEATHSIG``): a killed notebook kernel leaves
 no orphan training the same runs as the next call.
 

@@ -9,7 +9,7 @@
   (especially in bf16). It is not a "confidence booster".
 
 Weighting convention: each MoE layer contributes its own weighted terms, and the model adds
-them up, ``L = L_lm + w_lb * sum_layers L_lb + w_z * sum_layers L_z`` (:class:`moe_lib.model.MoETransformer`).
+them up, ``L = L_lm + w_lb * sum_layers L_lb + w_z * sum_layers L_z`` (:class:`moe_lib.moe.model.MoETransformer`).
 That is Switch Transformer's and ST-MoE's convention (the auxiliary loss is added per MoE layer)
 and the original noise study's (``0.01 * L_lb`` per layer, summed: ``aux=0.0602`` for 6 layers
 near uniform routing), so ``w_lb = 0.01`` means the same thing here as there. Hugging Face's
