@@ -61,3 +61,16 @@ def test_slow_bf16_run_has_no_bf16_rows_and_says_why(bench):
     assert set(result["rows"]) == {"moe fp32", "dense fp32"} and result["bf16_speedup"] is None
     verdicts = {target: value for target, value, _ in bench.targets({"train": [result]})}
     assert verdicts["bf16 autocast >= 1.5x fp32 tokens/s (smoke profile, MoE)"].startswith("not measured: no native bf16")
+
+
+def test_rewriting_results_keeps_the_hand_measured_section(bench, tmp_path):
+    """RESULTS.md's course timings were measured by hand: a new benchmark run must not delete them."""
+    results = tmp_path / "RESULTS.md"
+    assert bench.kept_section(results) == ""
+    results.write_text("# old generated tables\n")
+    assert bench.kept_section(results) == ""
+    tail = f"{bench.KEPT_MARKER}: ... -->\n## The course, measured by hand\n| 01 | 4.4 min |\n"
+    results.write_text("# old generated tables\n\n" + tail)
+    assert bench.kept_section(results) == "\n" + tail
+    real = (BENCH.parent / "RESULTS.md").read_text()
+    assert bench.KEPT_MARKER in real and real.index(bench.KEPT_MARKER) > real.index("## Targets")
