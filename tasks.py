@@ -29,6 +29,8 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # Where pip gets packages: if the user set any of these, their choice wins over the CPU index.
 PIP_SOURCE_SETTINGS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint")
 BROWSER_TEST_COMMAND = ["-m", "pytest", "-p", "no:cacheprovider", "tests/browser_jupyterlab.py"]
+# Jupyter Book 2 (mystmd) runs on Node.js 18 or newer.
+NODE_MAJOR_MINIMUM = 18
 TEST_COMMAND = ["-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-cell-timeout=600", "tests", "notebooks"]
 
 

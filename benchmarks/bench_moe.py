@@ -561,6 +561,16 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+KEPT_MARKER = "<!-- Kept by bench_moe.py when it rewrites this file"
+
+
+def kept_section(path: Path) -> str:
+    """The hand-written tail of ``path`` from :data:`KEPT_MARKER` on (measurements this script does not make), or ""."""
+    previous = path.read_text() if path.is_file() else ""
+    start = previous.find(KEPT_MARKER)
+    return "" if start < 0 else "\n" + previous[start:]
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
@@ -812,6 +822,7 @@ def main(argv=None) -> dict[str, Any]:
             res[key] = previous.get(key, res.get(key))
     text = render(res)
     if args.out:
+        text += kept_section(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))

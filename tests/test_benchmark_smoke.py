@@ -135,3 +135,14 @@ def test_cuda_mode_rows_compute_the_same_layer(bench):
     for name in (cuda_layer.GROUPED, cuda_layer.HF_EAGER, cuda_layer.HF_GROUPED):
         if name in rows:
             torch.testing.assert_close(rows[name][1](x), reference, rtol=1e-5, atol=1e-6)
+def test_rewriting_results_keeps_the_hand_measured_section(bench, tmp_path):
+    """RESULTS.md's course timings were measured by hand: a new benchmark run must not delete them."""
+    results = tmp_path / "RESULTS.md"
+    assert bench.kept_section(results) == ""
+    results.write_text("# old generated tables\n")
+    assert bench.kept_section(results) == ""
+    tail = f"{bench.KEPT_MARKER}: ... -->\n## The course, measured by hand\n| 01 | 4.4 min |\n"
+    results.write_text("# old generated tables\n\n" + tail)
+    assert bench.kept_section(results) == "\n" + tail
+    real = (BENCH.parent / "RESULTS.md").read_text()
+    assert bench.KEPT_MARKER in real and real.index(bench.KEPT_MARKER) > real.index("## Targets")
