@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report.summary.to_string())
         return 0
     if args.command == "ep":
-        from .expert_parallel import torchrun_main
+        from .parallel import torchrun_main
         from .profiles import get_profile
 
         config = get_profile(args.profile).base

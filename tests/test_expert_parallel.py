@@ -11,7 +11,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from moe_lib.config import ModelConfig
 from moe_lib.data import sample_batch
-from moe_lib.expert_parallel import (
+from moe_lib.parallel import (
     check_layer_against_single_process,
     expert_parallel_model,
     expert_shard,
@@ -60,7 +60,7 @@ def test_ep_layer_equals_single_process_on_two_ranks():
 
 def test_ep_layer_refuses_expert_choice():
     from moe_lib.moe.model import MoEFeedForward
-    from moe_lib.expert_parallel import ExpertParallelMoE
+    from moe_lib.parallel import ExpertParallelMoE
 
     with pytest.raises(ValueError, match="expert_choice"):
         ExpertParallelMoE(MoEFeedForward(LAYER.replace(router="expert_choice")))
