@@ -110,7 +110,7 @@ LAYERS = {
     "config": "core", "moe": "core", "metrics": "core",
     "muon": "core", "precision": "core", "data": "core",
     "files": "core", "versions": "core", "stats": "core", "information": "core", "profiles": "core", "plots": "core",
-    "train": "training", "checkpoint": "training", "parallel": "training", "perf": "training",
+    "train": "training", "checkpoint": "training", "parallel": "training", "parallel_analysis": "training", "perf": "training",
     "runs": "runs", "course_efficiency": "course",
     "studies": "studies",
     "course": "course", "cli": "course", "colab": "course", "notebook": "course", "budget": "course", "__main__": "course",

@@ -12,7 +12,6 @@ from torch.multiprocessing import ProcessRaisedException
 from moe_lib.config import ModelConfig
 from moe_lib.data import sample_batch
 from moe_lib.parallel import (
-    check_layer_against_single_process,
     expert_parallel_model,
     expert_shard,
     scale_expert_grads,
@@ -21,6 +20,7 @@ from moe_lib.parallel import (
 )
 from moe_lib.moe.experts import Experts
 from moe_lib.moe.model import MoETransformer
+from moe_lib.parallel_analysis import check_layer_against_single_process
 from moe_lib.profiles import get_profile
 from moe_lib.train import load_data, train_run
 
