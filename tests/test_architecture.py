@@ -151,3 +151,28 @@ def test_every_module_has_a_layer():
 
 def test_no_module_imports_from_a_higher_layer():
     assert upward_imports(graph()) == []
+
+
+# --------------------------------------------------------------------------- the public API
+def test_the_public_api_names_the_objects_of_their_home_modules():
+    import moe_lib
+
+    assert moe_lib.__all__ and set(moe_lib.__all__) <= set(dir(moe_lib))
+    for name in moe_lib.__all__:
+        value = getattr(moe_lib, name)
+        assert getattr(importlib.import_module(value.__module__), name) is value, name
+    with pytest.raises(AttributeError, match="'nope'.*public names are"):
+        moe_lib.nope  # noqa: B018
+
+
+def test_import_moe_lib_is_cheap_and_submodules_still_import():
+    """``import moe_lib`` loads no torch or pandas (its names load on first use); ``from moe_lib import plots``
+    still finds the submodule."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moe_lib; heavy = sorted({'torch', 'pandas'} & set(sys.modules)); "
+            "from moe_lib import plots, runs; print(heavy, plots.__name__, runs.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent, env={**__import__("os").environ, "PYTHONPATH": str(PACKAGE.parent)}).stdout
+    assert out.split() == ["[]", "moe_lib.plots", "moe_lib.runs"]
