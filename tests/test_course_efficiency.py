@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from moe_lib import cli
+from moe_lib.course import cli
 from moe_lib.course import efficiency as ce
 from moe_lib.config import RunConfig
 from moe_lib.runs import Grid, run_grid

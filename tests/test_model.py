@@ -312,7 +312,7 @@ def test_padded_grouped_matmul_equals_per_segment_matmuls_in_bf16():
 @pytest.fixture
 def grouped_mm_spy(monkeypatch):
     """Counts ``torch._grouped_mm`` calls; the cached availability probe starts afresh and is reset after."""
-    from moe_lib import experts
+    from moe_lib.moe import experts
 
     calls = []
     real = torch._grouped_mm
