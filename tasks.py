@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
         run(python, *BROWSER_TEST_COMMAND, *extra, env=env)
     elif task == "colab":
-        run(python, "-m", "moe_lib.colab", *extra, env=env)
+        run(python, "-m", "tools.colab", *extra, env=env)
     else:
         run(python, "-m", "moe_lib", "course", *extra, env=env)
     return 0

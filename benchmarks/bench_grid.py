@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_lib.course_efficiency import machine_description, measure_fp32_peak, run_training_flops, write_section  # noqa: E402
+from moe_lib.course.efficiency import machine_description, measure_fp32_peak, run_training_flops, write_section  # noqa: E402
 from moe_lib.runs import Grid, run_grid  # noqa: E402
 from moe_lib.profiles import get_profile  # noqa: E402
 from moe_lib.train import train_run  # noqa: E402

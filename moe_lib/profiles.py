@@ -11,7 +11,7 @@
 
 * ``colab`` - a free Colab T4 (fp16 autocast + GradScaler, no native bf16): the gpu profile's
   depth and expert layout at a smaller width, BPE tokens and fewer steps, sized so the whole
-  course takes about an hour there. An estimate from FLOP counts (:mod:`moe_lib.budget`: the
+  course takes about an hour there. An estimate from FLOP counts (`tools/budget.py`: the
   T4's 65 TFLOPS fp16 peak at an assumed 10% MFU), not yet timed on a T4.
 
 ``MOE_PROFILE`` defaults to ``gpu`` when CUDA is available and ``cpu`` otherwise.

@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from moe_lib import colab
+from tools import colab
 
 ROOT = Path(__file__).resolve().parents[1]
 SLUG = "example-org/moe-course"

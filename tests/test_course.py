@@ -1,10 +1,10 @@
-"""moe_lib.course: which notebooks run, and how their outputs are stored."""
+"""moe_lib.course.runner: which notebooks run, and how their outputs are stored."""
 
 from __future__ import annotations
 
 import pytest
 
-from moe_lib.course import notebook_paths
+from moe_lib.course.runner import notebook_paths
 
 
 def test_notebook_paths_picks_numbers_and_names_the_valid_ones(tmp_path):
@@ -19,7 +19,7 @@ def test_notebook_paths_picks_numbers_and_names_the_valid_ones(tmp_path):
 def test_tidy_outputs_drops_cleared_progress_bars_and_merges_the_text_around_them():
     import nbformat
 
-    from moe_lib.course import tidy_outputs
+    from moe_lib.course.runner import tidy_outputs
 
     cell = nbformat.v4.new_code_cell("run()")
     cell.outputs = [
@@ -37,7 +37,7 @@ def test_kernel_environment_puts_this_checkout_first_and_keeps_the_rest():
     from pathlib import Path
 
     import moe_lib
-    from moe_lib.course import kernel_environment
+    from moe_lib.course.runner import kernel_environment
 
     root = str(Path(moe_lib.__file__).resolve().parents[1])
     env = kernel_environment({"PYTHONPATH": f"/elsewhere{__import__('os').pathsep}{root}", "HOME": "/h"})
@@ -53,7 +53,7 @@ def test_run_course_executes_the_notebooks_with_this_checkouts_moe_lib(tmp_path,
     import nbformat
 
     import moe_lib
-    from moe_lib.course import run_course
+    from moe_lib.course.runner import run_course
 
     decoy = tmp_path / "other_clone" / "moe_lib"
     decoy.mkdir(parents=True)

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
-from moe_lib import cli
-from moe_lib import course_efficiency as ce
+from moe_lib.course import cli
+from moe_lib.course import efficiency as ce
 from moe_lib.config import RunConfig
 from moe_lib.runs import Grid, run_grid
 from moe_lib.moe.model import flops_per_token

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from moe_lib.runs import grid as ex
+from moe_lib.runs import store
 from moe_lib.config import RunConfig
 from moe_lib.runs import Grid, Run, load_histories, load_results, run_grid
 from moe_lib.stats import format_mean_std, mean_ci, paired_comparison, paired_differences, summarize, summary_table
@@ -142,7 +143,7 @@ def test_run_grid_writes_rows_histories_and_grid_json(tmp_path):
     assert list(df["run_id"]) == grid.run_ids  # grid order
     assert list(df.columns[:6]) == ["run_id", "condition", "noise_std", "load_balancing_weight", "seed", "config_hash"]
     assert df.columns[-1] == "finished_at"
-    for col in ("seed", "noise_std", "load_balancing_weight", *ex.STUDY_METRICS):
+    for col in ("seed", "noise_std", "load_balancing_weight", *store.STUDY_METRICS):
         assert col in df.columns
     assert df["peak_memory_gb"].isna().all()  # not reported by the fake trainer: present, NaN
     assert list(df["config_hash"]) == [r.config_hash for r in grid.runs]
@@ -214,7 +215,7 @@ def test_a_run_made_on_another_device_or_precision_is_trained_not_reused(tmp_pat
     here = FakeTrainer()
     rows = run_grid(Grid.from_conditions("on_cpu", BASE, conditions, (42,)), tmp_path, train_fn=here, progress=False)
     assert here.calls == ["noise_std=0.1__seed=42"] and "reused_from" not in rows.columns
-    assert ex.resolved_hardware(BASE) == ("cpu", "fp32")  # what "auto" resolves to on this (CPU-only) machine
+    assert store.resolved_hardware(BASE) == ("cpu", "fp32")  # what "auto" resolves to on this (CPU-only) machine
     # a run made here on the CPU in fp32 is reused by a third grid
     again = FakeTrainer()
     rows = run_grid(Grid.from_conditions("third", BASE, conditions, (42,)), tmp_path, train_fn=again, progress=False)
@@ -273,10 +274,10 @@ def test_crash_while_writing_leaves_old_csv_intact(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ex.os, "replace", failing_replace)
+    monkeypatch.setattr(store.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         run_grid(grid, tmp_path, train_fn=FakeTrainer(), progress=False)
-    monkeypatch.setattr(ex.os, "replace", real_replace)
+    monkeypatch.setattr(store.os, "replace", real_replace)
 
     assert csv.read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))  # the temp file was cleaned up

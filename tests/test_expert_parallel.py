@@ -11,8 +11,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from moe_lib.config import ModelConfig
 from moe_lib.data import sample_batch
-from moe_lib.expert_parallel import (
-    check_layer_against_single_process,
+from moe_lib.parallel import (
     expert_parallel_model,
     expert_shard,
     scale_expert_grads,
@@ -21,6 +20,7 @@ from moe_lib.expert_parallel import (
 )
 from moe_lib.moe.experts import Experts
 from moe_lib.moe.model import MoETransformer
+from moe_lib.parallel_analysis import check_layer_against_single_process
 from moe_lib.profiles import get_profile
 from moe_lib.train import load_data, train_run
 
@@ -60,7 +60,7 @@ def test_ep_layer_equals_single_process_on_two_ranks():
 
 def test_ep_layer_refuses_expert_choice():
     from moe_lib.moe.model import MoEFeedForward
-    from moe_lib.expert_parallel import ExpertParallelMoE
+    from moe_lib.parallel import ExpertParallelMoE
 
     with pytest.raises(ValueError, match="expert_choice"):
         ExpertParallelMoE(MoEFeedForward(LAYER.replace(router="expert_choice")))

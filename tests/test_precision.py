@@ -123,7 +123,7 @@ def test_train_run_in_fp16_on_cpu_is_finite(optimizer):
 def test_colab_profile_is_sized_for_about_an_hour_on_a_t4():
     """FLOP estimate at the T4's 65 TFLOPS fp16 peak and an assumed 10% MFU: 30-60 min of compute,
     leaving room for data preparation, evaluation overheads and the notebooks' own analysis."""
-    from moe_lib import budget
+    from tools import budget
 
     colab = get_profile("colab")
     assert colab.base.train.precision == "auto"  # fp16 + GradScaler on a T4 (no native bf16), by choose_precision

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_lib.budget import course_hours
+from tools.budget import course_hours
 from moe_lib.profiles import PROFILE_NAMES, get_profile
 
 ROOT = Path(__file__).resolve().parents[1]

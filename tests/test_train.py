@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_lib import cli
+from moe_lib.course import cli
 from moe_lib.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
 from moe_lib.moe.model import MoETransformer

@@ -24,21 +24,14 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-try:  # the layout with moe_lib/studies/ (the fallback renders the flat layout before it, for a before/after diff)
-    from moe_lib import studies
-    from moe_lib.studies import capacity, comparison, dispatch, modern, noise, routing, specialization, zloss
-    NEW = True
-except ImportError:
-    from moe_lib import modern_reports, reports, studies  # noqa: F401
-    NEW = False
-from moe_lib.runs import load_histories, load_results
-from moe_lib.profiles import get_profile
+from moe_lib import studies  # noqa: E402
+from moe_lib.profiles import get_profile  # noqa: E402
+from moe_lib.runs import load_histories, load_results  # noqa: E402
+from moe_lib.studies import capacity, comparison, dispatch, modern, noise, routing, specialization, zloss  # noqa: E402
 
 
 def api(name: str):
-    """The function ``name`` in whichever layout is installed."""
-    if not NEW:
-        return getattr(modern_reports, name) if hasattr(modern_reports, name) and not hasattr(reports, name) else getattr(reports, name)
+    """The study function ``name``, from whichever study module defines it."""
     for module in (routing, noise, zloss, specialization, capacity, dispatch, modern, comparison):
         if hasattr(module, name):
             return getattr(module, name)

@@ -8,10 +8,10 @@ fraction of the peak a run really achieves, is an assumption until someone times
 
 from __future__ import annotations
 
-from .config import RunConfig
-from .moe.model import flops_per_token
-from .profiles import Profile
-from .studies import STUDIES
+from moe_lib.config import RunConfig
+from moe_lib.moe.model import flops_per_token
+from moe_lib.profiles import Profile
+from moe_lib.studies import STUDIES
 
 # NVIDIA T4 datasheet: 65 TFLOPS peak in mixed precision (fp16 tensor cores, fp32 accumulate).
 T4_FP16_PEAK_FLOPS = 65e12

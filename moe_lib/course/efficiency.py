@@ -25,10 +25,10 @@ from typing import Iterator
 
 import pandas as pd
 
-from .config import RunConfig
-from .files import atomic_write_text
-from .moe.model import flops_per_token
-from .profiles import default_profile_name, project_root
+from ..config import RunConfig
+from ..files import atomic_write_text
+from ..moe.model import flops_per_token
+from ..profiles import default_profile_name, project_root
 
 SECTION = "## Course efficiency (`python -m moe_lib course`)"
 TABLE_HEADER = (
@@ -55,7 +55,7 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from .runs import available_cores
+    from ..runs import available_cores
 
     text = f"{cpu}, {available_cores()} cores"
     with contextlib.suppress(ImportError, RuntimeError):
@@ -156,7 +156,7 @@ def append_row_to_section(path: str | Path, section: str, header: str, row: str,
 PREAMBLE = (
     "Training FLOPs of the grid runs each course trained (`flops_per_token x tokens`, reused runs excluded) / "
     "(wall time of the whole course x the fp32 GEMM peak measured at its start, all threads). Written by "
-    "`moe_lib.course_efficiency`; a lower bound: evaluation, data preparation and analysis count only in the time.\n\n"
+    "`moe_lib.course.efficiency`; a lower bound: evaluation, data preparation and analysis count only in the time.\n\n"
 )
 
 
@@ -168,7 +168,7 @@ class CourseMeasurement:
 def _default_jobs() -> int:
     import torch
 
-    from .runs import default_jobs
+    from ..runs import default_jobs
 
     return default_jobs("cuda" if torch.cuda.is_available() else "cpu")
 

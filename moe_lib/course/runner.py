@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from .files import atomic_write_bytes
-from .profiles import project_root
+from ..files import atomic_write_bytes
+from ..profiles import project_root
 
 
 def notebook_paths(notebooks_dir: Path | None = None, only: list[str] | None = None) -> list[Path]:
@@ -58,7 +58,7 @@ def kernel_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     would otherwise find whatever the environment has installed: an editable install can point at
     another clone, and the notebooks would then run that clone's code."""
     env = dict(os.environ if base is None else base)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the checkout: moe_lib/course/runner.py is two folders down
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]])
     return env
 

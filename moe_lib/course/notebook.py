@@ -7,10 +7,10 @@ import platform
 
 import torch
 
-from .precision import resolve_precision
-from .profiles import Profile, get_profile
-from .train import resolve_device
-from .versions import library_versions
+from ..precision import resolve_precision
+from ..profiles import Profile, get_profile
+from ..train import resolve_device
+from ..versions import library_versions
 
 
 def _inline_figures() -> None:

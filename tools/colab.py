@@ -24,7 +24,7 @@ from pathlib import Path
 
 import nbformat
 
-from .profiles import project_root
+from moe_lib.profiles import project_root
 
 STAMP_COMMAND = "python tasks.py colab --repo URL --ref TAG"
 SETUP_MARKER = "# Setup: works from a clone of the course and in Colab"

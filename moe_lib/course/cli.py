@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from .profiles import PROFILE_NAMES, default_profile_name
-from .studies.report import report_study
-from .studies import STUDIES, run_study
+from ..profiles import PROFILE_NAMES, default_profile_name
+from ..studies.report import report_study
+from ..studies import STUDIES, run_study
 
 
 def study_list(text: str) -> list[str]:
@@ -78,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
             print(report.summary.to_string())
         return 0
     if args.command == "ep":
-        from .expert_parallel import torchrun_main
-        from .profiles import get_profile
+        from ..parallel import torchrun_main
+        from ..profiles import get_profile
 
         config = get_profile(args.profile).base
         if args.steps:
             config = config.with_train(steps=args.steps, warmup_steps=min(config.train.warmup_steps, args.steps - 1))
         torchrun_main(config)
         return 0
-    from .course import run_course  # deferred: nbclient and a Jupyter kernel are needed only for `course`
-    from .course_efficiency import measure_course
+    from .runner import run_course  # deferred: nbclient and a Jupyter kernel are needed only for `course`
+    from .efficiency import measure_course
 
     if args.jobs:
         os.environ["MOE_JOBS"] = str(args.jobs)
