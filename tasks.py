@@ -106,6 +106,9 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     if task == "test":
         env.setdefault("MOE_PROFILE", "smoke")
+        # Smoke runs train in well under a second: starting a worker process (torch's import) would cost more
+        # than the run. tests/test_workers.py covers parallel workers; MOE_JOBS=N still overrides this.
+        env.setdefault("MOE_JOBS", "1")
         run(python, *TEST_COMMAND, *extra, env=env)
     elif task == "browser-test":
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
