@@ -142,3 +142,16 @@ def test_zloss_findings_name_an_older_design_and_missing_conditions_at_gpu():
     assert "trained 123 tokens each, an older design" in lines[2] and "z=0.01 was not run" in lines[2]
     assert "z=0.01 from inconclusive to not run" in lines[-1] or "z=0.01 from higher to not run" in lines[-1]
     assert not any(re.search(r"\bnan\b|\binf\b", line) for line in lines)
+
+
+# --------------------------------------------------------------------------- stored results, read without training
+def test_stored_study_reads_the_stored_rows_of_any_results_version_and_none_without(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_PROJECT_ROOT", str(tmp_path))
+    assert studies.stored_study("zloss", "cpu") is None
+    run = studies.build_grid("zloss", get_profile("cpu")).runs[0]
+    (tmp_path / "results" / "cpu").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"run_id": run.run_id, "condition": run.condition, "seed": run.seed, "config_hash": "an older version",
+                   "test_perplexity": 90.0}]).to_csv(tmp_path / "results" / "cpu" / "zloss.csv", index=False)
+    study = studies.stored_study("zloss", "cpu")
+    assert study is not None and study.profile.name == "cpu"
+    assert study.results.run_id.tolist() == [run.run_id] and study.results.test_perplexity.tolist() == [90.0]
