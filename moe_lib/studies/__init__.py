@@ -15,10 +15,10 @@
 """
 
 from .result import StudyResult, checkpoint_dir
-from .run import CHECKPOINTED_STUDIES, STUDIES, build_grid, run_study
+from .run import CHECKPOINTED_STUDIES, STUDIES, build_grid, run_study, stored_study
 from .specialization import SpecializationAnalysis, analyze_specialization
 
 __all__ = [
     "CHECKPOINTED_STUDIES", "STUDIES", "SpecializationAnalysis", "StudyResult", "analyze_specialization", "build_grid",
-    "checkpoint_dir", "run_study",
+    "checkpoint_dir", "run_study", "stored_study",
 ]

@@ -15,7 +15,9 @@ from ..profiles import Profile
 from ..stats import factorial_anova, factorial_contrasts, format_mean_std, summarize
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import anova_lines, ci_text, contrast_text, interval_cell, overfit_lines, p_text, significance
+from .verdicts import (
+    anova_lines, change_text, ci_text, contrast_text, interval_cell, interval_side, overfit_lines, p_text, scale_sentence, significance,
+)
 
 
 NOISE_LEVELS = (0.0, 0.1, 0.5)
@@ -176,3 +178,57 @@ def noise_factorial_verdicts(study: StudyResult, metric: str = "best_val_perplex
             f"{contrast_text(row)}; {claim}."
         )
     return lines
+
+
+# --------------------------------------------------------------------------- what we found
+def _noise_change(study: StudyResult, noise: float, metric: str) -> tuple[float, float, float, int]:
+    """``(pct, low, high, n)``: the seed-paired % change in ``metric`` of noise ``noise`` vs noise 0, both at lb 0.01."""
+    c = paired_table(study, metric, f"noise=0.0, lb={LB_WEIGHTS[0]}").loc[f"noise={noise}, lb={LB_WEIGHTS[0]}"]
+    return -c.improvement_pct, -c.improvement_pct_ci_high, -c.improvement_pct_ci_low, int(c.n_pairs)
+
+
+def verdict_test_count(anova: pd.DataFrame, contrasts: pd.DataFrame) -> int:
+    """How many tests the notebook's verdicts make (the family a multiple-comparison correction is over): the
+    seed-paired t-tests of :func:`noise_verdicts`, the ANOVA terms and the contrasts of :func:`noise_factorial_verdicts`."""
+    paired = len(LB_WEIGHTS) * (len(NOISE_LEVELS) - 1) + len(NOISE_LEVELS)
+    terms = len(anova.index.drop(["Residual", "seed"], errors="ignore"))
+    shown = contrasts.effect.str.endswith("main effect") | contrasts.effect.str.startswith("noise_std x")
+    return paired + terms + int(shown.sum())
+
+
+def _scale_findings(study: StudyResult, metric: str) -> tuple[list[str], dict[str, str]]:
+    """Two sentences for one profile (noise; load balancing and the interaction) and each effect's :func:`interval_side`."""
+    name, label = study.profile.name, metric.replace("_", " ")
+    high, low = (_noise_change(study, noise, metric) for noise in NOISE_LEVELS[:0:-1])
+    anova, contrasts = noise_factorial_analysis(study, metric)
+    lb = contrasts[contrasts.effect == "load_balancing_weight main effect"].iloc[0]
+    r = study.results
+    cv = r.groupby(["noise_std", "load_balancing_weight"]).expert_usage_cv.mean()
+    ratios = [cv[noise, LB_WEIGHTS[1]] / cv[noise, LB_WEIGHTS[0]] for noise in NOISE_LEVELS if cv[noise, LB_WEIGHTS[0]] > 0]
+    ratio_text = f"{min(ratios):.1f}-{max(ratios):.1f}x" if ratios else "by no finite ratio (its CV is 0)"
+    p = anova.loc["noise_std:load_balancing_weight", "PR(>F)"]
+    sentences = [
+        f"At the {name} profile ({len(r)} runs), routing noise {NOISE_LEVELS[2]:g} changed {label} by {change_text(*high)} "
+        f"and noise {NOISE_LEVELS[1]:g} by {change_text(*low)}, both against no noise at lb {LB_WEIGHTS[0]:g}.",
+        f"There, training without the load-balancing loss changed {label} by {change_text(lb.pct, lb.pct_ci_low, lb.pct_ci_high, int(lb.n))} "
+        f"averaged over noise, and the per-layer usage CV without it was {ratio_text} the CV with it across the noise levels; the noise x lb "
+        f"interaction's ANOVA p = {p_text(p)} is raw, one of {verdict_test_count(anova, contrasts)} tests in this notebook's "
+        f"verdicts, with no correction for multiple comparisons.",
+    ]
+    sides = {
+        f"noise {NOISE_LEVELS[2]:g}": interval_side(high[1], high[2]),
+        f"noise {NOISE_LEVELS[1]:g}": interval_side(low[1], low[2]),
+        "no load balancing": interval_side(lb.pct_ci_low, lb.pct_ci_high),
+    }
+    return sentences, sides
+
+
+def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None, metric: str = "best_val_perplexity") -> list[str]:
+    """Notebook 03's "What we found": at most 6 plain sentences with the numbers that carry them, computed from
+    the studies' results (the cpu profile's and, where stored, the gpu profile's), so the text follows the numbers."""
+    cpu_lines, cpu_sides = _scale_findings(cpu_study, metric)
+    if gpu_study is None:
+        return cpu_lines + [f"No gpu results are stored for this study, so this holds at the {cpu_study.profile.name} profile only."]
+    gpu_lines, gpu_sides = _scale_findings(gpu_study, metric)
+    sides = {effect: (cpu_sides[effect], gpu_sides[effect]) for effect in cpu_sides}
+    return cpu_lines + gpu_lines + [scale_sentence(sides, cpu_study.profile.name, gpu_study.profile.name)]

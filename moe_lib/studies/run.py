@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-from ..runs import Grid, load_histories, run_grid
+from ..runs import Grid, load_histories, load_results, run_grid
 from ..profiles import Profile, get_profile, output_paths
 from ..train import train_run
 from .capacity import capacity_grid
@@ -84,3 +84,19 @@ def run_study(
     results = run_grid(grid, paths.results, train_fn=train_fn, checkpoint_root=checkpoint_root, progress=progress, fresh=fresh, jobs=jobs)
     histories = load_histories(grid, paths.results)
     return StudyResult(grid, profile, results, histories, paths.results / f"{grid.name}.csv")
+
+
+def stored_study(study: str, profile: Profile | str, corpus: str | None = None) -> StudyResult | None:
+    """The results stored for ``study`` at ``profile`` (e.g. the gpu runs in ``results/gpu/``), read as they
+    are, with nothing trained; None when no run of the grid is stored.
+
+    Rows are matched by run id, not config hash, so rows of an older results version are read too:
+    say which version and design they come from where they are shown (``results/<profile>/README.md``).
+    """
+    profile = profile if isinstance(profile, Profile) else get_profile(profile, corpus=corpus)
+    grid = build_grid(study, profile)
+    results_dir = output_paths(profile).results
+    results = load_results(grid, results_dir)
+    if results.empty:
+        return None
+    return StudyResult(grid, profile, results, load_histories(grid, results_dir), results_dir / f"{grid.name}.csv")

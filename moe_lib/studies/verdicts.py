@@ -18,6 +18,7 @@ from ..stats import mean_ci, minimum_detectable_effect, sign_consistency
 __all__ = [
     "anova_lines", "ci_side", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
     "interval_text", "lower_is_better_phrase", "p_text", "seed_interval", "seeds_text", "sign_consistency", "significance",
+    "interval_side", "change_text", "scale_sentence",
 ]
 
 
@@ -160,3 +161,28 @@ def overfit_lines(results: pd.DataFrame) -> list[str]:
         f"{OVERFIT_MARGIN_NATS:g} nats above their best (up to {worst:.2f} nats): {names}. Their final-model "
         "numbers measure overfitting as well as the factor studied."
     ]
+
+
+# --------------------------------------------------------------------------- plain findings ("What we found")
+def interval_side(low: float, high: float) -> str:
+    """``"higher"`` or ``"lower"`` when a difference's 95% CI lies above or below 0, else ``"inconclusive"`` (no interval included)."""
+    if pd.isna(low) or pd.isna(high) or low <= 0 <= high:
+        return "inconclusive"
+    return "higher" if low > 0 else "lower"
+
+
+def change_text(pct: float, low: float, high: float, n: int) -> str:
+    """``"+6.6% (95% CI [+4.0%, +9.2%]: the CI excludes 0)"``, or ``"... inconclusive at n = 3)"``: a % change in a findings sentence."""
+    verdict = "too few seeds for an interval" if pd.isna(low) or pd.isna(high) else (
+        f"inconclusive at n = {n}" if interval_side(low, high) == "inconclusive" else "the CI excludes 0")
+    return f"{pct:+.1f}% ({ci_text(low, high, 1, '%')}: {verdict})"
+
+
+def scale_sentence(sides: dict[str, tuple[str, str]], small: str, large: str) -> str:
+    """What changes with scale: ``sides`` maps an effect to its :func:`interval_side` at the ``small`` and the ``large`` profile."""
+    changed = [f"{effect} from {a} to {b}" for effect, (a, b) in sides.items() if a != b]
+    kept = [f"{effect} ({a})" for effect, (a, b) in sides.items() if a == b]
+    if not changed:
+        return f"What changes with scale: nothing among these verdicts; each has the same side at the {small} and {large} profiles: {', '.join(kept)}."
+    tail = f"; unchanged: {', '.join(kept)}" if kept else ""
+    return f"What changes with scale, from the {small} to the {large} profile: {'; '.join(changed)}{tail}."

@@ -8,10 +8,10 @@ import pandas as pd
 
 from ..runs import Grid
 from ..profiles import Profile
-from ..stats import mean_std_text
+from ..stats import mean_std_text, paired_comparison
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import ci_text, interval_cell, overfit_lines, p_text, significance
+from .verdicts import change_text, ci_text, interval_cell, interval_side, overfit_lines, p_text, scale_sentence, significance
 
 
 ZLOSS_CONDITIONS = {
@@ -122,3 +122,83 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
         + _versus_reported(inside, c.improvement_pct_ci_high < reported, c.improvement_pct)
     )
     return lines + overfit_lines(study.results)
+
+
+# --------------------------------------------------------------------------- what we found
+NO_NOISE = "z=0.001, no noise"
+# The noise factorial's conditions that share this grid's design: its noise 0.1, lb 0.01 runs are this
+# grid's baseline (same config), and its noise 0, lb 0.01 runs differ from NO_NOISE only in the z-loss.
+NOISE_STUDY_TWIN = {"baseline": "noise=0.1, lb=0.01", NO_NOISE: "noise=0.0, lb=0.01"}
+
+
+def _change(rows: pd.DataFrame, baseline: str, condition: str, metric: str) -> tuple[float, float, float, int] | None:
+    """``(pct, low, high, n)``: the seed-paired % change in ``metric`` of ``condition`` vs ``baseline``; None without a pair."""
+    paired = paired_comparison(rows, baseline=baseline, metric=metric).set_index("condition")
+    if condition not in paired.index or paired.loc[condition].n_pairs == 0:
+        return None
+    c = paired.loc[condition]
+    return -c.improvement_pct, -c.improvement_pct_ci_high, -c.improvement_pct_ci_low, int(c.n_pairs)
+
+
+def same_design(study: StudyResult, noise_study: StudyResult | None) -> bool:
+    """Whether ``noise_study``'s runs share this study's design apart from z: its noise 0.1, lb 0.01 runs have the
+    config hashes of this study's baseline runs, seed by seed (the hash covers every setting, steps included)."""
+    if noise_study is None or "config_hash" not in study.results or "config_hash" not in noise_study.results:
+        return False
+    mine = study.results[study.results.condition == "baseline"].set_index("seed").config_hash
+    theirs = noise_study.results[noise_study.results.condition == NOISE_STUDY_TWIN["baseline"]].set_index("seed").config_hash
+    return not mine.empty and mine.index.equals(theirs.index.intersection(mine.index)) and (theirs.reindex(mine.index) == mine).all()
+
+
+def no_noise_sentence(study: StudyResult, noise_study: StudyResult | None, metric: str = "test_perplexity") -> str:
+    """z = 0.001 without router noise, against the right baseline (no noise, no z-loss) where the noise study has it,
+    else the confound stated: against this grid's baseline it changes two factors at once."""
+    name, label = study.profile.name, metric.replace("_", " ")
+    confounded = _change(study.results, "baseline", NO_NOISE, metric)
+    both = f"changed {label} by {change_text(*confounded)} against the baseline" if confounded else "has no paired run against the baseline"
+    head = f"At the {name} profile, {NO_NOISE} {both}, but it differs from the baseline in two factors, z-loss added and router noise removed"
+    if not same_design(study, noise_study):
+        return f"{head}, and no stored run differs from it in the z-loss alone, so that change mixes both."
+    twin = NOISE_STUDY_TWIN[NO_NOISE]
+    rows = pd.concat([
+        study.results[study.results.condition == NO_NOISE],
+        noise_study.results[noise_study.results.condition == twin].assign(condition=twin),
+    ], ignore_index=True)
+    right = _change(rows, twin, NO_NOISE, metric)
+    versus = change_text(*right) if right else "no seed run on both sides"
+    return (f"{head}; against the noise study's {twin} runs (the same settings without the z-loss: its {NOISE_STUDY_TWIN['baseline']} "
+            f"runs are this grid's baseline runs), the z-loss alone changed {label} by {versus}.")
+
+
+def _scale_findings(study: StudyResult, noise_study: StudyResult | None, metric: str) -> tuple[list[str], dict[str, str]]:
+    """One profile's sentences (the z-loss's effect with noise; the no-noise condition) and each effect's :func:`interval_side`."""
+    r, label = study.results, metric.replace("_", " ")
+    changes = {c: _change(r, "baseline", c, metric) for c in ("z=0.001", "z=0.01")}
+    said = [f"{c} by {change_text(*v)}" if v else f"{c} was not run" for c, v in changes.items()]
+    lse = r.groupby("condition", sort=False).router_logsumexp.mean()
+    entropy = r.groupby("condition", sort=False).router_entropy.mean()
+    others = [c for c in lse.index if c != "baseline"]
+    cfg = study.grid.runs[0].config.train
+    design = cfg.steps * cfg.batch_size * cfg.seq_len
+    tokens = r.train_tokens.iloc[0] if "train_tokens" in r else design
+    older = "" if tokens == design else f"; these runs trained {tokens:,.0f} tokens each, an older design: the grid now trains {design:,}"
+    first = (
+        f"At the {study.profile.name} profile ({len(r)} of the grid's {len(study.grid.runs)} runs{older}), against the baseline "
+        f"(router noise 0.1, no z-loss) the z-loss changed {label}: {'; '.join(said)}; the router's mean log-sum-exp was "
+        f"{lse.get('baseline', float('nan')):.2f} at the baseline ({'; '.join(f'{c}: {lse[c]:.2f}' for c in others)}) and its "
+        f"routing entropy {entropy.get('baseline', float('nan')):.2f} nats ({'; '.join(f'{c}: {entropy[c]:.2f}' for c in others)})."
+    )
+    sides = {c: interval_side(v[1], v[2]) if v else "not run" for c, v in changes.items()}
+    return [first, no_noise_sentence(study, noise_study, metric)], sides
+
+
+def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None, cpu_noise: StudyResult | None = None,
+             gpu_noise: StudyResult | None = None, metric: str = "test_perplexity") -> list[str]:
+    """Notebook 04's "What we found": at most 6 plain sentences with their numbers, computed from the z-loss studies'
+    results (cpu and, where stored, gpu) and, for the right baseline of the no-noise condition, the noise studies'."""
+    cpu_lines, cpu_sides = _scale_findings(cpu_study, cpu_noise, metric)
+    if gpu_study is None:
+        return cpu_lines + [f"No gpu results are stored for this study, so this holds at the {cpu_study.profile.name} profile only."]
+    gpu_lines, gpu_sides = _scale_findings(gpu_study, gpu_noise, metric)
+    sides = {c: (cpu_sides[c], gpu_sides[c]) for c in cpu_sides}
+    return cpu_lines + gpu_lines + [scale_sentence(sides, cpu_study.profile.name, gpu_study.profile.name)]
