@@ -90,3 +90,17 @@ def test_findings_without_the_shared_expert_runs_leave_out_its_sentences():
     study.results = study.results[~study.results.condition.isin(list(routing.SHARED_EXPERT_CONDITIONS))]
     lines = routing.findings(study)
     assert len(lines) == 3 and not any("shared" in line for line in lines)
+
+
+def test_verdict_family_holds_a_paired_t_test_per_comparison():
+    study = study_with_losses("cpu", cpu_loss)
+    family = dict(routing.verdict_family(study))
+    assert len(family) == 7
+    arm = list(RANDOM_ARM.values())
+    assert math.isclose(family["adding the shared expert, random top-2"], stats.ttest_1samp(arm, 0.0).pvalue)
+    learned_arm = list(LEARNED_ARM.values())
+    change = [-r + l for r, l in zip(arm, learned_arm)]  # advantage (random - learned) with the shared expert minus without
+    assert math.isclose(family["shared expert's change of learned routing's advantage"], stats.ttest_1samp(change, 0.0).pvalue)
+    results = study.results.set_index(["condition", "seed"]).test_loss
+    top1 = stats.ttest_rel([results["top-1", s] for s in SEEDS], [results["top-1 random", s] for s in SEEDS]).pvalue
+    assert math.isclose(family["learned minus random, top-1"], top1)

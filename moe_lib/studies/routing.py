@@ -5,8 +5,11 @@ layers had one: does it explain why random routing came close?). Its grid, table
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..runs import Grid
 from ..profiles import Profile
@@ -158,6 +161,28 @@ def shared_expert_arms(study: StudyResult) -> dict[str, pd.Series]:
         "learned": pair_series(study, "test_loss", "top-2", "top-2 + shared"),
         "random": pair_series(study, "test_loss", "top-2 random", "top-2 random + shared"),
     }
+
+
+def verdict_family(study: StudyResult) -> list[tuple[str, float]]:
+    """``(label, p)`` of every test :func:`routing_verdicts` makes, for :func:`~moe_lib.studies.verdicts.family_table`:
+    paired t-tests (``scipy.stats.ttest_1samp`` of the per-seed differences, the same as ``ttest_rel``)."""
+    family = [(label, _one_sample_p(differences)) for label, differences in _comparisons(study).items()]
+    if set(SHARED_EXPERT_CONDITIONS) <= set(study.results.condition):
+        # learned routing's advantage (random - learned loss) with the shared expert minus without it, per seed
+        with_shared = pair_series(study, "test_loss", "top-2 + shared", "top-2 random + shared")
+        without = pair_series(study, "test_loss", "top-2", "top-2 random")
+        family.append(("shared expert's change of learned routing's advantage", _one_sample_p((with_shared - without).dropna())))
+    return family
+
+
+def _one_sample_p(differences: pd.Series) -> float:
+    """Two-sided p of a one-sample t-test of mean 0 (NaN with fewer than 2 values or no spread)."""
+    d = pd.Series(differences, dtype=float).dropna()
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return float("nan")
+    with warnings.catch_warnings():  # scipy warns on nearly identical values; the p it returns is still the test's
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
 def _side(differences: pd.Series) -> str:
