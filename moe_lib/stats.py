@@ -9,7 +9,8 @@
   are :mod:`moe_lib.studies.verdicts`');
 * :func:`t_errorbar` - the same t interval as an ``errorbar=`` for seaborn, so figures and tables agree;
 * :func:`factorial_anova` / :func:`factorial_contrasts` - a factorial design analysed as one:
-  two-way ANOVA with seed as a block (``statsmodels``), main effects and interaction contrasts.
+  two-way ANOVA with seed as a block (``statsmodels``), main effects and interaction contrasts;
+* :func:`holm_adjusted` - a family of p-values corrected for multiple comparisons (Holm, ``statsmodels``).
 
 One statistical language throughout: every interval is the Student-t interval of :func:`mean_ci`.
 """
@@ -26,6 +27,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.formula.api import ols
 from statsmodels.stats.anova import anova_lm
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
 # What summarize() reports when no metrics are named (those present in the table).
@@ -292,6 +294,21 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: flo
         return float("nan")
     d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
     return float(d) * float(sd)
+
+
+def holm_adjusted(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values of one family of tests (``multipletests(method="holm")``).
+
+    Sorted ascending, the i-th smallest of m p-values (i = 0, 1, ...) is multiplied by ``m - i``, kept
+    non-decreasing and capped at 1; a test is significant at family-wise level alpha when its adjusted
+    p is below alpha. NaN p-values (too few seeds) stay NaN and do not count in m.
+    """
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    present = ~np.isnan(p)
+    if present.any():
+        adjusted[present] = multipletests(p[present], method="holm")[1]
+    return adjusted
 
 
 def factorial_anova(df: pd.DataFrame, response: str, factors: Sequence[str], block: str = "seed", log: bool = True) -> pd.DataFrame:

@@ -220,6 +220,20 @@ def test_scale_statement_computes_parameters_tokens_and_epochs():
     assert f"{tokens / train:.2f} epochs over the {train:,}-token training split" in text_
 
 
+def test_scale_statement_of_a_study_describes_its_grids_model():
+    """Notebook 02's grid has 4 experts where the profile has 8: its statement counts the grid's top-2 model."""
+    from moe_lib.moe.model import MoETransformer, count_parameters
+
+    cpu = get_profile("cpu")
+    grid_model = next(run.config.model for run in studies.build_grid("routing", cpu).runs if run.condition == "top-2")
+    assert (grid_model.num_experts, cpu.base.model.num_experts) == (4, 8)
+    text_ = comparison.scale_statement(cpu, "routing")
+    counts = count_parameters(MoETransformer(grid_model))
+    assert text_.startswith(f"Profile cpu, routing_types grid's top-2 model (4 experts, top-2): {counts.total:,} parameters")
+    assert f"{counts.active:,} active" in text_
+    assert f"{count_parameters(MoETransformer(cpu.base.model)).total:,} parameters" not in text_
+
+
 def _factorial_study(interaction: float) -> studies.StudyResult:
     """A noise study whose log PPL is additive in noise, lb and seed, plus ``interaction`` at (noise 0.5, lb 0)
     and a small seed x condition wobble, so the residual is not 0."""

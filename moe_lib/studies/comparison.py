@@ -133,15 +133,20 @@ def setup_comparison(study_name: str, profile: Profile) -> pd.DataFrame:
     return table
 
 
-def scale_statement(profile: Profile) -> str:
+def scale_statement(profile: Profile, study: str | None = None) -> str:
     """How big the profile's model is and how far it trains: parameters, tokens seen, tokens per
-    parameter and epochs over the training split, all computed from the profile's base config."""
-    cfg = profile.base
+    parameter and epochs over the training split, all computed from the profile's base config, or with
+    ``study`` from the baseline run of that study's grid (notebook 02's grid has 4 experts, the profile 8)."""
+    cfg, subject = profile.base, f"Profile {profile.name}"
+    if study is not None:
+        grid = build_grid(study, profile)
+        cfg = next(run.config for run in grid.runs if run.condition == (grid.baseline or grid.runs[0].condition))
+        subject += f", {grid.name} grid's {grid.baseline or grid.runs[0].condition} model ({cfg.model.num_experts} experts, top-{cfg.model.top_k})"
     counts = _parameters(cfg.model)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     train_tokens = len(load_data(cfg.data).train)
     return (
-        f"Profile {profile.name}: {counts.total:,} parameters ({_millions(counts.total)}), {counts.active:,} active per token; "
+        f"{subject}: {counts.total:,} parameters ({_millions(counts.total)}), {counts.active:,} active per token; "
         f"training sees {cfg.train.steps:,} steps x {cfg.train.batch_size} x {cfg.train.seq_len} = {tokens:,} tokens, "
         f"{tokens / counts.total:.2f} tokens per parameter (Chinchilla's compute-optimal ratio is about 20) and "
         f"{tokens / train_tokens:.2f} epochs over the {train_tokens:,}-token training split."

@@ -5,15 +5,18 @@ layers had one: does it explain why random routing came close?). Its grid, table
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..runs import Grid
 from ..profiles import Profile
-from ..stats import mean_ci, mean_std_text
+from ..stats import mean_ci, mean_std_text, sign_consistency
 from . import originals
 from .result import StudyResult, conditions, layer_means, pair_series, pair_values, paired_table, per_layer
-from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, significance
+from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, seeds_text, significance
 
 
 SHARED_EXPERT_CONDITIONS = {"top-2 + shared": "topk", "top-2 random + shared": "random"}
@@ -114,6 +117,11 @@ def routing_verdicts(study: StudyResult) -> list[str]:
             f"{'the CI excludes 0' if (low > 0 or high < 0) else significance(low, high, change.to_numpy(), 3, ' nats')}"
             + (", and with it random routing has the lower mean loss." if cmp.mean_difference > 0 else ".")
         )
+        arms = shared_expert_arms(study)
+        lines.append(
+            "Each arm of the shared-expert effect (test loss with it minus without, per seed): "
+            + "; ".join(f"{arm} top-2 {_effect_text(d)}" for arm, d in arms.items()) + "."
+        )
     cmp = paired_table(study, "test_loss", "top-1").loc["top-2"]
     lines.append(
         f"Top-2 vs top-1 (learned): paired difference {cmp.mean_difference:+.3f} nats, {ci_text(cmp.difference_ci_low, cmp.difference_ci_high, 3)}: "
@@ -143,3 +151,107 @@ def routing_verdicts(study: StudyResult) -> list[str]:
             + _trend_comparison(ours_trend, their_trend, lowest)
         )
     return lines + overfit_lines(study.results)
+
+
+# --------------------------------------------------------------------------- what we found
+def shared_expert_arms(study: StudyResult) -> dict[str, pd.Series]:
+    """Per seed, test loss with one shared expert minus without it, for learned (``"learned"``) and
+    random (``"random"``) top-2 routing: the two arms whose difference the shared-expert verdict tests."""
+    return {
+        "learned": pair_series(study, "test_loss", "top-2", "top-2 + shared"),
+        "random": pair_series(study, "test_loss", "top-2 random", "top-2 random + shared"),
+    }
+
+
+def verdict_family(study: StudyResult) -> list[tuple[str, float]]:
+    """``(label, p)`` of every test :func:`routing_verdicts` makes, for :func:`~moe_lib.studies.verdicts.family_table`:
+    paired t-tests (``scipy.stats.ttest_1samp`` of the per-seed differences, the same as ``ttest_rel``)."""
+    family = [(label, _one_sample_p(differences)) for label, differences in _comparisons(study).items()]
+    if set(SHARED_EXPERT_CONDITIONS) <= set(study.results.condition):
+        # learned routing's advantage (random - learned loss) with the shared expert minus without it, per seed
+        with_shared = pair_series(study, "test_loss", "top-2 + shared", "top-2 random + shared")
+        without = pair_series(study, "test_loss", "top-2", "top-2 random")
+        family.append(("shared expert's change of learned routing's advantage", _one_sample_p((with_shared - without).dropna())))
+    return family
+
+
+def _one_sample_p(differences: pd.Series) -> float:
+    """Two-sided p of a one-sample t-test of mean 0 (NaN with fewer than 2 values or no spread)."""
+    d = pd.Series(differences, dtype=float).dropna()
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return float("nan")
+    with warnings.catch_warnings():  # scipy warns on nearly identical values; the p it returns is still the test's
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def _side(differences: pd.Series) -> str:
+    """Where the 95% CI of the mean of ``differences`` lies: ``"below 0"``, ``"above 0"`` or ``"inconclusive"``."""
+    _, _, _, low, high = mean_ci(differences)
+    return "below 0" if high < 0 else "above 0" if low > 0 else "inconclusive"
+
+
+def _effect_text(differences: pd.Series) -> str:
+    """``"-0.090 nats (95% CI [-0.461, +0.281], 2/3 seeds): inconclusive"``: a mean paired difference, its
+    interval, how many seeds share its sign, and where the CI lies (:func:`_side`)."""
+    mean, _, _, low, high = mean_ci(differences)
+    side = _side(differences)
+    return f"{mean:+.3f} nats ({ci_text(low, high, 3)}, {seeds_text(*sign_consistency(differences))}): {'CI ' if side != 'inconclusive' else ''}{side}"
+
+
+def _comparisons(study: StudyResult) -> dict[str, pd.Series]:
+    """The per-seed test-loss differences the findings rest on, keyed by what each compares."""
+    found = {
+        "learned minus random, top-1": pair_series(study, "test_loss", "top-1 random", "top-1"),
+        "learned minus random, top-2": pair_series(study, "test_loss", "top-2 random", "top-2"),
+        "top-2 minus top-1 (learned)": pair_series(study, "test_loss", "top-1", "top-2"),
+    }
+    if set(SHARED_EXPERT_CONDITIONS) <= set(study.results.condition):
+        arms = shared_expert_arms(study)
+        found["adding the shared expert, learned top-2"] = arms["learned"]
+        found["adding the shared expert, random top-2"] = arms["random"]
+        found["learned minus random, top-2 with the shared expert"] = pair_series(study, "test_loss", "top-2 random + shared", "top-2 + shared")
+    return found
+
+
+def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None) -> list[str]:
+    """At most 6 plain sentences: learned vs random routing at k = 1 and 2, top-2 vs top-1, the shared
+    expert's two arms, at each scale with results, and what changes with scale.
+
+    Every number is a seed-paired test-loss difference (nats; negative: the first named is lower,
+    i.e. better) with its 95% t-interval and sign count, and whether the CI lies below 0, above 0 or includes it.
+    """
+    studies = [s for s in (cpu_study, gpu_study) if s is not None]
+    found = {s.profile.name: _comparisons(s) for s in studies}
+
+    def at_each_scale(key: str) -> str:
+        return "; ".join(f"{name} {_effect_text(c[key])}" for name, c in found.items() if key in c)
+
+    lines = [
+        f"Learned minus random routing, test loss: top-1 {at_each_scale('learned minus random, top-1')}; "
+        f"top-2 {at_each_scale('learned minus random, top-2')}.",
+        f"Top-2 minus top-1, both learned: {at_each_scale('top-2 minus top-1 (learned)')}.",
+    ]
+    if any("adding the shared expert, learned top-2" in c for c in found.values()):
+        lines.append(
+            "Adding one shared expert changes learned top-2's test loss by "
+            f"{at_each_scale('adding the shared expert, learned top-2')}, and random top-2's by "
+            f"{at_each_scale('adding the shared expert, random top-2')}: the original's explanation (a shared expert "
+            "makes random routing nearly as good) needs the random arm to improve, not the learned one to get worse."
+        )
+        lines.append(
+            "With the shared expert, learned minus random top-2: "
+            f"{at_each_scale('learned minus random, top-2 with the shared expert')}."
+        )
+    if gpu_study is None:
+        lines.append("No gpu-profile results for this study were found, so these are cpu-scale findings only.")
+    else:
+        cpu, gpu = found[cpu_study.profile.name], found[gpu_study.profile.name]
+        changed = [f"{key} ({_side(cpu[key])} on {cpu_study.profile.name}, {_side(gpu[key])} on {gpu_study.profile.name})"
+                   for key in cpu if key in gpu and _side(cpu[key]) != _side(gpu[key])]
+        lines.append(
+            f"What changes with scale ({cpu_study.profile.name} -> {gpu_study.profile.name}): "
+            + ("the verdict of " + "; ".join(changed) + "; the rest keep theirs" if changed else "no verdict changes")
+            + ". A verdict at one scale is not a general truth."
+        )
+    return lines

@@ -13,10 +13,10 @@ import pandas as pd
 from scipy import stats
 
 from ..metrics import OVERFIT_MARGIN_NATS
-from ..stats import mean_ci, minimum_detectable_effect, sign_consistency
+from ..stats import holm_adjusted, mean_ci, minimum_detectable_effect, sign_consistency
 
 __all__ = [
-    "anova_lines", "ci_side", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
+    "anova_lines", "ci_side", "family_table", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
     "interval_text", "lower_is_better_phrase", "p_text", "seed_interval", "seeds_text", "sign_consistency", "significance",
     "interval_side", "change_text", "scale_sentence",
 ]
@@ -161,6 +161,24 @@ def overfit_lines(results: pd.DataFrame) -> list[str]:
         f"{OVERFIT_MARGIN_NATS:g} nats above their best (up to {worst:.2f} nats): {names}. Their final-model "
         "numbers measure overfitting as well as the factor studied."
     ]
+
+
+def family_table(tests, alpha: float = 0.05) -> pd.DataFrame:
+    """A notebook's family of verdict tests, ``[(label, p), ...]``, with each p raw and Holm-corrected
+    (:func:`~moe_lib.stats.holm_adjusted`) and what each says at level ``alpha``: significant after the
+    correction, only without it, or not at all. Printed with ``.to_string()``."""
+    labels = [label for label, _ in tests]
+    raw = np.array([p for _, p in tests], dtype=float)
+    adjusted = holm_adjusted(raw)
+
+    def reading(p: float, q: float) -> str:
+        if pd.isna(p):
+            return "no test (too few seeds)"
+        return "significant after correction" if q < alpha else f"p < {alpha:g} only uncorrected" if p < alpha else "not significant"
+
+    return pd.DataFrame({"p": [p_text(p) for p in raw], "Holm p": [p_text(q) for q in adjusted],
+                         "reading": [reading(p, q) for p, q in zip(raw, adjusted)]},
+                        index=pd.Index(labels, name=f"{len(tests)} tests"))
 
 
 # --------------------------------------------------------------------------- plain findings ("What we found")

@@ -1,0 +1,36 @@
+"""Holm's correction of a notebook's family of verdict tests: moe_lib.stats.holm_adjusted and
+moe_lib.studies.verdicts.family_table, checked against the step-down rule worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moe_lib.stats import holm_adjusted
+from moe_lib.studies.verdicts import family_table
+
+
+def test_holm_multiplies_the_ith_smallest_p_by_m_minus_i_and_keeps_the_order():
+    # sorted 0.01, 0.03, 0.04, 0.5 -> x4, x3, x2, x1 = 0.04, 0.09, 0.08 -> 0.09 (non-decreasing), 0.5
+    adjusted = holm_adjusted([0.04, 0.5, 0.01, 0.03])
+    np.testing.assert_allclose(adjusted, [0.09, 0.5, 0.04, 0.09])
+    np.testing.assert_allclose(holm_adjusted([0.3, 0.4]), [0.6, 0.6])  # capped order: 0.3 x 2, then max(0.4, 0.6)
+    assert holm_adjusted([0.9, 0.8])[0] == 1.0  # capped at 1
+
+
+def test_holm_leaves_missing_p_values_out_of_the_family():
+    adjusted = holm_adjusted([0.01, float("nan"), 0.04])
+    assert math.isnan(adjusted[1])
+    np.testing.assert_allclose(adjusted[[0, 2]], [0.02, 0.04])  # m = 2, not 3
+
+
+def test_family_table_shows_raw_and_corrected_p_and_what_each_says():
+    tests = [("A vs B", 0.03)] + [(f"test {i}", 0.5) for i in range(14)] + [("too few seeds", float("nan"))]
+    table = family_table(tests)
+    assert table.index.name == "16 tests" and list(table.columns) == ["p", "Holm p", "reading"]
+    assert table.loc["A vs B"].tolist() == ["0.030", "0.450", "p < 0.05 only uncorrected"]  # 0.03 x 15 tests
+    assert table.loc["test 0"].tolist() == ["0.500", "1.000", "not significant"]
+    assert table.loc["too few seeds"].tolist() == ["–", "–", "no test (too few seeds)"]
+    strong = family_table([("strong", 0.001), ("weak", 0.2)])
+    assert strong.loc["strong"].tolist() == ["0.001", "0.002", "significant after correction"]
