@@ -216,6 +216,23 @@ def test_loads_accumulate_over_training_forwards_and_the_update_consumes_them():
     assert torch.equal(router.expert_bias, before)
 
 
+@pytest.mark.parametrize("num_experts", [2, 8, 64])
+def test_a_centred_bias_moves_at_most_2_minus_2_over_E_times_u_per_step(num_experts):
+    """Notebook 07's bound: |delta b_i| = u |s_i - mean(s)| <= (2 - 2/E) u, reached by the only under-loaded expert
+    among overloaded ones (not u, as an uncentred update would give)."""
+    u = 1e-3
+    router = TopKRouter(8, num_experts, 1, bias_update_rate=u)
+    router.tokens_per_expert.copy_(torch.tensor([0.0] + [1.0] * (num_experts - 1)))
+    router.update_expert_bias()
+    assert router.expert_bias[0].item() == pytest.approx((2 - 2 / num_experts) * u)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):  # random loads, many ties: never beyond the bound
+        router.expert_bias.zero_()
+        router.tokens_per_expert.copy_(torch.randint(0, 4, (num_experts,), generator=generator).float() + 1)
+        router.update_expert_bias()
+        assert router.expert_bias.abs().max().item() <= (2 - 2 / num_experts) * u * (1 + 1e-6)  # float32 round-off
+
+
 def test_data_parallel_ranks_update_the_bias_from_the_summed_load(monkeypatch):
     """Each rank counts its own tokens; the update must all-reduce them first (a fake 2-rank all_reduce here)."""
     torch.manual_seed(0)

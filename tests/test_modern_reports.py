@@ -148,3 +148,79 @@ def test_plot_saturation_draws_each_chance_level_in_its_conditions_colour():
     assert {mcolors.to_hex(lines[0.25].get_color()), mcolors.to_hex(lines[0.2].get_color())} <= curve_colours
     assert {t.get_text() for t in ax.texts} == {"chance, a (k/E = 0.25)", "chance, b (k/E = 0.20)"}
     assert len(modern.plot_saturation(curves).axes[0].texts) == 0
+
+
+def _findings_results(alf_ppl=(9.0, 10.0, 11.0), alf_maxvio=(0.5, 0.6, 0.4)):
+    """classic at PPL 10, 11, 12 and MaxVio 0.2; no balancing 1 PPL lower (noisily) with MaxVio 2; aux-loss-free as given."""
+    table = {
+        "classic": ((10.0, 11.0, 12.0), (0.2, 0.2, 0.2), 100.0),
+        "dense (same active)": ((10.5, 11.0, 11.6), (NAN, NAN, NAN), 50.0),
+        "no balancing": ((9.2, 9.8, 11.1), (2.0, 2.1, 1.9), 100.0),
+        "aux-loss-free": (alf_ppl, alf_maxvio, 110.0),
+    }
+    return pd.DataFrame([
+        {"run_id": f"{c}-{seed}", "condition": c, "seed": seed, "test_perplexity": ppl[i], "expert_maxvio": mv[i], "ms_per_step": ms}
+        for c, (ppl, mv, ms) in table.items() for i, seed in enumerate((42, 43, 44))
+    ])
+
+
+def test_findings_say_where_the_aux_loss_free_gain_comes_from():
+    lines = modern.findings(_findings_results(), scale="cpu profile")
+    assert len(lines) == 2 and all(line.startswith("cpu profile: ") for line in lines)  # dense (same active), aux-loss-free
+    assert "0.4% lower test perplexity than dense (same active)" in lines[0] and "at 2.00x its time per step" in lines[0]
+    alf = lines[1]
+    assert "9.1% lower test perplexity than classic (95% CI of the difference [-1.00, -1.00] excludes 0 at n = 3)" in alf
+    assert "lower MaxVio than no balancing" in alf and "includes 0: inconclusive" in alf
+    assert alf.endswith("so the perplexity gain comes from removing the 0.01 auxiliary loss, and what the bias buys is balance, not perplexity.")
+
+
+def test_findings_do_not_credit_the_loss_when_the_bias_also_changes_perplexity():
+    lines = modern.findings(_findings_results(alf_ppl=(7.0, 7.5, 8.9)), load_balancing_weight=0.02)
+    assert lines[1].endswith("so these runs do not separate what removing the loss and adding the bias each buy.")
+    assert not lines[1].startswith(":")
+
+
+def test_findings_leave_out_conditions_the_table_lacks():
+    r = _findings_results()
+    assert modern.findings(r[r.condition.isin(["classic", "no balancing"])]) == []
+
+
+def test_effect_phrase_with_one_pair_has_no_interval():
+    r = _findings_results()
+    one = r[(r.seed == 42)]
+    assert modern.effect_phrase(one, "aux-loss-free") == "10.0% lower test perplexity than classic (one pair: no interval)"
+
+
+def _curves(seeds):
+    rows = []
+    for c, shift in (("classic", 0.0), ("dense (same active)", 0.1)):
+        for seed in seeds:
+            for step in (10, 20, 30):
+                rows.append({"run_id": f"{c}-{seed}", "condition": c, "seed": seed, "step": step, "tokens": 100 * step,
+                             "val_loss": 5.0 - step / 10 + shift + 0.05 * (seed - 43)})
+    hist = pd.DataFrame(rows)
+    res = pd.DataFrame([{"run_id": f"{c}-{s}", "condition": c, "seed": s, "ms_per_step": 10.0}
+                        for c in ("classic", "dense (same active)") for s in seeds])
+    return hist, res
+
+
+def test_loss_vs_compute_draws_a_t_interval_band_only_with_several_seeds():
+    from matplotlib.collections import PolyCollection
+
+    from moe_lib.stats import mean_ci
+
+    hist, res = _curves((42, 43, 44))
+    flops = {"classic": 2, "dense (same active)": 2}
+    fig = modern.plot_loss_vs_compute(hist, res, flops, conditions=("classic", "dense (same active)"))
+    for ax in fig.axes:
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2  # one per condition
+    _, _, _, low, high = mean_ci([5.0 - 1 - 0.05, 5.0 - 1, 5.0 - 1 + 0.05])  # classic at step 10
+    classic_band = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)][0]
+    at_step_10 = [y for x, y in classic_band.get_paths()[0].vertices if x == 1000]  # tokens = 100 x step
+    assert min(at_step_10) == pytest.approx(low) and max(at_step_10) == pytest.approx(high)
+    assert "95% t interval" in fig._suptitle.get_text()
+    hist1, res1 = _curves((42,))
+    fig1 = modern.plot_loss_vs_compute(hist1, res1, flops, conditions=("classic", "dense (same active)"))
+    assert not [c for ax in fig1.axes for c in ax.collections if isinstance(c, PolyCollection)]
+    assert "one seed" in fig1._suptitle.get_text()

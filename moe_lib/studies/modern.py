@@ -39,7 +39,7 @@ from ..runs import Grid, Run
 from ..metrics import router_saturation
 from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile
-from ..stats import condition_differences, mean_std_text, paired_comparison, sign_consistency
+from ..stats import condition_differences, mean_ci, mean_std_text, paired_comparison, sign_consistency
 from .verdicts import ci_side, inconclusive, seeds_text
 
 GRANULARITY = 4
@@ -245,16 +245,26 @@ def with_compute_axes(histories: pd.DataFrame, results: pd.DataFrame, flops: Map
 
 def plot_loss_vs_compute(histories: pd.DataFrame, results: pd.DataFrame, flops: Mapping[str, int],
                          conditions: Sequence[str] = (BASELINE, *DENSE_BASELINES)) -> plt.Figure:
-    """Validation loss (mean over seeds) against training tokens, training FLOPs and wall-clock seconds (means over seeds too)."""
+    """Validation loss (mean over seeds) against training tokens, training FLOPs and wall-clock seconds (means over seeds too).
+
+    Where a step has two or more seeds, a shaded band spans the 95% Student-t interval of the loss over
+    seeds (:func:`~moe_lib.stats.mean_ci`, the course's one interval), drawn at the seeds' mean x."""
     val = with_compute_axes(histories[histories.condition.isin(conditions)], results, flops)
     # Seeds differ in seconds per step: average x and loss per (condition, step) so each curve is one line.
     means = val.groupby(["condition", "step"], as_index=False)[["tokens", "train_flops", "train_seconds", "val_loss"]].mean()
+    intervals = [(c, step, *mean_ci(part.val_loss.to_numpy())[2:]) for (c, step), part in val.groupby(["condition", "step"])]
+    bands = means.merge(pd.DataFrame(intervals, columns=["condition", "step", "n", "low", "high"]), on=["condition", "step"])
+    bands = bands[bands.n >= 2].sort_values("step")
+    palette = dict(zip(conditions, sns.color_palette(n_colors=len(conditions))))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
     for ax, (x, label) in zip(axes, [("tokens", "training tokens"), ("train_flops", "training FLOPs"), ("train_seconds", "training seconds (this machine)")]):
-        sns.lineplot(data=means, x=x, y="val_loss", hue="condition", hue_order=list(conditions), marker="o", sort=False, ax=ax,
-                     legend=ax is axes[0])
+        sns.lineplot(data=means, x=x, y="val_loss", hue="condition", hue_order=list(conditions), palette=palette, marker="o", errorbar=None,
+                     sort=False, ax=ax, legend=ax is axes[0])
+        for condition, band in bands.groupby("condition"):
+            ax.fill_between(band[x], band.low, band.high, color=palette[condition], alpha=0.2, linewidth=0)
         ax.set(xlabel=label, ylabel="validation loss (nats/token)")
-    fig.suptitle("MoE vs dense: validation loss per token, per FLOP and per second")
+    seeds = "shaded: 95% t interval over seeds" if len(bands) else "one seed: no interval"
+    fig.suptitle(f"MoE vs dense: validation loss per token, per FLOP and per second ({seeds})")
     fig.tight_layout()
     return fig
 
@@ -325,3 +335,52 @@ def earlier_output_change(model: MoETransformer, x: torch.Tensor, replacements: 
         change = max(change, (model(changed).logits[0, :-1] - base).abs().max().item())
     model.train(was_training)
     return change
+
+
+# --------------------------------------------------------------------------- what we found
+def effect_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
+                  what: str = "test perplexity") -> str:
+    """``"3.8% lower test perplexity than classic (95% CI of the difference [-9.41, +1.68] includes 0: inconclusive at n = 3)"``."""
+    c = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition").loc[condition]
+    if c.n_pairs == 0:
+        return f"no seed with both {condition} and {baseline}"
+    change = f"{abs(c.improvement_pct):.1f}% {'lower' if c.improvement_pct >= 0 else 'higher'} {what} than {baseline}"
+    if pd.isna(c.difference_ci_low):
+        return f"{change} (one pair: no interval)"
+    side = ci_side(c)
+    state = "includes 0: inconclusive" if side == "inconclusive" else "excludes 0"
+    return f"{change} (95% CI of the difference [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}] {state} at n = {int(c.n_pairs)})"
+
+
+def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: float = 0.01) -> list[str]:
+    """Notebook 07's conclusions in at most 6 sentences, each with its numbers, from the grid's results table
+    (paired by seed against ``classic`` unless said otherwise); conditions the table lacks are left out.
+    ``scale`` (e.g. ``"cpu profile"``) opens every sentence; ``load_balancing_weight`` is classic's auxiliary-loss weight."""
+    present = set(results.condition)
+    ms = results.groupby("condition").ms_per_step.mean()
+    lead = f"{scale}: " if scale else ""
+    lines = []
+    for dense in (d for d in DENSE_BASELINES if {BASELINE, d} <= present):
+        lines.append(f"{lead}The classic MoE reached {effect_phrase(results, BASELINE, dense)}, "
+                     f"at {ms[BASELINE] / ms[dense]:.2f}x its time per step.")
+    if {"fine-grained + shared", BASELINE} <= present:
+        lines.append(f"{lead}Fine-grained + shared experts reached {effect_phrase(results, 'fine-grained + shared')}, "
+                     f"at {ms['fine-grained + shared'] / ms[BASELINE]:.2f}x its time per step.")
+    if {"aux-loss-free", "no balancing", BASELINE} <= present:
+        vs_control = paired_comparison(results, baseline="no balancing", metric="test_perplexity").set_index("condition")
+        balance = paired_comparison(results, baseline="no balancing", metric="expert_maxvio").set_index("condition")
+        ppl_side, balance_side = ci_side(vs_control.loc["aux-loss-free"]), ci_side(balance.loc["aux-loss-free"])
+        reading = (f"so the perplexity gain comes from removing the {load_balancing_weight:g} auxiliary loss, and what the bias buys is "
+                   "balance, not perplexity"
+                   if ppl_side == "inconclusive" and balance_side == "lower" else
+                   "so these runs do not separate what removing the loss and adding the bias each buy")
+        lines.append(f"{lead}Auxiliary-loss-free balancing reached {effect_phrase(results, 'aux-loss-free')}, and no balancing at all "
+                     f"{effect_phrase(results, 'no balancing')}; against no balancing, the bias gave "
+                     f"{effect_phrase(results, 'aux-loss-free', 'no balancing')} but "
+                     f"{effect_phrase(results, 'aux-loss-free', 'no balancing', 'expert_maxvio', 'MaxVio')}: {reading}.")
+    other = [c for c in ("sigmoid", "expert choice") if {c, BASELINE} <= present]
+    if other:
+        lines.append(f"{lead}" + "; ".join(f"{c.capitalize() if i == 0 else c} reached {effect_phrase(results, c)}"
+                                           for i, c in enumerate(other))
+                     + ("; expert choice's evaluation sees later tokens of its batch, a leak, not a gain." if "expert choice" in other else "."))
+    return lines
