@@ -79,9 +79,15 @@ MODERN_GRID_CONDITIONS = (
 )
 
 
+# Validations per run: the loss-vs-compute figure draws each curve from them (the profiles' every-100-steps gives 3-4).
+MODERN_VALIDATIONS = 24
+
+
 def modern_grid(profile: Profile, seeds=None, conditions: tuple[str, ...] = MODERN_GRID_CONDITIONS) -> Grid:
-    """The ``conditions`` of :func:`modern_conditions` on the profile's seeds, paired against ``classic``."""
-    available = modern_conditions(profile.base)
+    """The ``conditions`` of :func:`modern_conditions` on the profile's seeds, paired against ``classic``,
+    validated :data:`MODERN_VALIDATIONS` times per run so the curves per token, FLOP and second have a shape."""
+    steps = profile.base.train.steps
+    available = modern_conditions(profile.base.with_train(eval_every=max(1, steps // MODERN_VALIDATIONS)))
     unknown = [c for c in conditions if c not in available]
     if unknown or MODERN_BASELINE not in conditions:
         raise ValueError(f"modern_grid conditions {list(conditions)!r} must include {MODERN_BASELINE!r} and come from {list(available)}")
