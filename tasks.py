@@ -5,6 +5,8 @@
     python tasks.py test     # install, then run the full test suite: pytest --nbval
     python tasks.py browser-test                  # install, then open every notebook in JupyterLab in headless Chromium
     python tasks.py colab --repo URL --ref TAG    # maintainers: stamp Colab badges and first cells
+    python tasks.py book                          # install, then build the course website into build/book/ (Node.js 18+)
+    python tasks.py book-test                     # open every page of build/book/ in headless Chromium
 
 Each one installs the project (``pip install -e .[dev]``) into the active virtual or conda
 environment, or else into ``./.venv``, which it creates. On Linux without an NVIDIA driver,
@@ -29,6 +31,7 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # Where pip gets packages: if the user set any of these, their choice wins over the CPU index.
 PIP_SOURCE_SETTINGS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint")
 BROWSER_TEST_COMMAND = ["-m", "pytest", "-p", "no:cacheprovider", "tests/browser_jupyterlab.py"]
+BOOK_TEST_COMMAND = ["-m", "pytest", "-p", "no:cacheprovider", "tests/browser_book.py"]
 # Jupyter Book 2 (mystmd) runs on Node.js 18 or newer.
 NODE_MAJOR_MINIMUM = 18
 TEST_COMMAND = ["-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-cell-timeout=600", "tests", "notebooks"]
@@ -94,8 +97,17 @@ def install(python: str) -> None:
     run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[dev]")
 
 
+def require_node() -> None:
+    """Jupyter Book 2 runs on Node.js: stop with what to install if it is missing or too old."""
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout if shutil.which("node") else ""
+    major = int(version.strip().lstrip("v").split(".")[0]) if version.strip() else 0
+    if major < NODE_MAJOR_MINIMUM:
+        raise SystemExit(f"python tasks.py book needs Node.js {NODE_MAJOR_MINIMUM}+ and npm, found {version.strip() or 'no node'}: "
+                         "install them (Debian/Ubuntu: apt-get install nodejs npm; elsewhere https://nodejs.org)")
+
+
 def main(argv: list[str]) -> int:
-    tasks = {"course", "test", "browser-test", "colab"}
+    tasks = {"course", "test", "browser-test", "colab", "book", "book-test"}
     if not argv or argv[0] not in tasks:
         print(__doc__)
         print(f"error: expected one of {sorted(tasks)}, got {argv[:1] or 'nothing'}", file=sys.stderr)
@@ -110,6 +122,14 @@ def main(argv: list[str]) -> int:
     elif task == "browser-test":
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
         run(python, *BROWSER_TEST_COMMAND, *extra, env=env)
+    elif task in ("book", "book-test"):
+        require_node()
+        run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[book]")
+        if task == "book":
+            run(python, "-m", "book.build", *extra, env=env)
+        else:
+            run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
+            run(python, *BOOK_TEST_COMMAND, *extra, env=env)
     elif task == "colab":
         run(python, "-m", "moe_lib.colab", *extra, env=env)
     else:

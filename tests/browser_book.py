@@ -1,0 +1,124 @@
+"""The course website (``python tasks.py book``) as a reader sees it, in headless Chromium.
+
+Run with ``python tasks.py book-test`` after ``python tasks.py book`` (CI does both). Serves ``build/book/`` on
+localhost with the standard library's HTTP server, with every request to another host refused (the site must work
+offline), and opens the landing page and every notebook's page: no console error or failed request, every image
+loaded, each notebook's stored figures all present, math rendered by KaTeX, and on each notebook page a Colab badge
+and a download link that serves the notebook. Uses Debian's ``chromium`` through Playwright, as
+``tests/browser_jupyterlab.py`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import re
+import threading
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from browser_jupyterlab import CHROMIUM, CHROMIUM_ARGS, stored_figures
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "build" / "book"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ARTIFACTS = ROOT / "build" / "book-test"
+
+
+def has_math(path: Path) -> bool:
+    """Whether a notebook's markdown holds TeX math ($...$ or $$...$$)."""
+    nb = nbformat.read(path, as_version=4)
+    return any("$" in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def page_slug(path: Path) -> str:
+    """MyST's URL for a notebook page: the file name without its number, lower case, hyphens for underscores."""
+    return re.sub(r"^\d+_", "", path.stem).lower().replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def site():
+    """``build/book/`` served on a free localhost port; yields its base URL."""
+    if not (SITE / "index.html").is_file():
+        raise RuntimeError(f"no site in {SITE}: build it first with python tasks.py book")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: apt-get install chromium; this test is not skipped without it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+SEEN = """() => {
+  const imgs = Array.from(document.querySelectorAll('article img, main img'));
+  return {
+    images: imgs.length,
+    images_broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src')),
+    figures: imgs.filter(i => !i.closest('a[href*="colab.research.google.com"]')).filter(i => i.naturalWidth > 0).length,
+    katex: document.querySelectorAll('.katex').length,
+    katex_errors: document.querySelectorAll('.katex-error').length,
+    colab_badges: document.querySelectorAll('a[href*="colab.research.google.com"] img').length,
+    downloads: Array.from(document.querySelectorAll('a[href$=".ipynb"]')).map(a => a.href),
+    toc_links: Array.from(document.querySelectorAll('nav a')).map(a => a.getAttribute('href')),
+  };
+}"""
+
+
+def open_page(browser, url: str, name: str) -> tuple[dict, list[str]]:
+    """Load ``url`` offline; return what it shows and every console error, page error or failed request."""
+    problems: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.route(lambda u: not u.startswith(url.split("/", 3)[0] + "//" + url.split("/", 3)[2]), lambda route: route.abort())
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    try:
+        page.goto(url, wait_until="networkidle", timeout=60_000)
+        page.evaluate("async () => { for (const i of document.images) { i.loading = 'eager'; if (!i.complete) await new Promise(r => { i.onload = i.onerror = r; }); } }")
+        seen = page.evaluate(SEEN)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=False)
+    finally:
+        page.close()
+    return seen, problems
+
+
+def test_landing_page_has_the_overview_and_a_table_of_contents(site, browser):
+    seen, problems = open_page(browser, f"{site}/", "index")
+    assert problems == []
+    assert seen["images_broken"] == [] and seen["images"] >= 1, seen
+    for path in NOTEBOOKS:
+        assert any(page_slug(path) in (href or "") for href in seen["toc_links"]), f"{path.name} missing from the table of contents"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_page_renders_offline(site, browser, path):
+    seen, problems = open_page(browser, f"{site}/{page_slug(path)}", path.stem)
+    assert problems == [], problems
+    assert seen["images_broken"] == [], seen
+    assert seen["figures"] >= stored_figures(path), seen
+    if has_math(path):
+        assert seen["katex"] > 0 and seen["katex_errors"] == 0, seen
+    assert seen["colab_badges"] == 1, seen
+    assert len(seen["downloads"]) == 1, seen
+    with urllib.request.urlopen(seen["downloads"][0]) as response:
+        downloaded = json.loads(response.read())
+    assert downloaded == json.loads(path.read_text()), "the download is not the notebook as stored"
