@@ -91,8 +91,9 @@ def open_page(browser, url: str, name: str) -> tuple[dict, list[str]]:
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
     try:
-        page.goto(url, wait_until="networkidle", timeout=60_000)
-        page.evaluate("async () => { for (const i of document.images) { i.loading = 'eager'; if (!i.complete) await new Promise(r => { i.onload = i.onerror = r; }); } }")
+        page.goto(url, wait_until="load", timeout=60_000)
+        page.evaluate("() => { for (const i of document.images) i.loading = 'eager'; }")
+        page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=60_000)
         seen = page.evaluate(SEEN)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=False)
