@@ -98,11 +98,14 @@ def install(python: str) -> None:
 
 
 def require_node() -> None:
-    """Jupyter Book 2 runs on Node.js: stop with what to install if it is missing or too old."""
-    version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout if shutil.which("node") else ""
-    major = int(version.strip().lstrip("v").split(".")[0]) if version.strip() else 0
-    if major < NODE_MAJOR_MINIMUM:
-        raise SystemExit(f"python tasks.py book needs Node.js {NODE_MAJOR_MINIMUM}+ and npm, found {version.strip() or 'no node'}: "
+    """Jupyter Book 2 runs on Node.js and installs the site theme's server with npm: stop with what to install if
+    either is missing or Node is too old (before any install, so that it fails in seconds, not after pip)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip() if node else ""
+    major = int(version.lstrip("v").split(".")[0]) if version else 0
+    if major < NODE_MAJOR_MINIMUM or not npm:
+        found = (f"Node.js {version}" if version else "no node") + ("" if npm else " and no npm")
+        raise SystemExit(f"python tasks.py book needs Node.js {NODE_MAJOR_MINIMUM}+ and npm, found {found}: "
                          "install them (Debian/Ubuntu: apt-get install nodejs npm; elsewhere https://nodejs.org)")
 
 
@@ -113,6 +116,8 @@ def main(argv: list[str]) -> int:
         print(f"error: expected one of {sorted(tasks)}, got {argv[:1] or 'nothing'}", file=sys.stderr)
         return 2
     task, extra = argv[0], argv[1:]
+    if task == "book":
+        require_node()
     python = environment_python()
     install(python)
     env = dict(os.environ)
@@ -123,7 +128,6 @@ def main(argv: list[str]) -> int:
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
         run(python, *BROWSER_TEST_COMMAND, *extra, env=env)
     elif task in ("book", "book-test"):
-        require_node()
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[book]")
         if task == "book":
             run(python, "-m", "book.build", *extra, env=env)
