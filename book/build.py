@@ -5,7 +5,7 @@ a link to download the notebook as stored; the landing page is the README's over
 Everything is staged in ``build/book-src/`` so the repository holds no generated MyST files.
 
 MyST renders a site through a theme (a Node.js web app) that it normally downloads from the internet at build time.
-So that the build needs no network, the theme is built locally from its source with npm (``book/theme.py``).
+So that the build needs no network, the theme is vendored and its build committed (``book/theme.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-from book.theme import build_theme
+from book.theme import theme_template
 from moe_lib.colab import colab_link, github_slug, repo_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def stage(ref: str) -> list[str]:
         pages.append(f"notebooks/{path.name}")
     toc = [{"file": "index.md"}] + [{"file": page} for page in pages]
     config = {"version": 1, "project": {"title": TITLE, "toc": toc},
-              "site": {"title": TITLE, "template": str(build_theme())}}
+              "site": {"title": TITLE, "template": str(theme_template())}}
     (STAGE / "myst.yml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     return pages
 
