@@ -5,6 +5,8 @@
     python tasks.py test     # install, then run the full test suite: pytest --nbval
     python tasks.py browser-test                  # install, then open every notebook in JupyterLab in headless Chromium
     python tasks.py colab --repo URL --ref TAG    # maintainers: stamp Colab badges and first cells
+    python tasks.py book                          # install, then build the course website into build/book/ (Node.js 18+)
+    python tasks.py book-test                     # open every page of build/book/ in headless Chromium
 
 Each one installs the project (``pip install -e .[dev]``) into the active virtual or conda
 environment, or else into ``./.venv``, which it creates. On Linux without an NVIDIA driver,
@@ -29,6 +31,7 @@ CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # Where pip gets packages: if the user set any of these, their choice wins over the CPU index.
 PIP_SOURCE_SETTINGS = ("index-url", "extra-index-url", "find-links", "no-index", "constraint")
 BROWSER_TEST_COMMAND = ["-m", "pytest", "-p", "no:cacheprovider", "tests/browser_jupyterlab.py"]
+BOOK_TEST_COMMAND = ["-m", "pytest", "-p", "no:cacheprovider", "tests/browser_book.py"]
 # Jupyter Book 2 (mystmd) runs on Node.js 18 or newer.
 NODE_MAJOR_MINIMUM = 18
 TEST_COMMAND = ["-m", "pytest", "--nbval", "--nbval-current-env", "--nbval-cell-timeout=600", "tests", "notebooks"]
@@ -94,13 +97,27 @@ def install(python: str) -> None:
     run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[dev]")
 
 
+def require_node() -> None:
+    """Jupyter Book 2 runs on Node.js and installs the site theme's server with npm: stop with what to install if
+    either is missing or Node is too old (before any install, so that it fails in seconds, not after pip)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip() if node else ""
+    major = int(version.lstrip("v").split(".")[0]) if version else 0
+    if major < NODE_MAJOR_MINIMUM or not npm:
+        found = (f"Node.js {version}" if version else "no node") + ("" if npm else " and no npm")
+        raise SystemExit(f"python tasks.py book needs Node.js {NODE_MAJOR_MINIMUM}+ and npm, found {found}: "
+                         "install them (Debian/Ubuntu: apt-get install nodejs npm; elsewhere https://nodejs.org)")
+
+
 def main(argv: list[str]) -> int:
-    tasks = {"course", "test", "browser-test", "colab"}
+    tasks = {"course", "test", "browser-test", "colab", "book", "book-test"}
     if not argv or argv[0] not in tasks:
         print(__doc__)
         print(f"error: expected one of {sorted(tasks)}, got {argv[:1] or 'nothing'}", file=sys.stderr)
         return 2
     task, extra = argv[0], argv[1:]
+    if task == "book":
+        require_node()
     python = environment_python()
     install(python)
     env = dict(os.environ)
@@ -113,6 +130,13 @@ def main(argv: list[str]) -> int:
     elif task == "browser-test":
         run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
         run(python, *BROWSER_TEST_COMMAND, *extra, env=env)
+    elif task in ("book", "book-test"):
+        run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", ".[book]")
+        if task == "book":
+            run(python, "-m", "book.build", *extra, env=env)
+        else:
+            run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "playwright")
+            run(python, *BOOK_TEST_COMMAND, *extra, env=env)
     elif task == "colab":
         run(python, "-m", "tools.colab", *extra, env=env)
     else:

@@ -36,3 +36,20 @@ def test_ci_constraint_path_keeps_pip_in_charge():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert 'export PIP_CONSTRAINT="$PWD/.ci/constraints.txt"' in ci
     assert tasks.torch_index("Linux", False, tasks.user_pip_sources({"PIP_CONSTRAINT": ".ci/constraints.txt"}, "")) is None
+
+
+@pytest.mark.parametrize("node_version, has_npm, found", [
+    (None, True, "found no node:"), ("v16.20.2", True, "found Node.js v16.20.2:"), ("v20.19.2", False, "found Node.js v20.19.2 and no npm:")])
+def test_book_stops_before_installing_anything_without_node_18_and_npm(monkeypatch, node_version, has_npm, found):
+    tools = {"node": "/usr/bin/node" if node_version else None, "npm": "/usr/bin/npm" if has_npm else None}
+    monkeypatch.setattr(tasks.shutil, "which", lambda name, *args, **kwargs: tools.get(name))
+    monkeypatch.setattr(tasks.subprocess, "run", lambda *args, **kwargs: type("Done", (), {"stdout": f"{node_version}\n"})())
+    monkeypatch.setattr(tasks, "environment_python", lambda: pytest.fail("looked for a Python environment before checking Node.js"))
+    with pytest.raises(SystemExit, match=f"needs Node.js {tasks.NODE_MAJOR_MINIMUM}\\+ and npm, {found}"):
+        tasks.main(["book"])
+
+
+def test_book_accepts_node_18_with_npm(monkeypatch):
+    monkeypatch.setattr(tasks.shutil, "which", lambda name, *args, **kwargs: f"/usr/bin/{name}")
+    monkeypatch.setattr(tasks.subprocess, "run", lambda *args, **kwargs: type("Done", (), {"stdout": "v18.0.0\n"})())
+    tasks.require_node()
