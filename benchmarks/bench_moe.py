@@ -59,9 +59,9 @@ if str(ROOT) not in sys.path:
 from moe_lib.model import flops_per_token  # noqa: E402
 from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
-from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
-from moe_lib.precision import optimizer_step  # noqa: E402
-from moe_lib.train import autocast_context, build_optimizer  # noqa: E402
+from moe_lib.training.system import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
+from moe_lib.training.precision import optimizer_step  # noqa: E402
+from moe_lib.training.loop import autocast_context, build_optimizer  # noqa: E402
 from benchmarks.moe_layers import (  # noqa: E402,F401  (re-exported: tests read them as bench_moe.X)
     LAYER_SHAPES, QUICK_SHAPES, LayerShape, dense_flops, hf_expert_grads, hf_mixtral_block, layer_flops, moe_config,
 )
@@ -314,7 +314,7 @@ def train_profiles(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 class TrainStep:
-    """One optimizer step exactly as ``moe_lib.train.train_run`` takes it, on a fixed random batch."""
+    """One optimizer step exactly as ``moe_lib.training.loop.train_run`` takes it, on a fixed random batch."""
 
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, batch: int, seed: int):
         torch.manual_seed(seed)
@@ -488,7 +488,7 @@ def course_cost(args) -> dict[str, Any]:
     code = (
         "import sys, time, json\n"
         "from moe_lib.studies import build_grid\n"
-        "from moe_lib.train import train_run\n"
+        "from moe_lib.training.loop import train_run\n"
         "run = build_grid(sys.argv[1], 'cpu').runs[0]\n"
         "t = time.perf_counter(); r = train_run(run.config, run_id=run.condition, profile='cpu')\n"
         "print(json.dumps({'condition': run.condition, 'seed': run.seed, 'train_run_s': time.perf_counter() - t,"
@@ -575,7 +575,7 @@ def render(res: dict[str, Any]) -> str:
         f"| CPU | {m['cpu']} ({m['logical_cpus']} logical CPUs; {m['isa']}) |",
         f"| threads | {m['threads']} (`torch.set_num_threads`) |",
         f"| torch / transformers / python | {m['torch']} / {m['transformers']} / {m['python']} |",
-        f"| CPU allocator | {'recycling freed memory (`moe_lib.perf.configure_cpu_allocator`)' if m['allocator_tuned'] else 'glibc defaults'} |",
+        f"| CPU allocator | {'recycling freed memory (`moe_lib.training.system.configure_cpu_allocator`)' if m['allocator_tuned'] else 'glibc defaults'} |",
         f"| load average at start / end | {' '.join(f'{v:.2f}' for v in m['loadavg_start'] or [])} / {' '.join(f'{v:.2f}' for v in m.get('loadavg_end') or [])} |",
         f"| timing | median of {res['args']['rounds']} interleaved rounds after {res['args']['warmup']} warm-up rounds (train: {res['args']['train_rounds']} rounds) |",
         "",

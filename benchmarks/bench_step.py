@@ -9,8 +9,8 @@ What it measures, interleaved in every round so that a busy machine slows them a
 
 * the **peak probe**: one square fp32 ``torch.mm`` of 2048^2 (17 GFLOP, as many as the cpu-profile
   step, so that both are exposed to a busy machine alike; 1024^2 and 4096^2 are recorded once);
-* the library's own training step, :func:`moe_lib.train.train_step` on a state from
-  :func:`moe_lib.train.init_train_state` (LR schedule, forward, backward, clip, optimizer,
+* the library's own training step, :func:`moe_lib.training.loop.train_step` on a state from
+  :func:`moe_lib.training.loop.init_train_state` (LR schedule, forward, backward, clip, optimizer,
   ``zero_grad``), of the cpu profile with AdamW and with Muon, and of the gpu profile at a
   reduced batch (``--gpu-batch``; its own optimizer, Muon; fp32), on random token ids.
 
@@ -63,7 +63,7 @@ class Library:
     """The moe_lib whose training step runs: this checkout's, or a baseline's (``--baseline REF``)."""
 
     prefix: str  # "" for this checkout, "REF:" for a baseline
-    train: ModuleType  # its moe_lib.train
+    train: ModuleType  # its moe_lib.training.loop (moe_lib.train before that module moved)
     model: ModuleType  # its moe_lib.model
     profiles: ModuleType  # its moe_lib.profiles
 
@@ -71,9 +71,9 @@ class Library:
 def current_library() -> Library:
     import moe_lib.model
     import moe_lib.profiles
-    import moe_lib.train
+    import moe_lib.training.loop
 
-    return Library("", moe_lib.train, moe_lib.model, moe_lib.profiles)
+    return Library("", moe_lib.training.loop, moe_lib.model, moe_lib.profiles)
 
 
 def baseline_library(ref: str, folder: Path) -> Library:
@@ -86,7 +86,8 @@ def baseline_library(ref: str, folder: Path) -> Library:
     sys.modules["moe_lib_baseline"] = package
     spec.loader.exec_module(package)
     load = importlib.import_module
-    return Library(f"{ref}:", load("moe_lib_baseline.train"), load("moe_lib_baseline.model"), load("moe_lib_baseline.profiles"))
+    loop = "training.loop" if (folder / "moe_lib" / "training" / "loop.py").is_file() else "train"  # older checkouts: moe_lib/train.py
+    return Library(f"{ref}:", load(f"moe_lib_baseline.{loop}"), load("moe_lib_baseline.model"), load("moe_lib_baseline.profiles"))
 
 
 def variant_configs(lib: Library, gpu_batch: int) -> dict:

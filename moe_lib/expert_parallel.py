@@ -232,7 +232,7 @@ def expert_parallel_model(config: RunConfig, device: torch.device):
 def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
     """Train ``config`` with experts sharded over the ranks of the default process group.
 
-    Every rank draws the same global batch (same seeded generator as :func:`moe_lib.train.train_run`)
+    Every rank draws the same global batch (same seeded generator as :func:`moe_lib.training.loop.train_run`)
     and keeps its ``batch_size / W`` rows; the replicated parameters are DDP-averaged, the expert
     shards are not (DDP ignores them) and get :func:`scale_expert_grads`. Returns the per-step
     losses averaged over ranks and the pre-clip gradient norm of the whole model. When dropless,
@@ -241,9 +241,9 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     whole batch, so the dropped slots, and the numbers, differ.
     """
     from .data import sample_batch
-    from .precision import resolve_precision
+    from .training.precision import resolve_precision
     from .routing import update_expert_biases
-    from .train import build_optimizer, load_data, lr_factor, set_learning_rate
+    from .training.loop import build_optimizer, load_data, lr_factor, set_learning_rate
 
     world, rank = dist.get_world_size(), dist.get_rank()
     tcfg = config.train

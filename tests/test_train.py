@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from moe_lib import cli
-from moe_lib.checkpoint import load_checkpoint, save_checkpoint
+from moe_lib.training.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
 from moe_lib.model import MoETransformer
-from moe_lib.muon import Muon
+from moe_lib.training.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
 from moe_lib.data import eval_batches, sample_batch
-from moe_lib.train import (
+from moe_lib.training.loop import (
     TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_split, optimizer_step,
     train_run, train_step,
 )

@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..model import MoETransformer, count_parameters
 from ..profiles import Profile
 from ..statistics import format_mean_std, mean_std_text
-from ..train import build_optimizer, load_data, optimizer_split
+from ..training.loop import build_optimizer, load_data, optimizer_split
 from . import originals
 from .result import StudyResult, paired_table, per_layer
 from .run import build_grid

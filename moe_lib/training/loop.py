@@ -30,16 +30,16 @@ from torch import nn
 from tqdm.std import tqdm
 
 from .checkpoint import save_checkpoint
-from .config import RunConfig, TrainConfig
-from .data import eval_batches, prepare_data, sample_batch
-from .metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
-from .model import MoETransformer, count_parameters
+from ..config import RunConfig, TrainConfig
+from ..data import eval_batches, prepare_data, sample_batch
+from ..metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
+from ..model import MoETransformer, count_parameters
 from .muon import Muon
-from .perf import configure_cpu_allocator, release_free_heap
+from .system import configure_cpu_allocator, release_free_heap
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
-from .routing import update_expert_biases
-from .versions import library_versions
+from ..routing import update_expert_biases
+from ..versions import library_versions
 
 # --------------------------------------------------------------------------- device and precision
 
@@ -60,7 +60,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """The autocast that :func:`moe_lib.precision.resolve_precision` picks for this hardware."""
+    """The autocast that :func:`moe_lib.training.precision.resolve_precision` picks for this hardware."""
     return resolve_precision(precision, device).autocast(device)
 
 
@@ -70,7 +70,7 @@ def autocast_context(device: torch.device, precision: str):
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """AdamW, or the original's hybrid of Muon and AdamW: ``[adamw]`` or ``[adamw, muon]``.
 
-    Hybrid split (:func:`optimizer_split`), as the original's ``llm.py``: Muon (:mod:`moe_lib.muon`)
+    Hybrid split (:func:`optimizer_split`), as the original's ``llm.py``: Muon (:mod:`moe_lib.training.muon`)
     takes every weight matrix of the blocks - attention ``qkv``/``proj``, the dense or shared
     experts' projections, the router's gate ``[E, d]`` and the routed experts' stacked weights
     ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
@@ -244,7 +244,7 @@ class PeakMemory:
       tensor memory (the original studies' ``peak_memory_gb``).
     * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
       current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
-      (:func:`moe_lib.perf.release_free_heap`; a previous run's freed tensors would stay resident
+      (:func:`moe_lib.training.system.release_free_heap`; a previous run's freed tensors would stay resident
       otherwise). Everything resident counts, interpreter, libraries and data included: the
       memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
       so within a grid it would only ever rise.)
@@ -303,7 +303,7 @@ class TrainState:
     base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
     data_gen: torch.Generator  # draws the training batches
     dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
-    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.precision)
+    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.training.precision)
     scaler: torch.amp.GradScaler  # disabled unless fp16
 
 
@@ -337,7 +337,7 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
     noise and random routing after it), a separate CPU generator for the batch order.
     """
     if device.type == "cpu":
-        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
+        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.training.system
     torch.manual_seed(config.train.seed)
     model = MoETransformer(config.model).to(device)
     optimizers = build_optimizer(model, config.train)
@@ -386,7 +386,7 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
 
 def optimizer_step(state: TrainState) -> torch.Tensor:
     """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
-    clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
+    clear the gradients (:func:`moe_lib.training.precision.optimizer_step`); then the aux-loss-free expert
     biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`), unless the fp16
     GradScaler skipped the step: the bias then stays, as the weights do. Returns the pre-clip gradient norm."""
     step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
@@ -516,7 +516,7 @@ def run_metrics(
         "train_tokens": tcfg.steps * tcfg.tokens_per_step,
         "device": _device_name(device),
         "precision": tcfg.precision,  # as requested ("auto" by default)
-        "precision_used": state.precision.name,  # what ran: fp32, bf16 or fp16 (moe_lib.precision.resolve_precision)
+        "precision_used": state.precision.name,  # what ran: fp32, bf16 or fp16 (moe_lib.training.precision.resolve_precision)
         "profile": profile or "custom",
         "corpus": config.data.corpus,
         "tokenizer": config.data.tokenizer,

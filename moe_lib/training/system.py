@@ -81,7 +81,7 @@ def cpu_allocator_tuned() -> bool:
 
 # --------------------------------------------------------------------------- benchmark results
 def benchmark_results_path() -> Path:
-    from .profiles import project_root
+    from ..profiles import project_root
 
     return project_root() / "benchmarks" / "RESULTS.json"
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
-from .files import atomic_path, atomic_write_bytes
-from .model import MoETransformer
+from ..config import RunConfig
+from ..files import atomic_path, atomic_write_bytes
+from ..model import MoETransformer
 
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
