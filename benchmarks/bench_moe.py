@@ -61,7 +61,8 @@ from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
 from moe_lib.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
 from moe_lib.training.system import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
 from moe_lib.training.precision import optimizer_step  # noqa: E402
-from moe_lib.training.loop import autocast_context, build_optimizer  # noqa: E402
+from moe_lib.training.optim import build_optimizer  # noqa: E402
+from moe_lib.training.precision import autocast_context  # noqa: E402
 from benchmarks.moe_layers import (  # noqa: E402,F401  (re-exported: tests read them as bench_moe.X)
     LAYER_SHAPES, QUICK_SHAPES, LayerShape, dense_flops, hf_expert_grads, hf_mixtral_block, layer_flops, moe_config,
 )

@@ -460,7 +460,7 @@ def resolved_hardware(config: RunConfig) -> tuple[str, str]:
     import torch  # deferred: the grid machinery itself needs no torch
 
     from .training.precision import resolve_precision
-    from .training.loop import resolve_device
+    from .training.system import resolve_device
 
     device = resolve_device(config.train.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -243,7 +243,8 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     from .data import sample_batch
     from .training.precision import resolve_precision
     from .routing import update_expert_biases
-    from .training.loop import build_optimizer, load_data, lr_factor, set_learning_rate
+    from .training.loop import load_data, set_learning_rate
+    from .training.optim import build_optimizer, lr_factor
 
     world, rank = dist.get_world_size(), dist.get_rank()
     tcfg = config.train

@@ -9,7 +9,7 @@ import torch
 
 from .training.precision import resolve_precision
 from .profiles import Profile, get_profile
-from .training.loop import resolve_device
+from .training.system import resolve_device
 from .versions import library_versions
 
 

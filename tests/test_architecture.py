@@ -110,6 +110,7 @@ LAYERS = {
     "config": "core", "routing": "core", "losses": "core", "experts": "core", "model": "core", "metrics": "core",
     "data": "core",
     "files": "core", "versions": "core", "statistics": "core", "information": "core", "profiles": "core", "plots": "core",
+    "benchmark_results": "core",
     "training": "training", "expert_parallel": "training",
     "experiments": "runs", "workers": "runs", "course_efficiency": "course",
     "studies": "studies",

@@ -21,7 +21,7 @@ from moe_lib.losses import load_balancing_loss
 from moe_lib.metrics import RoutingAccumulator, max_violation, router_saturation, topk_overlap
 from moe_lib.model import MoEFeedForward, MoETransformer, count_parameters, flops_per_token
 from moe_lib.routing import ExpertChoiceRouter, TopKRouter, update_expert_biases
-from moe_lib.training.loop import build_optimizer
+from moe_lib.training.optim import build_optimizer
 
 VOCAB = 97
 ROOT = Path(__file__).resolve().parents[1]

@@ -169,7 +169,7 @@ def test_setup_table_names_each_optimizers_parameters_and_the_originals_differen
     """Ours: the optimizer row lists exactly optimizer_split's names (experts and router gate on Muon, as the
     original). The original: every difference from llm.py that the seeds' README records."""
     from moe_lib.model import MoETransformer
-    from moe_lib.training.loop import optimizer_split
+    from moe_lib.training.optim import optimizer_split
 
     table = comparison.setup_comparison(name, SMOKE)
     ours, original = table["ours (smoke)"], table["original"]

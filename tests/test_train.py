@@ -18,10 +18,9 @@ from moe_lib.training.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
 from moe_lib.data import eval_batches, sample_batch
-from moe_lib.training.loop import (
-    TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_split, optimizer_step,
-    train_run, train_step,
-)
+from moe_lib.training.evaluate import evaluate
+from moe_lib.training.loop import TrainState, forward_backward, init_train_state, load_data, optimizer_step, train_run, train_step
+from moe_lib.training.optim import build_optimizer, lr_factor, optimizer_split
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from ..experiments import Grid
 from ..information import conditional_mutual_information
 from ..profiles import Profile
 from ..statistics import mean_ci, paired_comparison, paired_differences
-from ..training.loop import load_data, resolve_device
+from ..training.loop import load_data
+from ..training.system import resolve_device
 from .result import StudyResult, checkpoint_dir
 from .trace_counts import coactivation, label_permutation_test, label_utilization, mi_by_layer
 from .traces import annotate_split, trace_routing

@@ -1,4 +1,4 @@
-"""Training, evaluation and generation for one run.
+"""One training run: the loop, its one training step, and the run's final metrics.
 
 ``train_run(config)`` builds the data and the model from a :class:`RunConfig`, trains for
 ``config.train.steps`` optimizer steps and returns a :class:`TrainResult`: the model, a
@@ -10,15 +10,15 @@ The run, top to bottom (each step a function below)::
     PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
     train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
     train_step:  set_learning_rate -> forward_backward (micro-batches) -> optimizer_step (clip, step, zero)
+
+The optimizers and the schedule live in :mod:`.optim`, evaluation in :mod:`.evaluate`, the device
+and the memory measurements in :mod:`.system`.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
-import math
 import platform
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,171 +26,20 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.std import tqdm
 
-from .checkpoint import save_checkpoint
 from ..config import RunConfig, TrainConfig
-from ..data import eval_batches, prepare_data, sample_batch
-from ..metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
+from ..data import prepare_data, sample_batch
+from ..metrics import layer_routing_stats, overfitting, perplexity
 from ..model import MoETransformer, count_parameters
-from .muon import Muon
-from .system import configure_cpu_allocator, release_free_heap
-from .precision import Precision, resolve_precision
-from .precision import optimizer_step as scaled_optimizer_step
 from ..routing import update_expert_biases
 from ..versions import library_versions
-
-# --------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; valid here: 'cpu' or 'auto'")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device='mps' was requested but MPS is not available; valid here: 'cpu' or 'auto'")
-    return torch.device(requested)
-
-
-def autocast_context(device: torch.device, precision: str):
-    """The autocast that :func:`moe_lib.training.precision.resolve_precision` picks for this hardware."""
-    return resolve_precision(precision, device).autocast(device)
-
-
-# --------------------------------------------------------------------------- optimizers and schedule
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW, or the original's hybrid of Muon and AdamW: ``[adamw]`` or ``[adamw, muon]``.
-
-    Hybrid split (:func:`optimizer_split`), as the original's ``llm.py``: Muon (:mod:`moe_lib.training.muon`)
-    takes every weight matrix of the blocks - attention ``qkv``/``proj``, the dense or shared
-    experts' projections, the router's gate ``[E, d]`` and the routed experts' stacked weights
-    ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
-    rest: the embedding (a lookup table, tied to the LM head; an untied head too) with weight
-    decay, and the RMSNorm gains without. The aux-loss-free expert bias is a buffer, moved by its
-    own rule (:func:`moe_lib.routing.update_expert_biases`), not by an optimizer. The router's gate
-    on Muon (the original's choice) moves each step by an orthogonalised update of a fixed size,
-    not AdamW's: its logits' growth, which the z-loss study measures, follows from that.
-    """
-    params, split = dict(model.named_parameters()), optimizer_split(model, cfg)
-    decay, no_decay, muon = ([params[name] for name in split[key]] for key in ("adamw, decay", "adamw, no decay", "muon"))
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=_fused_adamw_ok(decay + no_decay))
-    optimizers: list[torch.optim.Optimizer] = [adamw]
-    if muon:
-        optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
-    return optimizers
-
-
-def optimizer_split(model: nn.Module, cfg: TrainConfig) -> dict[str, list[str]]:
-    """The names of the trainable parameters each optimizer takes: ``muon``, ``adamw, decay``, ``adamw, no decay``.
-
-    Muon: the 2-D and stacked 3-D matrices except the embedding and the LM head (only with
-    ``cfg.optimizer == "muon"``). AdamW with weight decay: the other matrices. Without: 1-D gains.
-    """
-    split: dict[str, list[str]] = {"muon": [], "adamw, decay": [], "adamw, no decay": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_block_matrix = p.ndim in (2, 3) and "embed" not in name and "lm_head" not in name
-        if cfg.optimizer == "muon" and is_block_matrix:
-            split["muon"].append(name)
-        elif p.ndim >= 2:
-            split["adamw, decay"].append(name)
-        else:
-            split["adamw, no decay"].append(name)
-    return split
-
-
-def _fused_adamw_ok(params: list[torch.Tensor]) -> bool:
-    """Use the fused AdamW kernel (one pass over each tensor instead of about a dozen).
-
-    On CPU PyTorch's default AdamW updates parameter by parameter with separate elementwise
-    ops; ``fused=True`` measured 7x faster for the gpu-profile model (110 M parameters) on the
-    2-core benchmark machine (``benchmarks/RESULTS.md``). Same update rule, same state dict.
-    """
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based).
-
-    Linear warmup ``(s+1)/W`` for ``s < W``, then a cosine from 1 down to ``min_lr_ratio``
-    reached exactly at the last step ``S-1``: ``m + (1-m) (1 + cos(pi t)) / 2`` with
-    ``t = (s-W)/(S-1-W)``.
-    """
-    warmup, last = cfg.warmup_steps, cfg.steps - 1
-    if step < warmup:
-        return (step + 1) / warmup
-    t = 1.0 if last == warmup else min(1.0, (step - warmup) / (last - warmup))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    accuracy: float
-    top3_accuracy: float
-    tokens: int
-    routing: RoutingAccumulator
-
-
-@torch.no_grad()
-def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto") -> EvalResult:
-    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them.
-
-    Padding positions (target -100) count nowhere: not in the loss, the accuracies or the
-    routing statistics. Evaluation runs on a fork of the global RNG (the random router draws
-    from it), so evaluating, however often, leaves the training run's random stream alone.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum, hits1, hits3, count = 0.0, 0, 0, 0
-    routing = RoutingAccumulator()
-    with _forked_rng(device):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with autocast_context(device, precision):
-                out = model(x, y)
-            valid = y != -100
-            n_valid = int(valid.sum())
-            loss_sum += out.lm_loss.item() * n_valid
-            h1, _ = top_k_accuracy(out.logits, y, 1)
-            h3, _ = top_k_accuracy(out.logits, y, 3)
-            hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
-            if out.routing:
-                routing.add(out.routing, valid=valid.reshape(-1))
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluation saw no tokens: the split is shorter than one window")
-    loss = loss_sum / count
-    return EvalResult(loss, perplexity(loss), hits1 / count, hits3 / count, count, routing)
-
-
-def _forked_rng(device: torch.device):
-    """``torch.random.fork_rng`` over the CPU generator and, on an accelerator, ``device``'s."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
-
+from .checkpoint import save_checkpoint
+from .evaluate import EvalResult, evaluate, final_evaluation, validation_batches
+from .optim import build_optimizer, lr_factor
+from .precision import Precision, resolve_precision
+from .precision import optimizer_step as scaled_optimizer_step
+from .system import PeakMemory, configure_cpu_allocator, resolve_device
 
 # --------------------------------------------------------------------------- results, data and generation
 
@@ -225,68 +74,6 @@ def _cached_data(data_cfg):
 def load_data(data_cfg):
     """:func:`moe_lib.data.prepare_data`, memoised per process (configs are frozen, hence hashable)."""
     return _cached_data(data_cfg)
-
-
-# --------------------------------------------------------------------------- peak memory of one run
-
-PEAK_CUDA = "cuda max_memory_allocated"
-PEAK_RSS = "process peak RSS"
-PEAK_NONE = "not measured"
-
-
-@dataclass
-class PeakMemory:
-    """A run's peak memory, reset when the run starts (:meth:`start`) and read when it ends (:meth:`gb`).
-
-    ``measure`` says what the number is:
-
-    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, the peak of
-      tensor memory (the original studies' ``peak_memory_gb``).
-    * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
-      current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
-      (:func:`moe_lib.training.system.release_free_heap`; a previous run's freed tensors would stay resident
-      otherwise). Everything resident counts, interpreter, libraries and data included: the
-      memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
-      so within a grid it would only ever rise.)
-    * elsewhere (macOS, Windows, MPS): NaN; no per-run peak is available there.
-    """
-
-    device: torch.device
-    measure: str
-
-    @classmethod
-    def start(cls, device: torch.device) -> PeakMemory:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            return cls(device, PEAK_CUDA)
-        if device.type == "cpu" and _reset_peak_rss():
-            return cls(device, PEAK_RSS)
-        return cls(device, PEAK_NONE)
-
-    def gb(self) -> float:
-        if self.measure == PEAK_CUDA:
-            return torch.cuda.max_memory_allocated(self.device) / 1e9
-        if self.measure == PEAK_RSS:
-            return _peak_rss_kib() * 1024 / 1e9
-        return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset Linux's ``VmHWM`` to the current RSS, after trimming the heap. Whether it worked."""
-    gc.collect()  # a finished run's tensors in reference cycles
-    release_free_heap()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _peak_rss_kib() > 0
-    except (OSError, ValueError):
-        return False
-
-
-def _peak_rss_kib() -> int:
-    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise ValueError("/proc/self/status has no VmHWM line")
-    return int(match.group(1))
 
 
 # --------------------------------------------------------------------------- one training run, step by step
@@ -427,10 +214,6 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
     return row
 
 
-def validation_batches(data, tcfg: TrainConfig, max_batches: int | None):
-    return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
-
-
 def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
     """``steps`` optimizer steps; a history row every ``log_every`` steps, a validation every ``eval_every``.
 
@@ -461,14 +244,6 @@ def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
         bar.update(1)
     bar.close()
     return TrainLog(rows, step_times, time.perf_counter() - start, best_val, snapshots)
-
-
-def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
-    """The trained model on validation and test: ``final_eval_batches`` batches each (``None``: the whole split)."""
-    tcfg = state.config.train
-    val = evaluate(state.model, validation_batches(data, tcfg, tcfg.final_eval_batches), state.device, tcfg.precision)
-    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
-    return val, evaluate(state.model, test_batches, state.device, tcfg.precision)
 
 
 def run_metrics(
@@ -550,7 +325,7 @@ def train_run(
     memory = PeakMemory.start(device)
     state = init_train_state(config, device)
     log = train_loop(state, data, run_id)
-    val, test = final_evaluation(state, data)
+    val, test = final_evaluation(state.model, data, state.config.train, state.device)
     metrics = run_metrics(state, data, log, val, test, memory, profile)
     if checkpoint_dir is not None:
         save_checkpoint(state.model, config, metrics, checkpoint_dir)

@@ -129,6 +129,12 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return choose_precision(requested, device.type, bf16_native=native)
 
 
+def autocast_context(device: torch.device, precision: str):
+    """The autocast that :func:`moe_lib.training.precision.resolve_precision` picks for this hardware."""
+    return resolve_precision(precision, device).autocast(device)
+
+
+
 class OptimizerStep(NamedTuple):
     """What :func:`optimizer_step` did: whether the step was taken, and the gradient norm before clipping."""
 

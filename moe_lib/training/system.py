@@ -1,4 +1,6 @@
-"""CPU speed settings that live outside the model code.
+"""The machine a run trains on: its device, the CPU allocator, and the run's peak memory.
+
+:func:`resolve_device` picks the device; :class:`PeakMemory` measures a run's peak memory.
 
 :func:`configure_cpu_allocator` is the single largest speed-up this project measured on CPU
 (``benchmarks/RESULTS.md``): it stops the C library from handing every large freed tensor
@@ -20,9 +22,13 @@ Cost: the process keeps its peak heap size until it exits (memory is reused, not
 from __future__ import annotations
 
 import ctypes
-import json
+import gc
 import platform
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -79,55 +85,81 @@ def cpu_allocator_tuned() -> bool:
     return _state["tuned"]
 
 
-# --------------------------------------------------------------------------- benchmark results
-def benchmark_results_path() -> Path:
-    from ..profiles import project_root
-
-    return project_root() / "benchmarks" / "RESULTS.json"
+# --------------------------------------------------------------------------- device
 
 
-def load_benchmark_results(path=None) -> dict:
-    """The raw results of the last full ``benchmarks/bench_moe.py`` run (``RESULTS.json``)."""
-    path = Path(path) if path else benchmark_results_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"no benchmark results at {path}: run `python benchmarks/bench_moe.py` to create them")
-    return json.loads(path.read_text())
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available; valid here: 'cpu' or 'auto'")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device='mps' was requested but MPS is not available; valid here: 'cpu' or 'auto'")
+    return torch.device(requested)
 
 
-def benchmark_layer_frame(results: dict):
-    """The MoE-layer tables as one tidy DataFrame: ``shape, label, tokens, implementation, ms,
-    gflops, pct_peak, vs_fast, peak_gflops`` (one row per shape, token count and implementation)."""
-    import pandas as pd
+# --------------------------------------------------------------------------- peak memory of one run
 
-    rows = []
-    for entry in results.get("layer", []):
-        for name, r in entry["rows"].items():
-            rows.append({"shape": entry["shape"], "label": entry["label"], "tokens": entry["tokens"], "implementation": name,
-                         "ms": r["ms"], "gflops": r["gflops"], "pct_peak": r["pct_peak"], "vs_fast": r["vs_fast"],
-                         "peak_gflops": entry["peak_gflops"]})
-    return pd.DataFrame(rows)
+PEAK_CUDA = "cuda max_memory_allocated"
+PEAK_RSS = "process peak RSS"
+PEAK_NONE = "not measured"
 
 
-def benchmark_layer_summary(layer, tokens: int):
-    """Per shape at ``tokens`` tokens: the fast path's ms, GFLOP/s and % of peak, and how many
-    times slower each other implementation is (``x <name>`` = ``ms / fast ms``; > 1 means the fast path wins).
+@dataclass
+class PeakMemory:
+    """A run's peak memory, reset when the run starts (:meth:`start`) and read when it ends (:meth:`gb`).
 
-    The dense baseline is a different model, not a rival implementation, so its column says what it
-    is: ``dense time / MoE fast-path time`` (below 1 when the dense layer is faster)."""
-    import pandas as pd
+    ``measure`` says what the number is:
 
-    part = layer[layer.tokens == tokens]
-    if part.empty:
-        raise ValueError(f"no benchmark rows at {tokens} tokens; measured: {sorted(layer.tokens.unique())}")
-    rows = []
-    for shape, rows_ in part.groupby("shape", sort=False):
-        by = rows_.set_index("implementation")
-        fast = by.loc["moe_lib fast path"]
-        row = {"shape": shape, "label": fast.label, "fast ms": fast.ms, "fast GFLOP/s": fast.gflops, "fast % of peak": fast.pct_peak}
-        for name, r in by.iterrows():
-            if name.startswith("dense"):
-                row[f"{name}: dense time / MoE fast-path time"] = r.vs_fast
-            elif name != "moe_lib fast path":
-                row[f"x {name}"] = r.vs_fast
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("shape")
+    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, the peak of
+      tensor memory (the original studies' ``peak_memory_gb``).
+    * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
+      current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
+      (:func:`release_free_heap`; a previous run's freed tensors would stay resident
+      otherwise). Everything resident counts, interpreter, libraries and data included: the
+      memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
+      so within a grid it would only ever rise.)
+    * elsewhere (macOS, Windows, MPS): NaN; no per-run peak is available there.
+    """
+
+    device: torch.device
+    measure: str
+
+    @classmethod
+    def start(cls, device: torch.device) -> PeakMemory:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return cls(device, PEAK_CUDA)
+        if device.type == "cpu" and _reset_peak_rss():
+            return cls(device, PEAK_RSS)
+        return cls(device, PEAK_NONE)
+
+    def gb(self) -> float:
+        if self.measure == PEAK_CUDA:
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        if self.measure == PEAK_RSS:
+            return _peak_rss_kib() * 1024 / 1e9
+        return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset Linux's ``VmHWM`` to the current RSS, after trimming the heap. Whether it worked."""
+    gc.collect()  # a finished run's tensors in reference cycles
+    release_free_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _peak_rss_kib() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _peak_rss_kib() -> int:
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise ValueError("/proc/self/status has no VmHWM line")
+    return int(match.group(1))
