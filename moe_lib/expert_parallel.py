@@ -243,8 +243,8 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     from .data import sample_batch
     from .training.precision import resolve_precision
     from .routing import update_expert_biases
-    from .training.loop import load_data, set_learning_rate
-    from .training.optim import build_optimizer, lr_factor
+    from .training.loop import load_data
+    from .training.optim import build_optimizer, lr_schedulers
 
     world, rank = dist.get_world_size(), dist.get_rank()
     tcfg = config.train
@@ -261,12 +261,11 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
         config = config.with_model(vocab_size=data.vocab_size)
     model, ddp, ep_group = expert_parallel_model(config, device)
     optimizers = build_optimizer(model, tcfg)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    schedulers = lr_schedulers(optimizers, tcfg)
     data_gen = torch.Generator().manual_seed(tcfg.seed)
     rows = []
     model.train()
     for step in range(tcfg.steps):
-        set_learning_rate(optimizers, base_lrs, lr_factor(step, tcfg))
         sums = torch.zeros(4, device=device)  # total, lm, lb, z
         for _ in range(tcfg.grad_accum_steps):
             x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
@@ -280,6 +279,8 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        for scheduler in schedulers:
+            scheduler.step()
         # aux-loss-free: loads all-reduced over ranks, so every replica keeps the same bias. Every step is taken
         # (no GradScaler: fp16 is refused above), so the bias moves after every step.
         update_expert_biases(model)

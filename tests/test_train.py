@@ -55,6 +55,25 @@ def gradients(state: TrainState) -> list[torch.Tensor]:
     return [p.grad.clone() for p in state.model.parameters()]
 
 
+def test_lambda_lr_gives_every_param_group_its_base_lr_times_lr_factor_at_each_step(smoke, data):
+    """torch's LambdaLR, one per optimizer: AdamW's groups run at lr x lr_factor(s), Muon's at muon_lr x lr_factor(s),
+    exactly the hand-written schedule's numbers (the history's lr too)."""
+    state = tiny_state(smoke, optimizer="muon", steps=5, warmup_steps=2, lr=2e-3, muon_lr=0.02)
+    tcfg = state.config.train
+    adamw, muon = state.optimizers
+    for step in range(tcfg.steps):
+        used = ([g["lr"] for g in adamw.param_groups], [g["lr"] for g in muon.param_groups])
+        assert used == ([tcfg.lr * lr_factor(step, tcfg)] * 2, [tcfg.muon_lr * lr_factor(step, tcfg)])
+        out = train_step(state, data.train.tokens, step)
+        assert out.lr == tcfg.lr * lr_factor(step, tcfg)
+
+
+def test_train_step_refuses_a_step_out_of_order(smoke, data):
+    state = tiny_state(smoke)
+    with pytest.raises(ValueError, match="step=3 is invalid: this state's LR schedulers are at optimizer step 0"):
+        train_step(state, data.train.tokens, step=3)
+
+
 def test_two_half_batches_accumulate_the_gradient_of_one_full_batch(smoke, data):
     """M micro-batches of B/M: the same gradient as one batch of B (no load-balancing term,
     which each micro-batch computes from its own expert fractions)."""
@@ -86,9 +105,8 @@ def test_gradient_clipping_bounds_the_global_norm_the_optimizer_sees(smoke, data
     raw = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients(state)])).item()
     assert raw > 1e-2  # so that a clip at 1e-3 really cuts
     norms = []
-    adamw = state.optimizers[0]
-    step = adamw.step
-    adamw.step = lambda: norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()) or step()
+    state.optimizers[0].register_step_pre_hook(
+        lambda *_: norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()))
     grad_norm = optimizer_step(state)
     assert norms == [pytest.approx(grad_clip if grad_clip else raw, rel=1e-4)]
     assert grad_norm.item() == pytest.approx(raw, rel=1e-5)  # the history's grad_norm: before clipping

@@ -9,7 +9,7 @@ The run, top to bottom (each step a function below)::
 
     PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
     train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
-    train_step:  set_learning_rate -> forward_backward (micro-batches) -> optimizer_step (clip, step, zero)
+    train_step:  forward_backward (micro-batches) -> optimizer_step (clip, step, zero, next LR)
 
 The optimizers and the schedule live in :mod:`.optim`, evaluation in :mod:`.evaluate`, the device
 and the memory measurements in :mod:`.system`.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from ..routing import update_expert_biases
 from ..versions import library_versions
 from .checkpoint import save_checkpoint
 from .evaluate import EvalResult, evaluate, final_evaluation, validation_batches
-from .optim import build_optimizer, lr_factor
+from .optim import build_optimizer, lr_schedulers
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
 from .system import PeakMemory, configure_cpu_allocator, resolve_device
@@ -87,7 +88,7 @@ class TrainState:
     device: torch.device
     model: MoETransformer
     optimizers: list[torch.optim.Optimizer]
-    base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
+    schedulers: list[torch.optim.lr_scheduler.LambdaLR]  # one per optimizer: warmup + cosine (moe_lib.training.optim)
     data_gen: torch.Generator  # draws the training batches
     dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
     precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.training.precision)
@@ -100,7 +101,7 @@ class StepOutput:
 
     losses: torch.Tensor  # [4]: total, lm, lb, z (lb and z: unweighted sums over layers)
     routing: list
-    lr_factor: float
+    lr: float  # AdamW's LR in this step (Muon's is muon_lr / lr times it)
     seconds: float
     grad_norm: torch.Tensor  # global gradient norm before clipping (on the device; read on logging steps only)
 
@@ -134,19 +135,12 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
         device=device,
         model=model.train(),
         optimizers=optimizers,
-        base_lrs=[[g["lr"] for g in opt.param_groups] for opt in optimizers],
+        schedulers=lr_schedulers(optimizers, config.train),
         data_gen=torch.Generator().manual_seed(config.train.seed),
         dropped_sum=torch.zeros((), device=device),
         precision=precision,
         scaler=precision.grad_scaler(device),
     )
-
-
-def set_learning_rate(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]], factor: float) -> None:
-    """Every param group's LR = its base LR x ``factor`` (see :func:`lr_factor`)."""
-    for opt, lrs in zip(optimizers, base_lrs):
-        for group, lr in zip(opt.param_groups, lrs):
-            group["lr"] = lr * factor
 
 
 def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> tuple[torch.Tensor, list]:
@@ -175,24 +169,32 @@ def optimizer_step(state: TrainState) -> torch.Tensor:
     """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
     clear the gradients (:func:`moe_lib.training.precision.optimizer_step`); then the aux-loss-free expert
     biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`), unless the fp16
-    GradScaler skipped the step: the bias then stays, as the weights do. Returns the pre-clip gradient norm."""
+    GradScaler skipped the step: the bias then stays, as the weights do. Last, every LR scheduler moves
+    to the next step's LR (a skipped step counts too, as in the original). Returns the pre-clip gradient norm."""
     step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
     update_expert_biases(state.model, step_taken=step.taken)  # aux-loss-free balancing: this step's loads, all micro-batches
+    with warnings.catch_warnings():
+        # a GradScaler-skipped first step makes LambdaLR warn that it stepped before the optimizer: intended here
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        for scheduler in state.schedulers:
+            scheduler.step()
     return step.grad_norm
 
 
 def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
-    """Optimizer step ``step`` (0-based): schedule the LR, accumulate gradients, update."""
+    """Optimizer step ``step`` (0-based): accumulate gradients, update; the LR is the schedulers' for ``step``."""
     t0 = time.perf_counter()
     tcfg = state.config.train
-    factor = lr_factor(step, tcfg)
-    set_learning_rate(state.optimizers, state.base_lrs, factor)
+    if step != state.schedulers[0].last_epoch:
+        raise ValueError(f"step={step} is invalid: this state's LR schedulers are at optimizer step {state.schedulers[0].last_epoch}, "
+                         "which must come next (steps run in order from 0)")
+    lr = state.optimizers[0].param_groups[0]["lr"]
     micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
     losses, routing = forward_backward(state, micro_batches, step)
     grad_norm = optimizer_step(state)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # so that the step time is the step's
-    return StepOutput(losses, routing, factor, time.perf_counter() - t0, grad_norm)
+    return StepOutput(losses, routing, lr, time.perf_counter() - t0, grad_norm)
 
 
 def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]:
@@ -202,7 +204,7 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
     row = {
         "step": step + 1,
         "tokens": (step + 1) * tcfg.tokens_per_step,
-        "lr": tcfg.lr * out.lr_factor,
+        "lr": out.lr,
         "train_loss": total,
         "lm_loss": lm,
         "lb_loss": lb,

@@ -1,15 +1,18 @@
 """The optimizers of a run and their learning-rate schedule.
 
 AdamW, or the original's hybrid of Muon (:mod:`moe_lib.training.muon`) and AdamW; the schedule is a
-linear warmup and a cosine down to ``min_lr_ratio`` (:func:`lr_factor`).
+linear warmup and a cosine down to ``min_lr_ratio`` (:func:`lr_factor`), applied by torch's
+``LambdaLR``, one per optimizer (:func:`lr_schedulers`), so that AdamW and Muon each keep their own base LR.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import TrainConfig
 from .muon import Muon
@@ -86,3 +89,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / warmup
     t = 1.0 if last == warmup else min(1.0, (step - warmup) / (last - warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def lr_schedulers(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> list[LambdaLR]:
+    """One ``LambdaLR`` per optimizer: every param group's LR = its own base LR x :func:`lr_factor`.
+
+    Built, each sets its groups to step 0's LR; ``scheduler.step()`` after each optimizer step
+    moves them to the next step's. AdamW's base is ``cfg.lr``, Muon's ``cfg.muon_lr``.
+    """
+    factor = functools.partial(lr_factor, cfg=cfg)
+    return [LambdaLR(opt, factor) for opt in optimizers]
