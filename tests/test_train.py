@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moe_lib import cli
 from moe_lib.training.checkpoint import load_checkpoint, save_checkpoint
@@ -307,6 +309,49 @@ def test_untied_checkpoint_round_trip_gives_identical_logits(smoke, data, tmp_pa
     assert torch.equal(model.lm_head.weight, result.model.lm_head.weight)
     x = data.val.tokens[: 2 * 32].view(2, 32)
     assert torch.equal(model(x).logits, result.model.eval()(x).logits)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_checkpoint_save_load_is_exact_and_keeps_the_tied_head(smoke, tmp_path, tie_weights):
+    """safetensors' save_model/load_model: every tensor and buffer back bit for bit; a tied head is one tensor
+    again (stored once, as embed.weight), an untied head its own."""
+    config = smoke.base.with_model(tie_weights=tie_weights, bias_update_rate=1e-3, score_func="sigmoid")
+    torch.manual_seed(3)
+    model = MoETransformer(config.model)
+    for block in model.blocks:  # a buffer, not a parameter: saved and restored too
+        block.ffn.router.expert_bias.copy_(torch.randn(config.model.num_experts))
+    save_checkpoint(model, config, {}, tmp_path)
+    stored = set(load_file(tmp_path / "model.safetensors"))
+    assert ("lm_head.weight" in stored) is not tie_weights and "embed.weight" in stored
+    loaded, _, _ = load_checkpoint(tmp_path)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr()) is tie_weights
+
+
+def test_committed_checkpoint_still_loads(smoke):
+    """saved_models/01_basics was written by the hand-written tied-head code (lm_head.weight popped): it loads, tied."""
+    directory = Path(__file__).resolve().parents[1] / "saved_models" / "01_basics"
+    model, config, metrics = load_checkpoint(directory)
+    stored = load_file(directory / "model.safetensors")
+    assert config.model.tie_weights and "lm_head.weight" not in stored
+    assert model.state_dict().keys() - stored.keys() == {"lm_head.weight"}
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in stored.items())
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert metrics["test_loss"] > 0
+
+
+@pytest.mark.parametrize("saved_tied, expected", [(True, r"missing tensors \['lm_head.weight'\], unexpected tensors \[\]"),
+                                                  (False, r"missing tensors \[\], unexpected tensors \['lm_head.weight'\]")])
+def test_checkpoint_with_missing_or_unexpected_tensors_fails_clearly(smoke, tmp_path, saved_tied, expected):
+    config = smoke.base.with_model(tie_weights=saved_tied)
+    save_checkpoint(MoETransformer(config.model), config, {}, tmp_path)
+    flipped = json.loads((tmp_path / "config.json").read_text())
+    flipped["model"]["tie_weights"] = not saved_tied
+    (tmp_path / "config.json").write_text(json.dumps(flipped))
+    with pytest.raises(ValueError, match=r"does not match its config.json: " + expected):
+        load_checkpoint(tmp_path)
 
 
 def test_checkpoint_with_wrong_shapes_fails_clearly(smoke, tmp_path):
