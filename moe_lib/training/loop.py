@@ -9,7 +9,11 @@ The run, top to bottom (each step a function below)::
 
     PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
     train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
-    train_step:  forward_backward (micro-batches) -> optimizer_step (clip, step, zero, next LR)
+    train_step:  forward_backward (micro-batches) -> [after_backward] -> optimizer_step (clip, step, zero, next LR)
+
+``train_step`` is the only training step in the project: expert parallelism
+(:func:`moe_lib.expert_parallel.train_expert_parallel`) and the benchmark (``benchmarks/bench_moe.py``)
+take theirs through it, changing only what :class:`TrainState`'s hooks say.
 
 The optimizers and the schedule live in :mod:`.optim`, evaluation in :mod:`.evaluate`, the device
 and the memory measurements in :mod:`.system`.
@@ -23,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -82,7 +86,11 @@ def load_data(data_cfg):
 
 @dataclass
 class TrainState:
-    """What a run changes while it trains: the model, its optimizers and the data order."""
+    """What a run changes while it trains: the model, its optimizers and the data order.
+
+    The last four fields are the hooks by which expert parallelism (:mod:`moe_lib.expert_parallel`)
+    takes the same :func:`train_step`; their defaults are single-process training.
+    """
 
     config: RunConfig
     device: torch.device
@@ -93,6 +101,11 @@ class TrainState:
     dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
     precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.training.precision)
     scaler: torch.amp.GradScaler  # disabled unless fp16
+    forward: Callable[..., Any] | None = None  # what computes model(x, y); None: the model. EP: its DDP wrapper
+    data_shard: tuple[int, int] = (0, 1)  # (index, count): train on rows chunk(count)[index] of each batch. EP: (rank, W)
+    after_backward: Callable[[], None] | None = None  # runs once the micro-batches' gradients are summed. EP: scale_expert_grads
+    clip_grad_norm: Callable[[float], torch.Tensor] | None = None  # (max_norm) -> pre-clip norm, clipping in place;
+    # None: the global norm of the model's gradients. EP: clip_grad_norm_expert_parallel (the norm over all ranks)
 
 
 @dataclass
@@ -118,16 +131,16 @@ class TrainLog:
     snapshots: dict[int, dict[str, torch.Tensor]]  # after each of TrainConfig.checkpoint_steps
 
 
-def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
+def init_train_state(config: RunConfig, device: torch.device, model: MoETransformer | None = None) -> TrainState:
     """Seed, build the model on ``device`` and its optimizers, and the data-order generator.
 
     One seed covers everything: ``torch.manual_seed`` before initialisation (and so router
     noise and random routing after it), a separate CPU generator for the batch order.
+    ``model``: one already built that way (expert parallelism's, experts sharded), used as is.
     """
-    if device.type == "cpu":
-        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.training.system
-    torch.manual_seed(config.train.seed)
-    model = MoETransformer(config.model).to(device)
+    if model is None:
+        torch.manual_seed(config.train.seed)
+        model = MoETransformer(config.model).to(device)
     optimizers = build_optimizer(model, config.train)
     precision = resolve_precision(config.train.precision, device)
     return TrainState(
@@ -152,11 +165,12 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
     ``[total, lm, lb, z]`` averaged over the micro-batches and the last one's routing.
     """
     device, accum = state.device, len(micro_batches)
+    forward = state.model if state.forward is None else state.forward
     sums = torch.zeros(4, device=device)
     for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with state.precision.autocast(device):
-            out = state.model(x, y)
+            out = forward(x, y)
         _check_finite(step, out)
         state.scaler.scale(out.loss / accum).backward()
         sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
@@ -171,7 +185,8 @@ def optimizer_step(state: TrainState) -> torch.Tensor:
     biases follow this step's loads (:func:`moe_lib.routing.update_expert_biases`), unless the fp16
     GradScaler skipped the step: the bias then stays, as the weights do. Last, every LR scheduler moves
     to the next step's LR (a skipped step counts too, as in the original). Returns the pre-clip gradient norm."""
-    step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
+    step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip,
+                                 clip_grad_norm=state.clip_grad_norm)
     update_expert_biases(state.model, step_taken=step.taken)  # aux-loss-free balancing: this step's loads, all micro-batches
     with warnings.catch_warnings():
         # a GradScaler-skipped first step makes LambdaLR warn that it stepped before the optimizer: intended here
@@ -190,7 +205,12 @@ def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> Step
                          "which must come next (steps run in order from 0)")
     lr = state.optimizers[0].param_groups[0]["lr"]
     micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
+    index, count = state.data_shard
+    if count > 1:  # this rank's rows of the global batch
+        micro_batches = [(x.chunk(count)[index], y.chunk(count)[index]) for x, y in micro_batches]
     losses, routing = forward_backward(state, micro_batches, step)
+    if state.after_backward is not None:
+        state.after_backward()
     grad_norm = optimizer_step(state)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # so that the step time is the step's
@@ -324,6 +344,8 @@ def train_run(
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
     device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.training.system
     memory = PeakMemory.start(device)
     state = init_train_state(config, device)
     log = train_loop(state, data, run_id)
