@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from moe_lib.files import atomic_write_text  # noqa: E402
+from moe_lib.training.system import configure_cpu_allocator  # noqa: E402
 
 CPU = torch.device("cpu")
 PEAK_SIZES = (1024, 2048, 4096)
@@ -114,7 +115,7 @@ class StepRunner:
 
     def run(self, clock=time.perf_counter) -> float:
         t0 = clock()
-        self.lib.train.train_step(self.state, self.tokens, self.step % self.config.train.steps)
+        self.lib.train.train_step(self.state, self.tokens, self.step)  # past the last step the LR stays at its floor
         self.step += 1
         return clock() - t0
 
@@ -329,6 +330,7 @@ def main(argv=None) -> None:
     p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    configure_cpu_allocator()  # as train_run does: freed tensor memory recycled (moe_lib.training.system)
     libs = [current_library()]
     if args.baseline:
         libs.insert(0, baseline_library(args.baseline, Path(tempfile.mkdtemp(prefix="bench_step_baseline_"))))
