@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from moe_lib.course.efficiency import machine_description, measure_fp32_peak, run_training_flops, write_section  # noqa: E402
 from moe_lib.runs import Grid, run_grid  # noqa: E402
 from moe_lib.profiles import get_profile  # noqa: E402
-from moe_lib.train import train_run  # noqa: E402
+from moe_lib.training.loop import train_run  # noqa: E402
 from moe_lib.runs import available_cores  # noqa: E402
 
 SECTION = "## Grid throughput (`benchmarks/bench_grid.py`)"

@@ -37,6 +37,7 @@ causal half, forward + backward).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,11 +58,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from moe_lib.moe.model import flops_per_token  # noqa: E402
-from moe_lib.config import ModelConfig, TrainConfig  # noqa: E402
-from moe_lib.moe.model import DenseFeedForward, MoEFeedForward, MoETransformer, count_parameters  # noqa: E402
-from moe_lib.perf import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
-from moe_lib.precision import optimizer_step  # noqa: E402
-from moe_lib.train import autocast_context, build_optimizer  # noqa: E402
+from moe_lib.config import ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from moe_lib.moe.model import DenseFeedForward, MoEFeedForward, count_parameters  # noqa: E402
+from moe_lib.training.system import configure_cpu_allocator, cpu_allocator_tuned  # noqa: E402
+from moe_lib.training.loop import init_train_state, train_step  # noqa: E402
+from moe_lib.training.precision import resolve_precision  # noqa: E402
 from benchmarks.moe_layers import (  # noqa: E402,F401  (re-exported: tests read them as bench_moe.X)
     LAYER_SHAPES, QUICK_SHAPES, LayerShape, dense_flops, hf_expert_grads, hf_mixtral_block, layer_flops, moe_config,
 )
@@ -314,46 +315,44 @@ def train_profiles(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 class TrainStep:
-    """One optimizer step exactly as ``moe_lib.train.train_run`` takes it, on a fixed random batch."""
+    """One optimizer step exactly as ``moe_lib.training.loop.train_run`` takes it: the library's own
+    ``train_step`` (AdamW, this batch size, no accumulation), on a fixed random token stream, timed by
+    phase through its hooks: forward, backward, then the optimizer (clip, AdamW, zero, next LR)."""
+
+    OPTIMIZER = "optimizer (clip + AdamW)"
 
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, batch: int, seed: int):
-        torch.manual_seed(seed)
-        self.model = MoETransformer(mcfg).train()
-        self.tcfg = tcfg.replace(optimizer="adamw")
-        self.optimizers = build_optimizer(self.model, self.tcfg)
-        self.scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp32 and bf16 need no loss scaling
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
-        self.y = torch.randint(0, mcfg.vocab_size, (batch, tcfg.seq_len), generator=g)
-        self.tokens = batch * tcfg.seq_len
+        train = tcfg.replace(optimizer="adamw", batch_size=batch, grad_accum_steps=1, seed=seed, device="cpu", progress=False)
+        self.state = init_train_state(RunConfig(model=mcfg, train=train), CPU)
+        self.state.forward, self.state.after_backward = self._forward, self._after_backward
+        self.model = self.state.model
+        self.token_stream = torch.randint(0, mcfg.vocab_size, (4 * batch * tcfg.seq_len + 1,), generator=torch.Generator().manual_seed(seed))
+        self.tokens = batch * tcfg.seq_len  # per step
         self.flops = flops_per_token(self.model.cfg, tcfg.seq_len) * self.tokens
         self.phases: dict[str, list[tuple[float, float, float]]] = {"fp32": [], "bf16": []}
+        self.steps_taken, self.labels, self.marks = 0, False, []
+        self.optimizer_range = contextlib.ExitStack()
+
+    def _forward(self, x, y):
+        with (torch.profiler.record_function("forward") if self.labels else contextlib.nullcontext()):
+            out = self.model(x, y)
+        self.marks.append(time.perf_counter())
+        return out
+
+    def _after_backward(self) -> None:
+        self.marks.append(time.perf_counter())
+        if self.labels:  # the optimizer's ops, charged to one phase by time_by_category
+            self.optimizer_range.enter_context(torch.profiler.record_function(self.OPTIMIZER))
 
     def step(self, precision: str, profiler_labels: bool = False) -> None:
-        rf = torch.profiler.record_function if profiler_labels else _null_range
+        self.state.precision, self.labels, self.marks = resolve_precision(precision, CPU), profiler_labels, []
         t0 = time.perf_counter()
-        with rf("forward"), autocast_context(CPU, precision):
-            out = self.model(self.x, self.y)
-        t1 = time.perf_counter()
-        with rf("backward"):
-            out.loss.backward()
-        t2 = time.perf_counter()
-        with rf("optimizer (clip + AdamW)"):
-            # the trainer's own step: clip, step every optimizer, clear the gradients (no GradScaler: fp32/bf16)
-            optimizer_step(self.optimizers, self.scaler, self.model.parameters(), self.tcfg.grad_clip)
+        train_step(self.state, self.token_stream, self.steps_taken)
         t3 = time.perf_counter()
+        self.optimizer_range.close()
+        self.steps_taken += 1
+        t1, t2 = self.marks
         self.phases[precision].append((t1 - t0, t2 - t1, t3 - t2))
-
-
-class _null_range:
-    def __init__(self, name: str):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def bench_train(
@@ -462,7 +461,7 @@ def profile_train(spec: dict[str, Any], batch: int, precision: str, args) -> dic
     st.step(precision)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         st.step(precision, profiler_labels=True)
-    return time_by_category(prof, phases=("optimizer (clip + AdamW)",))
+    return time_by_category(prof, phases=(TrainStep.OPTIMIZER,))
 
 
 # =========================================================================== course cost
@@ -488,7 +487,7 @@ def course_cost(args) -> dict[str, Any]:
     code = (
         "import sys, time, json\n"
         "from moe_lib.studies import build_grid\n"
-        "from moe_lib.train import train_run\n"
+        "from moe_lib.training.loop import train_run\n"
         "run = build_grid(sys.argv[1], 'cpu').runs[0]\n"
         "t = time.perf_counter(); r = train_run(run.config, run_id=run.condition, profile='cpu')\n"
         "print(json.dumps({'condition': run.condition, 'seed': run.seed, 'train_run_s': time.perf_counter() - t,"
@@ -585,7 +584,7 @@ def render(res: dict[str, Any]) -> str:
         f"| CPU | {m['cpu']} ({m['logical_cpus']} logical CPUs; {m['isa']}) |",
         f"| threads | {m['threads']} (`torch.set_num_threads`) |",
         f"| torch / transformers / python | {m['torch']} / {m['transformers']} / {m['python']} |",
-        f"| CPU allocator | {'recycling freed memory (`moe_lib.perf.configure_cpu_allocator`)' if m['allocator_tuned'] else 'glibc defaults'} |",
+        f"| CPU allocator | {'recycling freed memory (`moe_lib.training.system.configure_cpu_allocator`)' if m['allocator_tuned'] else 'glibc defaults'} |",
         f"| load average at start / end | {' '.join(f'{v:.2f}' for v in m['loadavg_start'] or [])} / {' '.join(f'{v:.2f}' for v in m.get('loadavg_end') or [])} |",
         f"| timing | median of {res['args']['rounds']} interleaved rounds after {res['args']['warmup']} warm-up rounds (train: {res['args']['train_rounds']} rounds) |",
         "",

@@ -9,13 +9,13 @@ What it measures, interleaved in every round so that a busy machine slows them a
 
 * the **peak probe**: one square fp32 ``torch.mm`` of 2048^2 (17 GFLOP, as many as the cpu-profile
   step, so that both are exposed to a busy machine alike; 1024^2 and 4096^2 are recorded once);
-* the library's own training step, :func:`moe_lib.train.train_step` on a state from
-  :func:`moe_lib.train.init_train_state` (LR schedule, forward, backward, clip, optimizer,
+* the library's own training step, :func:`moe_lib.training.loop.train_step` on a state from
+  :func:`moe_lib.training.loop.init_train_state` (LR schedule, forward, backward, clip, optimizer,
   ``zero_grad``), of the cpu profile with AdamW and with Muon, and of the gpu profile at a
   reduced batch (``--gpu-batch``; its own optimizer, Muon; fp32), on random token ids.
 
 ``% of peak = flops_per_token(cfg, T) x tokens / step time / peak``, where
-:func:`moe_lib.model.flops_per_token` already counts forward + backward (``3 x forward``).
+:func:`moe_lib.moe.model.flops_per_token` already counts forward + backward (``3 x forward``).
 Each variant's % is its median step time against the median probe of the same rounds.
 
 Results: a row per ``--label`` in ``benchmarks/STEP_RESULTS.json`` (earlier labels kept, so the
@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from moe_lib.files import atomic_write_text  # noqa: E402
+from moe_lib.training.system import configure_cpu_allocator  # noqa: E402
 
 CPU = torch.device("cpu")
 PEAK_SIZES = (1024, 2048, 4096)
@@ -63,17 +64,17 @@ class Library:
     """The moe_lib whose training step runs: this checkout's, or a baseline's (``--baseline REF``)."""
 
     prefix: str  # "" for this checkout, "REF:" for a baseline
-    train: ModuleType  # its moe_lib.train
-    model: ModuleType  # its moe_lib.model
+    train: ModuleType  # its moe_lib.training.loop (moe_lib.train before that module moved)
+    model: ModuleType  # its moe_lib.moe.model (moe_lib.model before the move)
     profiles: ModuleType  # its moe_lib.profiles
 
 
 def current_library() -> Library:
     import moe_lib.moe.model
     import moe_lib.profiles
-    import moe_lib.train
+    import moe_lib.training.loop
 
-    return Library("", moe_lib.train, moe_lib.moe.model, moe_lib.profiles)
+    return Library("", moe_lib.training.loop, moe_lib.moe.model, moe_lib.profiles)
 
 
 def baseline_library(ref: str, folder: Path) -> Library:
@@ -85,7 +86,7 @@ def baseline_library(ref: str, folder: Path) -> Library:
     package = importlib.util.module_from_spec(spec)
     sys.modules["moe_lib_baseline"] = package
     spec.loader.exec_module(package)
-    return Library(f"{ref}:", first_module("moe_lib_baseline", "train", "training"), first_module("moe_lib_baseline", "moe.model", "model"),
+    return Library(f"{ref}:", first_module("moe_lib_baseline", "training.loop", "train"), first_module("moe_lib_baseline", "moe.model", "model"),
                    first_module("moe_lib_baseline", "profiles"))
 
 
@@ -121,7 +122,7 @@ class StepRunner:
 
     def run(self, clock=time.perf_counter) -> float:
         t0 = clock()
-        self.lib.train.train_step(self.state, self.tokens, self.step % self.config.train.steps)
+        self.lib.train.train_step(self.state, self.tokens, self.step)  # past the last step the LR stays at its floor
         self.step += 1
         return clock() - t0
 
@@ -336,6 +337,7 @@ def main(argv=None) -> None:
     p.add_argument("--md", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    configure_cpu_allocator()  # as train_run does: freed tensor memory recycled (moe_lib.training.system)
     libs = [current_library()]
     if args.baseline:
         libs.insert(0, baseline_library(args.baseline, Path(tempfile.mkdtemp(prefix="bench_step_baseline_"))))

@@ -29,7 +29,7 @@ echo "[gpu_session] $(date -u +%FT%TZ) smoke check on CUDA"
 "$PYTHON" - <<'PY' || { echo "[gpu_session] smoke check failed"; exit 1; }
 import torch
 from moe_lib.profiles import get_profile
-from moe_lib.train import train_run
+from moe_lib.training.loop import train_run
 assert torch.cuda.is_available(), "no CUDA device visible"
 config = get_profile("smoke").base.with_train(device="cuda", steps=2, warmup_steps=1, eval_every=2, final_eval_batches=2)
 result = train_run(config)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_moe as bench  # noqa: E402
 
-from moe_lib.perf import configure_cpu_allocator  # noqa: E402
+from moe_lib.training.system import configure_cpu_allocator  # noqa: E402
 
 
 def faults() -> int:
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         "# Page faults per training step (gpu-profile model on CPU)",
         "",
         f"`python benchmarks/page_faults.py` on {time.strftime('%Y-%m-%d %H:%M')}: {machine['cpu']}, {args.threads} threads, "
-        f"torch {machine['torch']}, allocator tuned by `moe_lib.perf.configure_cpu_allocator`; batch {args.batch} x seq "
+        f"torch {machine['torch']}, allocator tuned by `moe_lib.training.system.configure_cpu_allocator`; batch {args.batch} x seq "
         f"{spec['train'].seq_len}; mean of {args.steps} steps after {args.warmup} warm-up steps.",
         "",
         "| model | precision | ms/step | minor page faults/step | fresh memory touched/step |",

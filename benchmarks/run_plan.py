@@ -5,7 +5,7 @@ emulate bf16 (a 4096^3 bf16 matmul alone ran for 25 minutes on one) and CPUs sev
 slower than the one that made ``RESULTS.md``. So the run is planned first:
 
 1. :func:`probe_machine`: a 512^3 fp32 matmul (GFLOP/s) and moe_lib's 256^3 bf16/fp32 speed
-   ratio (:func:`moe_lib.precision.matmul_speed_ratio`): milliseconds, even where bf16 is emulated.
+   ratio (:func:`moe_lib.training.precision.matmul_speed_ratio`): milliseconds, even where bf16 is emulated.
 2. :func:`bf16_plan`: no native bf16 -> bf16 peak sizes capped, no bf16 training rows.
 3. :func:`estimate_seconds`: each section's cost, ``FLOPs / (probe speed x efficiency)``, with
    pessimistic efficiencies (below every implementation's measured % of peak in RESULTS.md).
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moe_lib.moe.model import flops_per_token
-from moe_lib.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio
+from moe_lib.training.precision import NATIVE_SPEED_FRACTION, matmul_speed_ratio
 
 from .moe_layers import LayerShape, dense_flops, layer_flops
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 
 from book.theme import theme_template
-from moe_lib.colab import colab_link, github_slug, repo_url
+from tools.colab import colab_link, github_slug, repo_url
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "build" / "book-src"

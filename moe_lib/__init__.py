@@ -6,7 +6,7 @@ The package, in layers (each imports only from its own layer or a lower one):
 
 * core - :mod:`~moe_lib.config`, :mod:`~moe_lib.moe` (the model the notebooks rebuild), :mod:`~moe_lib.data`,
   :mod:`~moe_lib.metrics`, :mod:`~moe_lib.stats`, :mod:`~moe_lib.plots`, :mod:`~moe_lib.profiles`;
-* training - :mod:`~moe_lib.train`, :mod:`~moe_lib.checkpoint`, :mod:`~moe_lib.parallel` (expert parallelism);
+* training - :mod:`~moe_lib.training`, :mod:`~moe_lib.parallel` (expert parallelism);
 * runs - :mod:`~moe_lib.runs` (grids of runs and their stored results);
 * studies - :mod:`~moe_lib.studies` (one module per study: its grid, tables and verdicts);
 * course - :mod:`~moe_lib.course` (the command line, the notebook runner, every notebook's first cell).
@@ -24,7 +24,7 @@ _HOMES = {
     "ModelConfig": "config", "DataConfig": "config", "TrainConfig": "config", "RunConfig": "config",
     "MoETransformer": "moe", "MoEFeedForward": "moe", "TopKRouter": "moe",
     "get_profile": "profiles",
-    "train_run": "train", "load_checkpoint": "checkpoint",
+    "train_run": "training.loop", "load_checkpoint": "training.checkpoint",
     "Grid": "runs", "run_grid": "runs", "load_results": "runs",
     "run_study": "studies", "build_grid": "studies",
 }

@@ -231,7 +231,7 @@ def expert_parallel_model(config: RunConfig, device: torch.device):
 def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]]:
     """Train ``config`` with experts sharded over the ranks of the default process group.
 
-    Every rank draws the same global batch (same seeded generator as :func:`moe_lib.train.train_run`)
+    Every rank draws the same global batch (same seeded generator as :func:`moe_lib.training.loop.train_run`)
     and keeps its ``batch_size / W`` rows; the replicated parameters are DDP-averaged, the expert
     shards are not (DDP ignores them) and get :func:`scale_expert_grads`. Returns the per-step
     losses averaged over ranks and the pre-clip gradient norm of the whole model. When dropless,
@@ -239,10 +239,11 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     capacity factor EP applies capacity per source rank (GShard's groups), one process to the
     whole batch, so the dropped slots, and the numbers, differ.
     """
-    from .data import sample_batch
-    from .precision import resolve_precision
-    from .moe.routing import update_expert_biases
-    from .train import build_optimizer, load_data, lr_factor, set_learning_rate
+    import dataclasses
+    import functools
+
+    from .training.loop import init_train_state, load_data, train_step
+    from .training.precision import resolve_precision
 
     world, rank = dist.get_world_size(), dist.get_rank()
     tcfg = config.train
@@ -258,32 +259,22 @@ def train_expert_parallel(config: RunConfig, data=None) -> list[dict[str, float]
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
     model, ddp, ep_group = expert_parallel_model(config, device)
-    optimizers = build_optimizer(model, tcfg)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    data_gen = torch.Generator().manual_seed(tcfg.seed)
+    # the single-process train_step, with EP's differences as its hooks: forward through DDP, this rank's rows of
+    # the global batch, expert gradients divided by W, and the clip by the whole model's norm over all ranks.
+    # Aux-loss-free biases: loads all-reduced over ranks, so every replica keeps the same bias; every step is
+    # taken (no GradScaler: fp16 is refused above), so the bias moves after every step.
+    state = dataclasses.replace(
+        init_train_state(config, device, model=model), forward=ddp, data_shard=(rank, world),
+        after_backward=functools.partial(scale_expert_grads, model, world),
+        clip_grad_norm=functools.partial(clip_grad_norm_expert_parallel, model),
+    )
     rows = []
-    model.train()
     for step in range(tcfg.steps):
-        set_learning_rate(optimizers, base_lrs, lr_factor(step, tcfg))
-        sums = torch.zeros(4, device=device)  # total, lm, lb, z
-        for _ in range(tcfg.grad_accum_steps):
-            x, y = sample_batch(data.train.tokens, tcfg.batch_size, tcfg.seq_len, data_gen)
-            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
-            with precision.autocast(device):
-                out = ddp(x, y)
-            (out.loss / tcfg.grad_accum_steps).backward()
-            sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
-        scale_expert_grads(model, world)
-        grad_norm = clip_grad_norm_expert_parallel(model, tcfg.grad_clip)  # the same on every rank
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        # aux-loss-free: loads all-reduced over ranks, so every replica keeps the same bias. Every step is taken
-        # (no GradScaler: fp16 is refused above), so the bias moves after every step.
-        update_expert_biases(model)
-        dist.all_reduce(sums)
-        total, lm, lb, z = (sums / (world * tcfg.grad_accum_steps)).tolist()
-        rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z, "grad_norm": grad_norm.item()})
+        out = train_step(state, data.train.tokens, step)
+        losses = out.losses.clone()  # this rank's mean over its micro-batches
+        dist.all_reduce(losses)
+        total, lm, lb, z = (losses / world).tolist()
+        rows.append({"step": step + 1, "train_loss": total, "lm_loss": lm, "lb_loss": lb, "z_loss": z, "grad_norm": out.grad_norm.item()})
     dist.destroy_process_group(ep_group)
     return rows
 

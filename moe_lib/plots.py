@@ -285,7 +285,7 @@ def plot_dispatch_benchmark(layer: pd.DataFrame, tokens: int, title: str = "MoE 
     """One panel per layer shape: achieved GFLOP/s of each implementation at ``tokens`` tokens,
     with the machine's measured fp32 matmul peak (same run) as a dashed line.
 
-    ``layer`` is :func:`moe_lib.perf.benchmark_layer_frame`'s table.
+    ``layer`` is :func:`moe_lib.benchmark_results.benchmark_layer_frame`'s table.
     """
     part = layer[layer.tokens == tokens]
     if part.empty:

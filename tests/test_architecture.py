@@ -105,7 +105,7 @@ def test_plots_depend_only_on_stats_and_profiles():
 # One concept per module, read top to bottom: about 400 lines at most, 450 enforced. A module over it
 # is listed here with the reason, and leaves the list when it is split.
 MAX_LINES = 450
-OVERSIZED = {"moe_lib.train": "the training loop, optimizers and schedule: being split into moe_lib/training/"}
+OVERSIZED: dict[str, str] = {}
 
 
 def oversized_modules() -> dict[str, int]:
@@ -125,10 +125,10 @@ def test_no_module_is_over_the_line_limit_except_the_listed_ones():
 # sit in core so every layer can use them.
 LAYER_ORDER = ("core", "training", "runs", "studies", "course")
 LAYERS = {
-    "config": "core", "moe": "core", "metrics": "core",
-    "muon": "core", "precision": "core", "data": "core",
+    "config": "core", "moe": "core", "metrics": "core", "data": "core",
     "files": "core", "versions": "core", "stats": "core", "information": "core", "profiles": "core", "plots": "core",
-    "train": "training", "checkpoint": "training", "parallel": "training", "parallel_analysis": "training", "perf": "training",
+    "benchmark_results": "core",
+    "training": "training", "parallel": "training", "parallel_analysis": "training",
     "runs": "runs",
     "studies": "studies",
     "course": "course", "exercises": "course", "__main__": "course",
@@ -156,9 +156,9 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
 
 
 def test_layer_checker_finds_a_planted_upward_import():
-    edges = {"moe_lib.moe.model": {"moe_lib.train"}, "moe_lib.train": {"moe_lib.moe.model"}, "moe_lib.studies.noise": {"moe_lib.course.cli"}}
+    edges = {"moe_lib.moe.model": {"moe_lib.training.loop"}, "moe_lib.training.loop": {"moe_lib.moe.model"}, "moe_lib.studies.noise": {"moe_lib.course.cli"}}
     assert upward_imports(edges) == [
-        "moe_lib.moe.model (core) imports moe_lib.train (training)", "moe_lib.studies.noise (studies) imports moe_lib.course.cli (course)",
+        "moe_lib.moe.model (core) imports moe_lib.training.loop (training)", "moe_lib.studies.noise (studies) imports moe_lib.course.cli (course)",
     ]
     assert layer_of("moe_lib.data.cache") == "core" and layer_of("moe_lib.studies.run") == "studies" and layer_of("moe_lib") == "course"
 

@@ -146,3 +146,20 @@ def test_rewriting_results_keeps_the_hand_measured_section(bench, tmp_path):
     assert bench.kept_section(results) == "\n" + tail
     real = (BENCH.parent / "RESULTS.md").read_text()
     assert bench.KEPT_MARKER in real and real.index(bench.KEPT_MARKER) > real.index("## Targets")
+
+
+def test_train_step_benchmark_times_the_library_train_step(bench):
+    """bench_moe's TrainStep takes moe_lib's own train_step (no copy of it): the same weights after two steps as
+    train_step on the same config and tokens, and a forward, backward and optimizer time for each step."""
+    from moe_lib.config import RunConfig
+    from moe_lib.training.loop import init_train_state, train_step
+
+    spec = bench.train_profiles(quick=True)["smoke"]
+    timed = bench.TrainStep(spec["model"], spec["train"], 2, seed=0)
+    reference = init_train_state(RunConfig(model=spec["model"], train=timed.state.config.train), torch.device("cpu"))
+    for step in range(2):
+        timed.step("fp32")
+        train_step(reference, timed.token_stream, step)
+    for (name, got), want in zip(timed.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(got, want), name
+    assert len(timed.phases["fp32"]) == 2 and all(t > 0 for phase in timed.phases["fp32"] for t in phase)

@@ -14,7 +14,7 @@ from moe_lib.moe.experts import Experts, capacity_keep_mask, dispatch_grouped, d
 from moe_lib.metrics import RoutingAccumulator
 from moe_lib.moe.model import MoETransformer
 from moe_lib.profiles import get_profile
-from moe_lib.train import load_data, train_run
+from moe_lib.training.loop import load_data, train_run
 
 DISPATCH = [dispatch_grouped, dispatch_loop]
 # token n chose experts HAND[n]; slots per expert: e0 = 5, e1 = 4, e2 = 3 (N k = 12)

@@ -168,7 +168,7 @@ sys.modules["google.colab"] = types.ModuleType("google.colab")  # what Colab's k
 exec(compile(open(sys.argv[1]).read(), "first cell", "exec"))   # the stamped first cell, as the kernel runs it
 import moe_lib, torch
 from moe_lib import runs, studies
-from moe_lib.checkpoint import load_checkpoint
+from moe_lib.training.checkpoint import load_checkpoint
 from moe_lib.profiles import get_profile, output_paths
 paths = output_paths(profile)
 grid = studies.build_grid("noise", profile)  # a grid whose stored cpu results match it (routing gained runs in issue 12)

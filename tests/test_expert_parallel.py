@@ -22,7 +22,7 @@ from moe_lib.moe.experts import Experts
 from moe_lib.moe.model import MoETransformer
 from moe_lib.parallel_analysis import check_layer_against_single_process
 from moe_lib.profiles import get_profile
-from moe_lib.train import load_data, train_run
+from moe_lib.training.loop import load_data, train_run
 
 TIMEOUT_S = 120
 RTOL = 1e-5  # relative, elementwise and to the tensor's largest entry (round-off of entries near 0 follows the big ones)

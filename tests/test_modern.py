@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_lib.checkpoint import load_checkpoint, save_checkpoint
+from moe_lib.training.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import ModelConfig, RunConfig, fine_grained
 from moe_lib.studies.modern import earlier_output_change
 from moe_lib.runs import HASH_IGNORED, HASH_OMITTED_DEFAULTS, RESULTS_VERSION, config_hash
@@ -21,7 +21,7 @@ from moe_lib.moe.losses import load_balancing_loss
 from moe_lib.metrics import RoutingAccumulator, max_violation, router_saturation, topk_overlap
 from moe_lib.moe.model import MoEFeedForward, MoETransformer, count_parameters, flops_per_token
 from moe_lib.moe.routing import ExpertChoiceRouter, TopKRouter, update_expert_biases
-from moe_lib.train import build_optimizer
+from moe_lib.training.optim import build_optimizer
 
 VOCAB = 97
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,7 +283,7 @@ def test_checkpoint_round_trips_the_expert_bias(tmp_path):
 
 def test_training_loop_updates_the_bias_once_per_optimizer_step():
     from moe_lib.profiles import get_profile
-    from moe_lib.train import load_data, train_run
+    from moe_lib.training.loop import load_data, train_run
 
     smoke = get_profile("smoke")
     rate, steps = 1e-3, 3

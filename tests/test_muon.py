@@ -1,4 +1,4 @@
-"""moe_lib.muon: Muon for matrices and stacked expert matrices, checked against torch.optim.Muon."""
+"""moe_lib.training.muon: Muon for matrices and stacked expert matrices, checked against torch.optim.Muon."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_lib.muon import Muon, newton_schulz
+from moe_lib.training.muon import Muon, newton_schulz
 
 
 def _steps(optimizer_class, p0: torch.Tensor, grads: list[torch.Tensor], **kwargs) -> torch.Tensor:

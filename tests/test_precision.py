@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from moe_lib.config import RunConfig
-from moe_lib.precision import choose_precision, optimizer_step
+from moe_lib.training.precision import choose_precision, optimizer_step
 from moe_lib.profiles import get_profile
-from moe_lib.train import train_run
+from moe_lib.training.loop import train_run
 
 
 @pytest.mark.parametrize(
@@ -83,8 +83,8 @@ def test_fp16_grad_scaler_step_on_cpu_adapts_and_skips_inf():
 
 def test_a_step_the_grad_scaler_skips_leaves_the_aux_loss_free_bias_alone():
     from moe_lib.data import sample_batch
-    from moe_lib.train import forward_backward, init_train_state, load_data
-    from moe_lib.train import optimizer_step as train_optimizer_step
+    from moe_lib.training.loop import forward_backward, init_train_state, load_data
+    from moe_lib.training.loop import optimizer_step as train_optimizer_step
 
     base = get_profile("smoke").base
     config = base.with_model(bias_update_rate=0.01, load_balancing_weight=0.0).with_train(precision="fp16", device="cpu")

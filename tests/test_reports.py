@@ -169,7 +169,7 @@ def test_setup_table_names_each_optimizers_parameters_and_the_originals_differen
     """Ours: the optimizer row lists exactly optimizer_split's names (experts and router gate on Muon, as the
     original). The original: every difference from llm.py that the seeds' README records."""
     from moe_lib.moe.model import MoETransformer
-    from moe_lib.train import optimizer_split
+    from moe_lib.training.optim import optimizer_split
 
     table = comparison.setup_comparison(name, SMOKE)
     ours, original = table["ours (smoke)"], table["original"]
@@ -207,7 +207,7 @@ def test_setup_tables_compared_metric_is_the_one_the_comparison_uses():
 
 def test_scale_statement_computes_parameters_tokens_and_epochs():
     from moe_lib.moe.model import MoETransformer, count_parameters
-    from moe_lib.train import load_data
+    from moe_lib.training.loop import load_data
 
     text_ = comparison.scale_statement(SMOKE)
     counts = count_parameters(MoETransformer(SMOKE.base.model))

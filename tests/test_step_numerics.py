@@ -11,7 +11,7 @@ import torch
 
 from moe_lib.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from moe_lib.moe.model import apply_rotary, rotary_tables
-from moe_lib.train import init_train_state, train_step
+from moe_lib.training.loop import init_train_state, train_step
 
 REFERENCE_LM_LOSSES = {
     "adamw": [6.239978, 6.241711, 6.251151, 6.257811],  # recorded at a775636

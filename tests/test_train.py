@@ -5,23 +5,24 @@ from __future__ import annotations
 import functools
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moe_lib.course import cli
-from moe_lib.checkpoint import load_checkpoint, save_checkpoint
+from moe_lib.training.checkpoint import load_checkpoint, save_checkpoint
 from moe_lib.config import TrainConfig
 from moe_lib.moe.model import MoETransformer
-from moe_lib.muon import Muon
+from moe_lib.training.muon import Muon
 from moe_lib.profiles import get_profile
 from moe_lib.metrics import OVERFIT_MARGIN_NATS, overfitting
 from moe_lib.data import eval_batches, sample_batch
-from moe_lib.train import (
-    TrainState, build_optimizer, evaluate, forward_backward, init_train_state, load_data, lr_factor, optimizer_split, optimizer_step,
-    train_run, train_step,
-)
+from moe_lib.training.evaluate import evaluate
+from moe_lib.training.loop import TrainState, forward_backward, init_train_state, load_data, optimizer_step, train_run, train_step
+from moe_lib.training.optim import build_optimizer, lr_factor, optimizer_split
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,25 @@ def gradients(state: TrainState) -> list[torch.Tensor]:
     return [p.grad.clone() for p in state.model.parameters()]
 
 
+def test_lambda_lr_gives_every_param_group_its_base_lr_times_lr_factor_at_each_step(smoke, data):
+    """torch's LambdaLR, one per optimizer: AdamW's groups run at lr x lr_factor(s), Muon's at muon_lr x lr_factor(s),
+    exactly the hand-written schedule's numbers (the history's lr too)."""
+    state = tiny_state(smoke, optimizer="muon", steps=5, warmup_steps=2, lr=2e-3, muon_lr=0.02)
+    tcfg = state.config.train
+    adamw, muon = state.optimizers
+    for step in range(tcfg.steps):
+        used = ([g["lr"] for g in adamw.param_groups], [g["lr"] for g in muon.param_groups])
+        assert used == ([tcfg.lr * lr_factor(step, tcfg)] * 2, [tcfg.muon_lr * lr_factor(step, tcfg)])
+        out = train_step(state, data.train.tokens, step)
+        assert out.lr == tcfg.lr * lr_factor(step, tcfg)
+
+
+def test_train_step_refuses_a_step_out_of_order(smoke, data):
+    state = tiny_state(smoke)
+    with pytest.raises(ValueError, match="step=3 is invalid: this state's LR schedulers are at optimizer step 0"):
+        train_step(state, data.train.tokens, step=3)
+
+
 def test_two_half_batches_accumulate_the_gradient_of_one_full_batch(smoke, data):
     """M micro-batches of B/M: the same gradient as one batch of B (no load-balancing term,
     which each micro-batch computes from its own expert fractions)."""
@@ -87,9 +107,8 @@ def test_gradient_clipping_bounds_the_global_norm_the_optimizer_sees(smoke, data
     raw = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients(state)])).item()
     assert raw > 1e-2  # so that a clip at 1e-3 really cuts
     norms = []
-    adamw = state.optimizers[0]
-    step = adamw.step
-    adamw.step = lambda: norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()) or step()
+    state.optimizers[0].register_step_pre_hook(
+        lambda *_: norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in state.model.parameters()])).item()))
     grad_norm = optimizer_step(state)
     assert norms == [pytest.approx(grad_clip if grad_clip else raw, rel=1e-4)]
     assert grad_norm.item() == pytest.approx(raw, rel=1e-5)  # the history's grad_norm: before clipping
@@ -290,6 +309,49 @@ def test_untied_checkpoint_round_trip_gives_identical_logits(smoke, data, tmp_pa
     assert torch.equal(model.lm_head.weight, result.model.lm_head.weight)
     x = data.val.tokens[: 2 * 32].view(2, 32)
     assert torch.equal(model(x).logits, result.model.eval()(x).logits)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_checkpoint_save_load_is_exact_and_keeps_the_tied_head(smoke, tmp_path, tie_weights):
+    """safetensors' save_model/load_model: every tensor and buffer back bit for bit; a tied head is one tensor
+    again (stored once, as embed.weight), an untied head its own."""
+    config = smoke.base.with_model(tie_weights=tie_weights, bias_update_rate=1e-3, score_func="sigmoid")
+    torch.manual_seed(3)
+    model = MoETransformer(config.model)
+    for block in model.blocks:  # a buffer, not a parameter: saved and restored too
+        block.ffn.router.expert_bias.copy_(torch.randn(config.model.num_experts))
+    save_checkpoint(model, config, {}, tmp_path)
+    stored = set(load_file(tmp_path / "model.safetensors"))
+    assert ("lm_head.weight" in stored) is not tie_weights and "embed.weight" in stored
+    loaded, _, _ = load_checkpoint(tmp_path)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (loaded.lm_head.weight.data_ptr() == loaded.embed.weight.data_ptr()) is tie_weights
+
+
+def test_committed_checkpoint_still_loads(smoke):
+    """saved_models/01_basics was written by the hand-written tied-head code (lm_head.weight popped): it loads, tied."""
+    directory = Path(__file__).resolve().parents[1] / "saved_models" / "01_basics"
+    model, config, metrics = load_checkpoint(directory)
+    stored = load_file(directory / "model.safetensors")
+    assert config.model.tie_weights and "lm_head.weight" not in stored
+    assert model.state_dict().keys() - stored.keys() == {"lm_head.weight"}
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in stored.items())
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert metrics["test_loss"] > 0
+
+
+@pytest.mark.parametrize("saved_tied, expected", [(True, r"missing tensors \['lm_head.weight'\], unexpected tensors \[\]"),
+                                                  (False, r"missing tensors \[\], unexpected tensors \['lm_head.weight'\]")])
+def test_checkpoint_with_missing_or_unexpected_tensors_fails_clearly(smoke, tmp_path, saved_tied, expected):
+    config = smoke.base.with_model(tie_weights=saved_tied)
+    save_checkpoint(MoETransformer(config.model), config, {}, tmp_path)
+    flipped = json.loads((tmp_path / "config.json").read_text())
+    flipped["model"]["tie_weights"] = not saved_tied
+    (tmp_path / "config.json").write_text(json.dumps(flipped))
+    with pytest.raises(ValueError, match=r"does not match its config.json: " + expected):
+        load_checkpoint(tmp_path)
 
 
 def test_checkpoint_with_wrong_shapes_fails_clearly(smoke, tmp_path):

@@ -22,7 +22,7 @@ import worker_stubs
 from moe_lib.runs import workers
 from moe_lib.runs import TIMING_COLUMNS, Grid, load_histories, load_results, run_grid
 from moe_lib.profiles import get_profile
-from moe_lib.train import train_run
+from moe_lib.training.loop import train_run
 
 TESTS = Path(__file__).resolve().parent
 BLOCKED = "noise_std=0.1__seed=1"  # the run that holds its worker until released

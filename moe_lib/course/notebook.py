@@ -7,9 +7,9 @@ import platform
 
 import torch
 
-from ..precision import resolve_precision
+from ..training.precision import resolve_precision
 from ..profiles import Profile, get_profile
-from ..train import resolve_device
+from ..training.system import resolve_device
 from ..versions import library_versions
 
 

@@ -33,7 +33,7 @@ def run_grid(
     """Train the grid's runs that have no row yet, committing each as it finishes; return the grid's rows.
 
     ``train_fn(config, *, run_id, checkpoint_dir)`` returns an object with ``.metrics`` (a
-    flat dict) and ``.history`` (a DataFrame); default :func:`moe_lib.train.train_run`.
+    flat dict) and ``.history`` (a DataFrame); default :func:`moe_lib.training.loop.train_run`.
     ``checkpoint_root``: each run's checkpoint goes to ``checkpoint_root/<run_id>``.
     ``progress=False`` silences this function and the per-run progress bars.
     ``fresh=True`` moves the old CSV and history folder aside (timestamped) first.
@@ -50,7 +50,7 @@ def run_grid(
     Interrupting (Ctrl-C) or killing the process loses only the runs in progress; call again to carry on.
     """
     if train_fn is None:
-        from ..train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
+        from ..training.loop import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs={jobs!r} is invalid: expected a number of worker processes >= 1, or None for the machine's default")
     paths = GridPaths(Path(results_dir), grid.name)
@@ -116,7 +116,7 @@ def retrain_run(
     not kept). Same config and seed: on CPU the metrics come out the same, timings aside.
     """
     if train_fn is None:
-        from ..train import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
+        from ..training.loop import train_run as train_fn  # deferred: torch and the model, only when no train_fn is given
     runs = {r.run_id: r for r in grid.runs}
     if run_id not in runs:
         raise ValueError(f"no run {run_id!r} in grid {grid.name!r}; valid: {sorted(runs)}")

@@ -208,12 +208,12 @@ def device_kind(device: Any) -> str:
 
 def resolved_hardware(config: RunConfig) -> tuple[str, str]:
     """``(device kind, precision)`` that ``config`` would train with here: ``"auto"`` resolved as
-    :func:`moe_lib.train.train_run` resolves it, in the terms of a results row's ``device`` and
+    :func:`moe_lib.training.loop.train_run` resolves it, in the terms of a results row's ``device`` and
     ``precision_used``."""
     import torch  # deferred: the grid machinery itself needs no torch
 
-    from ..precision import resolve_precision
-    from ..train import resolve_device
+    from ..training.precision import resolve_precision
+    from ..training.system import resolve_device
 
     device = resolve_device(config.train.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -14,7 +14,8 @@ from ..config import ModelConfig
 from ..moe.model import MoETransformer, count_parameters
 from ..profiles import Profile
 from ..stats import format_mean_std, mean_std_text
-from ..train import build_optimizer, load_data, optimizer_split
+from ..training.loop import load_data
+from ..training.optim import build_optimizer, optimizer_split
 from . import originals
 from .result import StudyResult, paired_table, per_layer
 from .run import build_grid

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..runs import Grid
-from ..perf import benchmark_layer_frame
+from ..benchmark_results import benchmark_layer_frame
 from ..profiles import Profile
 from .result import StudyResult, conditions
 

@@ -80,7 +80,7 @@ MODERN_GRID_CONDITIONS = (
 
 
 # Validations per run: the loss-vs-compute figure draws each curve from them (the profiles' every-100-steps gives 3-4).
-MODERN_VALIDATIONS = 24
+MODERN_VALIDATIONS = 12
 
 
 def modern_grid(profile: Profile, seeds=None, conditions: tuple[str, ...] = MODERN_GRID_CONDITIONS) -> Grid:

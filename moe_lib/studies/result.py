@@ -13,7 +13,7 @@ import pandas as pd
 from ..runs import Grid, load_results, retrain_run
 from ..profiles import Profile, describe_config, output_paths
 from ..stats import condition_differences, paired_comparison
-from ..train import train_run
+from ..training.loop import train_run
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Callable
 
 from ..runs import Grid, load_histories, load_results, run_grid
 from ..profiles import Profile, get_profile, output_paths
-from ..train import train_run
+from ..training.loop import train_run
 from .capacity import capacity_grid
 from .dispatch import dispatch_grid
 from .modern import MODERN_STUDIES

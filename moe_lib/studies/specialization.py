@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..checkpoint import load_checkpoint
+from ..training.checkpoint import load_checkpoint
 from ..runs import Grid
 from ..information import conditional_mutual_information
 from ..profiles import Profile
 from ..stats import mean_ci, paired_comparison, paired_differences
-from ..train import load_data, resolve_device
+from ..training.loop import load_data
+from ..training.system import resolve_device
 from .result import StudyResult, checkpoint_dir
 from .trace_counts import coactivation, label_permutation_test, label_utilization, mi_by_layer
 from .traces import annotate_split, trace_routing

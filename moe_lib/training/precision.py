@@ -19,7 +19,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -129,6 +129,12 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return choose_precision(requested, device.type, bf16_native=native)
 
 
+def autocast_context(device: torch.device, precision: str):
+    """The autocast that :func:`moe_lib.training.precision.resolve_precision` picks for this hardware."""
+    return resolve_precision(precision, device).autocast(device)
+
+
+
 class OptimizerStep(NamedTuple):
     """What :func:`optimizer_step` did: whether the step was taken, and the gradient norm before clipping."""
 
@@ -136,22 +142,34 @@ class OptimizerStep(NamedTuple):
     grad_norm: torch.Tensor  # global L2 norm of the (unscaled) gradients before clipping; 0-dim, on the device (no host sync)
 
 
+def clip_global_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """The L2 norm of all the gradients together, before clipping; scales them to ``max_norm`` when above it (0: no clip)."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
+    if max_norm > 0:
+        nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)
+    return grad_norm
+
+
 def optimizer_step(
-    optimizers: Iterable[torch.optim.Optimizer], scaler: torch.amp.GradScaler, parameters, grad_clip: float
+    optimizers: Iterable[torch.optim.Optimizer], scaler: torch.amp.GradScaler, parameters, grad_clip: float,
+    clip_grad_norm: Callable[[float], torch.Tensor] | None = None,
 ) -> OptimizerStep:
     """Unscale, clip, step every optimizer, update the scale, zero the grads.
 
     The step is not taken when the scaler skipped it because a gradient held inf/NaN (it then
     halves its scale); with the scaler disabled every step is taken. The gradient norm is the
-    one clipping divides by (computed also when ``grad_clip`` is 0, so that runs log it).
+    one clipping divides by (computed also when ``grad_clip`` is 0, so that runs log it):
+    ``clip_grad_norm(grad_clip)`` when given (expert parallelism's norm over ranks), else
+    :func:`clip_global_grad_norm` of ``parameters``.
     """
     optimizers = list(optimizers)
-    parameters = [p for p in parameters if p.grad is not None]
     for opt in optimizers:
         scaler.unscale_(opt)  # grads back to true units before clipping
-    grad_norm = nn.utils.get_total_norm([p.grad for p in parameters])
-    if grad_clip > 0:
-        nn.utils.clip_grads_with_norm_(parameters, grad_clip, grad_norm)
+    if clip_grad_norm is None:
+        grad_norm = clip_global_grad_norm(parameters, grad_clip)
+    else:
+        grad_norm = clip_grad_norm(grad_clip)
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     for opt in optimizers:
         scaler.step(opt)

@@ -1,4 +1,4 @@
-"""Training, evaluation and generation for one run.
+"""One training run: the loop, its one training step, and the run's final metrics.
 
 ``train_run(config)`` builds the data and the model from a :class:`RunConfig`, trains for
 ``config.train.steps`` optimizer steps and returns a :class:`TrainResult`: the model, a
@@ -9,188 +9,42 @@ The run, top to bottom (each step a function below)::
 
     PeakMemory.start -> init_train_state -> train_loop -> final_evaluation -> run_metrics -> save_checkpoint
     train_loop:  steps x train_step [+ history_row, evaluate every eval_every]
-    train_step:  set_learning_rate -> forward_backward (micro-batches) -> optimizer_step (clip, step, zero)
+    train_step:  forward_backward (micro-batches) -> [after_backward] -> optimizer_step (clip, step, zero, next LR)
+
+``train_step`` is the only training step in the project: expert parallelism
+(:func:`moe_lib.parallel.train_expert_parallel`) and the benchmark (``benchmarks/bench_moe.py``)
+take theirs through it, changing only what :class:`TrainState`'s hooks say.
+
+The optimizers and the schedule live in :mod:`.optim`, evaluation in :mod:`.evaluate`, the device
+and the memory measurements in :mod:`.system`.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
-import math
 import platform
-import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.std import tqdm
 
+from ..config import RunConfig, TrainConfig
+from ..data import prepare_data, sample_batch
+from ..metrics import layer_routing_stats, overfitting, perplexity
+from ..moe.model import MoETransformer, count_parameters
+from ..moe.routing import update_expert_biases
+from ..versions import library_versions
 from .checkpoint import save_checkpoint
-from .config import RunConfig, TrainConfig
-from .data import eval_batches, prepare_data, sample_batch
-from .metrics import RoutingAccumulator, layer_routing_stats, overfitting, perplexity, top_k_accuracy
-from .moe.model import MoETransformer, count_parameters
-from .muon import Muon
-from .perf import configure_cpu_allocator, release_free_heap
+from .evaluate import EvalResult, evaluate, final_evaluation, validation_batches
+from .optim import build_optimizer, lr_schedulers
 from .precision import Precision, resolve_precision
 from .precision import optimizer_step as scaled_optimizer_step
-from .moe.routing import update_expert_biases
-from .versions import library_versions
-
-# --------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit choice must be available."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; valid here: 'cpu' or 'auto'")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device='mps' was requested but MPS is not available; valid here: 'cpu' or 'auto'")
-    return torch.device(requested)
-
-
-def autocast_context(device: torch.device, precision: str):
-    """The autocast that :func:`moe_lib.precision.resolve_precision` picks for this hardware."""
-    return resolve_precision(precision, device).autocast(device)
-
-
-# --------------------------------------------------------------------------- optimizers and schedule
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW, or the original's hybrid of Muon and AdamW: ``[adamw]`` or ``[adamw, muon]``.
-
-    Hybrid split (:func:`optimizer_split`), as the original's ``llm.py``: Muon (:mod:`moe_lib.muon`)
-    takes every weight matrix of the blocks - attention ``qkv``/``proj``, the dense or shared
-    experts' projections, the router's gate ``[E, d]`` and the routed experts' stacked weights
-    ``[E, d, 2h]``/``[E, h, d]``, each expert's matrix orthogonalised on its own. AdamW takes the
-    rest: the embedding (a lookup table, tied to the LM head; an untied head too) with weight
-    decay, and the RMSNorm gains without. The aux-loss-free expert bias is a buffer, moved by its
-    own rule (:func:`moe_lib.moe.routing.update_expert_biases`), not by an optimizer. The router's gate
-    on Muon (the original's choice) moves each step by an orthogonalised update of a fixed size,
-    not AdamW's: its logits' growth, which the z-loss study measures, follows from that.
-    """
-    params, split = dict(model.named_parameters()), optimizer_split(model, cfg)
-    decay, no_decay, muon = ([params[name] for name in split[key]] for key in ("adamw, decay", "adamw, no decay", "muon"))
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=_fused_adamw_ok(decay + no_decay))
-    optimizers: list[torch.optim.Optimizer] = [adamw]
-    if muon:
-        optimizers.append(Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"))
-    return optimizers
-
-
-def optimizer_split(model: nn.Module, cfg: TrainConfig) -> dict[str, list[str]]:
-    """The names of the trainable parameters each optimizer takes: ``muon``, ``adamw, decay``, ``adamw, no decay``.
-
-    Muon: the 2-D and stacked 3-D matrices except the embedding and the LM head (only with
-    ``cfg.optimizer == "muon"``). AdamW with weight decay: the other matrices. Without: 1-D gains.
-    """
-    split: dict[str, list[str]] = {"muon": [], "adamw, decay": [], "adamw, no decay": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_block_matrix = p.ndim in (2, 3) and "embed" not in name and "lm_head" not in name
-        if cfg.optimizer == "muon" and is_block_matrix:
-            split["muon"].append(name)
-        elif p.ndim >= 2:
-            split["adamw, decay"].append(name)
-        else:
-            split["adamw, no decay"].append(name)
-    return split
-
-
-def _fused_adamw_ok(params: list[torch.Tensor]) -> bool:
-    """Use the fused AdamW kernel (one pass over each tensor instead of about a dozen).
-
-    On CPU PyTorch's default AdamW updates parameter by parameter with separate elementwise
-    ops; ``fused=True`` measured 7x faster for the gpu-profile model (110 M parameters) on the
-    2-core benchmark machine (``benchmarks/RESULTS.md``). Same update rule, same state dict.
-    """
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # pragma: no cover - very old torch
-        return False
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based).
-
-    Linear warmup ``(s+1)/W`` for ``s < W``, then a cosine from 1 down to ``min_lr_ratio``
-    reached exactly at the last step ``S-1``: ``m + (1-m) (1 + cos(pi t)) / 2`` with
-    ``t = (s-W)/(S-1-W)``.
-    """
-    warmup, last = cfg.warmup_steps, cfg.steps - 1
-    if step < warmup:
-        return (step + 1) / warmup
-    t = 1.0 if last == warmup else min(1.0, (step - warmup) / (last - warmup))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    perplexity: float
-    accuracy: float
-    top3_accuracy: float
-    tokens: int
-    routing: RoutingAccumulator
-
-
-@torch.no_grad()
-def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto") -> EvalResult:
-    """Token-weighted loss and accuracies over ``batches`` of ``(x, y)``; routing pooled over all of them.
-
-    Padding positions (target -100) count nowhere: not in the loss, the accuracies or the
-    routing statistics. Evaluation runs on a fork of the global RNG (the random router draws
-    from it), so evaluating, however often, leaves the training run's random stream alone.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum, hits1, hits3, count = 0.0, 0, 0, 0
-    routing = RoutingAccumulator()
-    with _forked_rng(device):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            with autocast_context(device, precision):
-                out = model(x, y)
-            valid = y != -100
-            n_valid = int(valid.sum())
-            loss_sum += out.lm_loss.item() * n_valid
-            h1, _ = top_k_accuracy(out.logits, y, 1)
-            h3, _ = top_k_accuracy(out.logits, y, 3)
-            hits1, hits3, count = hits1 + h1, hits3 + h3, count + n_valid
-            if out.routing:
-                routing.add(out.routing, valid=valid.reshape(-1))
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluation saw no tokens: the split is shorter than one window")
-    loss = loss_sum / count
-    return EvalResult(loss, perplexity(loss), hits1 / count, hits3 / count, count, routing)
-
-
-def _forked_rng(device: torch.device):
-    """``torch.random.fork_rng`` over the CPU generator and, on an accelerator, ``device``'s."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device], device_type=device.type)
-
+from .system import PeakMemory, configure_cpu_allocator, resolve_device
 
 # --------------------------------------------------------------------------- results, data and generation
 
@@ -227,84 +81,31 @@ def load_data(data_cfg):
     return _cached_data(data_cfg)
 
 
-# --------------------------------------------------------------------------- peak memory of one run
-
-PEAK_CUDA = "cuda max_memory_allocated"
-PEAK_RSS = "process peak RSS"
-PEAK_NONE = "not measured"
-
-
-@dataclass
-class PeakMemory:
-    """A run's peak memory, reset when the run starts (:meth:`start`) and read when it ends (:meth:`gb`).
-
-    ``measure`` says what the number is:
-
-    * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, the peak of
-      tensor memory (the original studies' ``peak_memory_gb``).
-    * CPU on Linux: the process's peak resident set size ``VmHWM`` after resetting it to the
-      current RSS (``5 > /proc/self/clear_refs``), once the heap has handed its free memory back
-      (:func:`moe_lib.perf.release_free_heap`; a previous run's freed tensors would stay resident
-      otherwise). Everything resident counts, interpreter, libraries and data included: the
-      memory this run needed the machine to have. (The lifetime ``ru_maxrss`` cannot be reset,
-      so within a grid it would only ever rise.)
-    * elsewhere (macOS, Windows, MPS): NaN; no per-run peak is available there.
-    """
-
-    device: torch.device
-    measure: str
-
-    @classmethod
-    def start(cls, device: torch.device) -> PeakMemory:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            return cls(device, PEAK_CUDA)
-        if device.type == "cpu" and _reset_peak_rss():
-            return cls(device, PEAK_RSS)
-        return cls(device, PEAK_NONE)
-
-    def gb(self) -> float:
-        if self.measure == PEAK_CUDA:
-            return torch.cuda.max_memory_allocated(self.device) / 1e9
-        if self.measure == PEAK_RSS:
-            return _peak_rss_kib() * 1024 / 1e9
-        return float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset Linux's ``VmHWM`` to the current RSS, after trimming the heap. Whether it worked."""
-    gc.collect()  # a finished run's tensors in reference cycles
-    release_free_heap()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _peak_rss_kib() > 0
-    except (OSError, ValueError):
-        return False
-
-
-def _peak_rss_kib() -> int:
-    match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise ValueError("/proc/self/status has no VmHWM line")
-    return int(match.group(1))
-
-
 # --------------------------------------------------------------------------- one training run, step by step
 
 
 @dataclass
 class TrainState:
-    """What a run changes while it trains: the model, its optimizers and the data order."""
+    """What a run changes while it trains: the model, its optimizers and the data order.
+
+    The last four fields are the hooks by which expert parallelism (:mod:`moe_lib.parallel`)
+    takes the same :func:`train_step`; their defaults are single-process training.
+    """
 
     config: RunConfig
     device: torch.device
     model: MoETransformer
     optimizers: list[torch.optim.Optimizer]
-    base_lrs: list[list[float]]  # per optimizer, per param group: the LR the schedule multiplies
+    schedulers: list[torch.optim.lr_scheduler.LambdaLR]  # one per optimizer: warmup + cosine (moe_lib.training.optim)
     data_gen: torch.Generator  # draws the training batches
     dropped_sum: torch.Tensor  # [layers]: training dropped fraction summed over micro-batches
-    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.precision)
+    precision: Precision  # bf16, or fp16 + GradScaler without native bf16 (moe_lib.training.precision)
     scaler: torch.amp.GradScaler  # disabled unless fp16
+    forward: Callable[..., Any] | None = None  # what computes model(x, y); None: the model. EP: its DDP wrapper
+    data_shard: tuple[int, int] = (0, 1)  # (index, count): train on rows chunk(count)[index] of each batch. EP: (rank, W)
+    after_backward: Callable[[], None] | None = None  # runs once the micro-batches' gradients are summed. EP: scale_expert_grads
+    clip_grad_norm: Callable[[float], torch.Tensor] | None = None  # (max_norm) -> pre-clip norm, clipping in place;
+    # None: the global norm of the model's gradients. EP: clip_grad_norm_expert_parallel (the norm over all ranks)
 
 
 @dataclass
@@ -313,7 +114,7 @@ class StepOutput:
 
     losses: torch.Tensor  # [4]: total, lm, lb, z (lb and z: unweighted sums over layers)
     routing: list
-    lr_factor: float
+    lr: float  # AdamW's LR in this step (Muon's is muon_lr / lr times it)
     seconds: float
     grad_norm: torch.Tensor  # global gradient norm before clipping (on the device; read on logging steps only)
 
@@ -330,16 +131,16 @@ class TrainLog:
     snapshots: dict[int, dict[str, torch.Tensor]]  # after each of TrainConfig.checkpoint_steps
 
 
-def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
+def init_train_state(config: RunConfig, device: torch.device, model: MoETransformer | None = None) -> TrainState:
     """Seed, build the model on ``device`` and its optimizers, and the data-order generator.
 
     One seed covers everything: ``torch.manual_seed`` before initialisation (and so router
     noise and random routing after it), a separate CPU generator for the batch order.
+    ``model``: one already built that way (expert parallelism's, experts sharded), used as is.
     """
-    if device.type == "cpu":
-        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.perf
-    torch.manual_seed(config.train.seed)
-    model = MoETransformer(config.model).to(device)
+    if model is None:
+        torch.manual_seed(config.train.seed)
+        model = MoETransformer(config.model).to(device)
     optimizers = build_optimizer(model, config.train)
     precision = resolve_precision(config.train.precision, device)
     return TrainState(
@@ -347,19 +148,12 @@ def init_train_state(config: RunConfig, device: torch.device) -> TrainState:
         device=device,
         model=model.train(),
         optimizers=optimizers,
-        base_lrs=[[g["lr"] for g in opt.param_groups] for opt in optimizers],
+        schedulers=lr_schedulers(optimizers, config.train),
         data_gen=torch.Generator().manual_seed(config.train.seed),
         dropped_sum=torch.zeros((), device=device),
         precision=precision,
         scaler=precision.grad_scaler(device),
     )
-
-
-def set_learning_rate(optimizers: list[torch.optim.Optimizer], base_lrs: list[list[float]], factor: float) -> None:
-    """Every param group's LR = its base LR x ``factor`` (see :func:`lr_factor`)."""
-    for opt, lrs in zip(optimizers, base_lrs):
-        for group, lr in zip(opt.param_groups, lrs):
-            group["lr"] = lr * factor
 
 
 def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> tuple[torch.Tensor, list]:
@@ -371,11 +165,12 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
     ``[total, lm, lb, z]`` averaged over the micro-batches and the last one's routing.
     """
     device, accum = state.device, len(micro_batches)
+    forward = state.model if state.forward is None else state.forward
     sums = torch.zeros(4, device=device)
     for x, y in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with state.precision.autocast(device):
-            out = state.model(x, y)
+            out = forward(x, y)
         _check_finite(step, out)
         state.scaler.scale(out.loss / accum).backward()
         sums += torch.stack([out.loss, out.lm_loss, out.load_balancing_loss, out.z_loss]).detach().float()
@@ -386,26 +181,40 @@ def forward_backward(state: TrainState, micro_batches: list[tuple[torch.Tensor, 
 
 def optimizer_step(state: TrainState) -> torch.Tensor:
     """Unscale (fp16), clip the global gradient norm to ``grad_clip`` (0 = off), step every optimizer,
-    clear the gradients (:func:`moe_lib.precision.optimizer_step`); then the aux-loss-free expert
+    clear the gradients (:func:`moe_lib.training.precision.optimizer_step`); then the aux-loss-free expert
     biases follow this step's loads (:func:`moe_lib.moe.routing.update_expert_biases`), unless the fp16
-    GradScaler skipped the step: the bias then stays, as the weights do. Returns the pre-clip gradient norm."""
-    step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip)
+    GradScaler skipped the step: the bias then stays, as the weights do. Last, every LR scheduler moves
+    to the next step's LR (a skipped step counts too, as in the original). Returns the pre-clip gradient norm."""
+    step = scaled_optimizer_step(state.optimizers, state.scaler, state.model.parameters(), state.config.train.grad_clip,
+                                 clip_grad_norm=state.clip_grad_norm)
     update_expert_biases(state.model, step_taken=step.taken)  # aux-loss-free balancing: this step's loads, all micro-batches
+    with warnings.catch_warnings():
+        # a GradScaler-skipped first step makes LambdaLR warn that it stepped before the optimizer: intended here
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        for scheduler in state.schedulers:
+            scheduler.step()
     return step.grad_norm
 
 
 def train_step(state: TrainState, train_tokens: torch.Tensor, step: int) -> StepOutput:
-    """Optimizer step ``step`` (0-based): schedule the LR, accumulate gradients, update."""
+    """Optimizer step ``step`` (0-based): accumulate gradients, update; the LR is the schedulers' for ``step``."""
     t0 = time.perf_counter()
     tcfg = state.config.train
-    factor = lr_factor(step, tcfg)
-    set_learning_rate(state.optimizers, state.base_lrs, factor)
+    if step != state.schedulers[0].last_epoch:
+        raise ValueError(f"step={step} is invalid: this state's LR schedulers are at optimizer step {state.schedulers[0].last_epoch}, "
+                         "which must come next (steps run in order from 0)")
+    lr = state.optimizers[0].param_groups[0]["lr"]
     micro_batches = [sample_batch(train_tokens, tcfg.batch_size, tcfg.seq_len, state.data_gen) for _ in range(tcfg.grad_accum_steps)]
+    index, count = state.data_shard
+    if count > 1:  # this rank's rows of the global batch
+        micro_batches = [(x.chunk(count)[index], y.chunk(count)[index]) for x, y in micro_batches]
     losses, routing = forward_backward(state, micro_batches, step)
+    if state.after_backward is not None:
+        state.after_backward()
     grad_norm = optimizer_step(state)
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)  # so that the step time is the step's
-    return StepOutput(losses, routing, factor, time.perf_counter() - t0, grad_norm)
+    return StepOutput(losses, routing, lr, time.perf_counter() - t0, grad_norm)
 
 
 def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]:
@@ -415,7 +224,7 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
     row = {
         "step": step + 1,
         "tokens": (step + 1) * tcfg.tokens_per_step,
-        "lr": tcfg.lr * out.lr_factor,
+        "lr": out.lr,
         "train_loss": total,
         "lm_loss": lm,
         "lb_loss": lb,
@@ -425,10 +234,6 @@ def history_row(state: TrainState, step: int, out: StepOutput) -> dict[str, Any]
     }
     row.update(_routing_columns("", [layer_routing_stats(r) for r in out.routing]))
     return row
-
-
-def validation_batches(data, tcfg: TrainConfig, max_batches: int | None):
-    return eval_batches(data.val.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=max_batches)
 
 
 def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
@@ -461,14 +266,6 @@ def train_loop(state: TrainState, data, run_id: str) -> TrainLog:
         bar.update(1)
     bar.close()
     return TrainLog(rows, step_times, time.perf_counter() - start, best_val, snapshots)
-
-
-def final_evaluation(state: TrainState, data) -> tuple[EvalResult, EvalResult]:
-    """The trained model on validation and test: ``final_eval_batches`` batches each (``None``: the whole split)."""
-    tcfg = state.config.train
-    val = evaluate(state.model, validation_batches(data, tcfg, tcfg.final_eval_batches), state.device, tcfg.precision)
-    test_batches = eval_batches(data.test.tokens, tcfg.seq_len, tcfg.batch_size, max_batches=tcfg.final_eval_batches)
-    return val, evaluate(state.model, test_batches, state.device, tcfg.precision)
 
 
 def run_metrics(
@@ -516,7 +313,7 @@ def run_metrics(
         "train_tokens": tcfg.steps * tcfg.tokens_per_step,
         "device": _device_name(device),
         "precision": tcfg.precision,  # as requested ("auto" by default)
-        "precision_used": state.precision.name,  # what ran: fp32, bf16 or fp16 (moe_lib.precision.resolve_precision)
+        "precision_used": state.precision.name,  # what ran: fp32, bf16 or fp16 (moe_lib.training.precision.resolve_precision)
         "profile": profile or "custom",
         "corpus": config.data.corpus,
         "tokenizer": config.data.tokenizer,
@@ -547,10 +344,12 @@ def train_run(
     if config.model.vocab_size != data.vocab_size:
         config = config.with_model(vocab_size=data.vocab_size)
     device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        configure_cpu_allocator()  # recycle freed tensor memory: see moe_lib.training.system
     memory = PeakMemory.start(device)
     state = init_train_state(config, device)
     log = train_loop(state, data, run_id)
-    val, test = final_evaluation(state, data)
+    val, test = final_evaluation(state.model, data, state.config.train, state.device)
     metrics = run_metrics(state, data, log, val, test, memory, profile)
     if checkpoint_dir is not None:
         save_checkpoint(state.model, config, metrics, checkpoint_dir)

@@ -2,8 +2,9 @@
 
 Loading rebuilds the model from ``config.json`` and then loads the tensors, so a
 checkpoint never executes code, and a tensor whose shape disagrees with the config is
-reported by name rather than half-loaded. Every file is written to a temporary name and
-moved into place, so an interrupted save never leaves a truncated file behind.
+reported by name. A tied LM head is the embedding's tensor: safetensors' ``save_model`` stores it
+once (as ``embed.weight``) and ``load_model`` restores the alias. Every file is written to a temporary
+name and moved into place, so an interrupted save never leaves a truncated file behind.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
-from .config import RunConfig
-from .files import atomic_path, atomic_write_bytes
-from .moe.model import MoETransformer
+from ..config import RunConfig
+from ..files import atomic_path, atomic_write_bytes
+from ..moe.model import MoETransformer
 
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
 
@@ -36,11 +37,8 @@ def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 def save_checkpoint(model: MoETransformer, config: RunConfig, metrics: dict[str, Any] | None, directory: str | Path) -> Path:
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if config.model.tie_weights:
-        state.pop("lm_head.weight", None)  # the same tensor as embed.weight; safetensors stores no aliases
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "library": "moe_lib"})
+    with atomic_path(directory / WEIGHTS) as tmp:  # a tied lm_head.weight is stored once, as embed.weight
+        save_model(model, str(tmp), metadata={"format": "pt", "library": "moe_lib"})
     atomic_write_json(directory / CONFIG, config.to_dict())
     atomic_write_json(directory / METRICS, metrics or {})
     return directory
@@ -54,19 +52,13 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         raise FileNotFoundError(f"checkpoint {directory} lacks {missing}; expected {WEIGHTS}, {CONFIG} and {METRICS}")
     config = RunConfig.from_dict(json.loads((directory / CONFIG).read_text()))
     model = MoETransformer(config.model)
-    state = load_file(directory / WEIGHTS)
-    expected = model.state_dict()
-    if config.model.tie_weights:
-        expected.pop("lm_head.weight", None)
-    problems = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    missing_keys = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if problems or missing_keys or unexpected:
-        raise ValueError(
-            f"checkpoint {directory} does not match its config.json: "
-            f"shape mismatches {problems}, missing tensors {missing_keys}, unexpected tensors {unexpected}"
-        )
-    model.load_state_dict(state, strict=not config.model.tie_weights)
+    mismatch = f"checkpoint {directory} does not match its config.json"
+    try:
+        missing_tensors, unexpected = load_model(model, directory / WEIGHTS, strict=False)
+    except RuntimeError as err:  # torch's load_state_dict: a line per size mismatch, with the name and both shapes
+        raise ValueError(f"{mismatch}: " + "; ".join(line.strip().rstrip(".") for line in str(err).splitlines()[1:])) from None
+    if missing_tensors or unexpected:
+        raise ValueError(f"{mismatch}: missing tensors {sorted(missing_tensors)}, unexpected tensors {sorted(unexpected)}")
     metrics_path = directory / METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return model.to(device).eval(), config, metrics
