@@ -89,8 +89,27 @@ def build(ref: str) -> Path:
     if OUT.exists():
         shutil.rmtree(OUT)
     shutil.copytree(html, OUT)
+    offline_output_renderers(OUT)
     print(f"[book] {len(pages)} notebooks and the landing page -> {OUT} (serve it: python -m http.server -d {OUT.relative_to(ROOT)})")
     return OUT
+
+
+# thebe-core, which the theme uses to render notebook outputs such as pandas' HTML tables, defaults to loading
+# MathJax 2 from a CDN for them. The course's math is rendered by KaTeX at build time, and a reader offline (or CI)
+# would get a refused request and a console error on every page with an HTML output. An empty URL makes thebe-core
+# register no MathJax typesetter (it checks ``mathjaxUrl && mathjaxConfig``); the theme offers no setting for it.
+THEBE_MATHJAX_DEFAULT = "https://cdnjs.cloudflare.com/ajax/libs/mathjax/2.7.5/MathJax.js"
+
+
+def offline_output_renderers(site: Path) -> int:
+    """Blank thebe-core's default MathJax CDN URL in the built site's scripts; returns how many files changed."""
+    changed = 0
+    for script in site.rglob("*.js"):
+        text = script.read_text(encoding="utf-8")
+        if THEBE_MATHJAX_DEFAULT in text:
+            script.write_text(text.replace(f'"{THEBE_MATHJAX_DEFAULT}"', '""'), encoding="utf-8")
+            changed += 1
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

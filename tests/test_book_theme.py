@@ -30,3 +30,18 @@ def test_stylesheet_urls_point_at_their_files_relative_to_each_stylesheet(tmp_pa
     assert (assets / "_assets" / "katex.css").read_text() == "src:url(../_assets/KaTeX_Main.woff2)"
     assert (assets / "root.css").read_text() == "a{background:url(./_assets/x.svg)}"
     assert (assets / "app.js").read_text() == '"/myst_assets_folder/x.js"'  # MyST rewrites these itself
+
+
+def test_the_built_site_asks_no_cdn_for_mathjax(tmp_path):
+    """thebe-core's default MathJax CDN URL is blanked in the site's scripts (an offline reader would get a refused
+    request and a console error on every page with an HTML output); other scripts are left alone."""
+    from book.build import THEBE_MATHJAX_DEFAULT, offline_output_renderers
+
+    (tmp_path / "build").mkdir()
+    chunk = tmp_path / "build" / "chunk.js"
+    chunk.write_text(f'this._options={{mathjaxUrl:(s=e.mathjaxUrl)??"{THEBE_MATHJAX_DEFAULT}",mathjaxConfig:"TeX"}}')
+    other = tmp_path / "other.js"
+    other.write_text("console.log(1)")
+    assert offline_output_renderers(tmp_path) == 1
+    assert THEBE_MATHJAX_DEFAULT not in chunk.read_text() and 'mathjaxUrl:(s=e.mathjaxUrl)??""' in chunk.read_text()
+    assert other.read_text() == "console.log(1)"
