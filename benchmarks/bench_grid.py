@@ -36,6 +36,10 @@ from moe_lib.runs import available_cores  # noqa: E402
 SECTION = "## Grid throughput (`benchmarks/bench_grid.py`)"
 
 
+# A 1-minute load average above this before the benchmark starts means other work shares the machine.
+BUSY_LOAD = 0.5
+
+
 def bench_grid(steps: int, runs: int, jobs: int, threads: int, profile: str) -> dict:
     base = get_profile(profile).base.with_train(
         steps=steps, warmup_steps=min(5, steps - 1), eval_every=steps, eval_batches=2, final_eval_batches=4, log_every=10, progress=False
@@ -78,7 +82,9 @@ def main(argv=None) -> int:
         "time includes worker start-up and data loading. fp32 GEMM peak (2048^3 `torch.mm`, all threads) "
         f"{peak / 1e9:,.0f} GFLOP/s at the start, {peak_after / 1e9:,.0f} at the end. Load average (1 min) "
         f"{load_start[0] if load_start else float('nan'):.1f} at the start, {os.getloadavg()[0] if load_start else float('nan'):.1f} "
-        f"at the end, on {cores} cores: above the core count, other processes shared the machine and every number is low.",
+        f"at the end, on {cores} cores (the end includes this benchmark's own workers): "
+        + ("other processes shared the machine at the start, so every number is low." if load_start and load_start[0] > BUSY_LOAD
+           else "the machine was otherwise idle at the start."),
         "",
         "| jobs x threads | wall (s) | runs per hour | x one run on all threads | training FLOP/s, % of fp32 peak |",
         "|---|---:|---:|---:|---:|",
