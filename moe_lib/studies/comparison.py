@@ -161,8 +161,9 @@ def results_vs_original(study: StudyResult) -> pd.DataFrame:
     Columns are (metric, "original" | "ours"). Ours are seed means ± std over ``seeds``; the
     original's are as reported (one seed for routing and z-loss, mean ± std of 3 seeds for the
     noise study). Each original's metric stands beside ours in :data:`COMPARED_METRIC` (the noise original's
-    "best val PPL" was its final validation, so it is shown as "final val PPL"). Only metrics both report are shown; levels differ with corpus, tokenizer and
-    size (see :func:`setup_comparison`), so compare orderings and ratios, not levels.
+    "best val PPL" was its final validation, so it is shown as "final val PPL"). Only metrics both report are
+    shown; levels differ with corpus, tokenizer and size (see :func:`setup_comparison`), so compare orderings
+    and ratios, not levels.
     """
     name, r = study.grid.name, study.results
     rows = {}
