@@ -40,6 +40,35 @@ def _hue(history: pd.DataFrame) -> str | None:
     return "condition" if "condition" in history.columns and history["condition"].nunique() > 1 else None
 
 
+# Readable names of the results' columns, for axes and legends (any other column: its underscores become spaces).
+COLUMN_LABELS = {"noise_std": "router noise std", "load_balancing_weight": "load-balancing weight",
+                 "test_perplexity": "test perplexity", "val_perplexity": "validation perplexity",
+                 "best_val_perplexity": "best validation perplexity (10 batches)", "capacity_factor": "capacity factor"}
+
+
+def column_label(column: str) -> str:
+    """``"noise_std"`` -> ``"router noise std"``: the words a figure shows for a results column."""
+    return COLUMN_LABELS.get(column, column.replace("_", " "))
+
+
+def coinciding_conditions(history: pd.DataFrame, columns: Sequence[str], tolerance: float = 1e-3) -> dict[str, str]:
+    """Condition -> legend label. Conditions whose seed-mean curves agree within ``tolerance`` at every step of every
+    column share one label, ``"a = b (coincide)"``, and one line: drawn separately, the last would hide the others
+    (random routers all sit at entropy ln E)."""
+    means = history.groupby(["condition", "step"], sort=False)[list(columns)].mean()
+    groups: list[list[str]] = []
+    for condition in dict.fromkeys(history["condition"]):
+        curve = means.loc[condition]
+        for group in groups:
+            first = means.loc[group[0]]
+            if first.index.equals(curve.index) and np.allclose(first.to_numpy(float), curve.to_numpy(float), atol=tolerance, rtol=0, equal_nan=True):
+                group.append(condition)
+                break
+        else:
+            groups.append([condition])
+    return {c: " = ".join(group) + (" (coincide)" if len(group) > 1 else "") for group in groups for c in group}
+
+
 def plot_loss_curves(history: pd.DataFrame, title: str = "Language-model loss") -> plt.Figure:
     """Training LM loss (lines, mean and 95% t-interval band over seeds) and validation loss (markers)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -67,6 +96,10 @@ def plot_layer_metric(
         raise ValueError(f"history has no '{prefix}_L<n>' columns; columns are {sorted(history.columns)[:20]}...")
     fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.6), sharey=True, squeeze=False)
     hue = _hue(history)
+    if hue:  # one line, one legend entry, per group of conditions whose curves coincide
+        labels = coinciding_conditions(history, [f"{prefix}_L{layer}" for layer in layers])
+        shown = {label: condition for condition, label in reversed(labels.items())}.values()
+        history = history[history.condition.isin(shown)].assign(condition=lambda h: h.condition.map(labels))
     for ax, layer in zip(axes[0], layers):
         sns.lineplot(data=history, x="step", y=f"{prefix}_L{layer}", hue=hue, errorbar=None, ax=ax, legend=ax is axes[0][-1])
         if reference is not None:
@@ -141,9 +174,9 @@ def plot_interaction(
         mean = part[f"{metric}_mean"].to_numpy(dtype=float)
         low = np.nan_to_num(mean - part[f"{metric}_ci_low"].to_numpy(dtype=float))
         high = np.nan_to_num(part[f"{metric}_ci_high"].to_numpy(dtype=float) - mean)
-        ax.errorbar(part[x].astype(str), mean, yerr=[low, high], marker="o", capsize=4, label=f"{hue} = {level}")
-    ax.set(xlabel=x, ylabel=ylabel, title=title)
-    ax.legend()
+        ax.errorbar(part[x].astype(str), mean, yerr=[low, high], marker="o", capsize=4, label=f"{level:g}" if isinstance(level, (int, float, np.number)) else str(level))
+    ax.set(xlabel=column_label(x), ylabel=ylabel, title=title)
+    ax.legend(title=column_label(hue))
     fig.tight_layout()
     return fig
 
@@ -242,17 +275,34 @@ def plot_mi_by_layer(mi: pd.DataFrame, title: str = "Mutual information between 
     return fig
 
 
+COACTIVATION_PERCENTILE = 95  # the colour scale spans this percentile of |log2 lift| over the pairs chosen at least once
+
+
+def coactivation_spread(lifts: Sequence[np.ndarray]) -> float:
+    """Half-width of the co-activation colour scale in log2 lift: the :data:`COACTIVATION_PERCENTILE` th percentile
+    of ``|log2 lift|`` over finite positive lifts (at least log2 1.25). A pair never chosen (lift 0, log2 = -inf)
+    does not stretch it: it is drawn at the bottom of the scale and annotated 0.0."""
+    values = np.concatenate([np.ravel(l) for l in lifts]) if len(lifts) else np.array([])
+    positive = values[np.isfinite(values) & (values > 0)]
+    if not positive.size:
+        return 1.0
+    return max(float(np.percentile(np.abs(np.log2(positive)), COACTIVATION_PERCENTILE)), float(np.log2(1.25)))
+
+
 def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activation") -> plt.Figure:
-    """One heatmap per layer of the pair lift ``C_ij / expected_ij`` (1 = as usage predicts)."""
+    """One heatmap per layer of the pair lift ``C_ij / expected_ij`` (1 = as usage predicts), coloured by log2 lift
+    centred at 0 and clipped at :func:`coactivation_spread`, so a few never-chosen pairs do not wash out the rest."""
     lifts = [np.asarray(l, dtype=float) for l in lifts]
     num_experts = lifts[0].shape[0]
-    finite = np.concatenate([l[np.isfinite(l)] for l in lifts]) if lifts else np.array([1.0])
-    spread = float(np.max(np.abs(np.log2(np.clip(finite, 1e-3, None))))) if finite.size else 1.0
+    spread = coactivation_spread(lifts)
     fig, axes = _layer_panels(len(lifts), width=0.6 * num_experts + 1.3, height=0.6 * num_experts + 0.9)
     for layer, (ax, lift) in enumerate(zip(axes, lifts)):
-        sns.heatmap(np.log2(np.clip(lift, 1e-3, None)), ax=ax, cmap="vlag", center=0, vmin=-spread, vmax=spread,
+        with np.errstate(divide="ignore"):
+            shown = np.clip(np.log2(lift), -spread, spread)
+        sns.heatmap(shown, ax=ax, cmap="vlag", center=0, vmin=-spread, vmax=spread,
                     annot=np.round(lift, 1), fmt="", annot_kws={"fontsize": 8}, cbar=ax is axes[-1], square=True,
-                    mask=~np.isfinite(lift), cbar_kws={"label": "log2 lift"} if ax is axes[-1] else None)
+                    mask=~np.isfinite(lift),
+                    cbar_kws={"label": f"log2 lift (clipped at ±{spread:.1f})", "extend": "both"} if ax is axes[-1] else None)
         ax.set(title=f"layer {layer}", xlabel="expert", ylabel="expert" if ax is axes[0] else "")
     fig.suptitle(f"{title}: lift of each top-2 pair over what usage predicts (annotated; 1 = chance)")
     fig.tight_layout()

@@ -296,6 +296,17 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: flo
     return float(d) * float(sd)
 
 
+def one_sample_p(differences: Sequence[float] | np.ndarray) -> float:
+    """Two-sided p of a one-sample t-test of mean 0 on per-seed ``differences`` (``scipy.stats.ttest_1samp``;
+    the same p as ``ttest_rel`` of the pairs). NaN with fewer than 2 values or no spread: no test."""
+    d = pd.Series(differences, dtype=float).dropna()
+    if len(d) < 2 or d.nunique() < 2:  # equal values: no spread (std() of equal floats can round to 1e-17, not 0)
+        return float("nan")
+    with warnings.catch_warnings():  # scipy warns on nearly identical values; the p it returns is still the test's
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
 def holm_adjusted(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm's step-down adjusted p-values of one family of tests (``multipletests(method="holm")``).
 
@@ -351,7 +362,7 @@ def factorial_contrasts(
     pair) and summarised by :func:`mean_ci` over seeds. With ``log=True`` ``y = log(response)`` and the
     effect is also given as a percentage change, ``100 * (exp(effect) - 1)``.
     Columns: ``effect``, ``level``, ``mean``, ``ci_low``, ``ci_high``, ``pct``, ``pct_ci_low``,
-    ``pct_ci_high``, ``n``, ``signs``.
+    ``pct_ci_high``, ``n``, ``signs`` and ``p_value`` (:func:`one_sample_p` of the per-seed values).
     """
     for name in (response, factor, other, block):
         if name not in df.columns:
@@ -370,7 +381,7 @@ def factorial_contrasts(
         rows.append({
             "effect": effect, "level": level, "mean": mean, "ci_low": low, "ci_high": high,
             "pct": pct(mean), "pct_ci_low": pct(low) if n >= 2 else float("nan"), "pct_ci_high": pct(high) if n >= 2 else float("nan"),
-            "n": n, "signs": "{}/{} seeds".format(*sign_consistency(per_seed.to_numpy())),
+            "n": n, "signs": "{}/{} seeds".format(*sign_consistency(per_seed.to_numpy())), "p_value": one_sample_p(per_seed),
         })
 
     for level in levels:

@@ -13,6 +13,7 @@ import pytest
 
 from moe_lib import studies
 from moe_lib.profiles import get_profile
+from moe_lib.stats import holm_adjusted
 from moe_lib.studies import comparison, noise, zloss
 from moe_lib.studies.verdicts import change_text, interval_side, scale_sentence
 
@@ -70,12 +71,16 @@ def test_noise_findings_quote_the_paired_effects_and_the_cv_ratio():
     study = study_of("noise", noise_ppl(0.08, 0.0), "cpu", expert_usage_cv=cv)
     lines = noise.findings(study)
     assert len(lines) == 3 and all(line.endswith(".") for line in lines)
-    expected = noise.paired_table(study, "best_val_perplexity", "noise=0.0, lb=0.01").loc["noise=0.5, lb=0.01"]
-    assert f"noise 0.5 changed best val perplexity by {-expected.improvement_pct:+.1f}%" in lines[0]
+    expected = noise.paired_table(study, "test_perplexity", "noise=0.0, lb=0.01").loc["noise=0.5, lb=0.01"]
+    assert f"noise 0.5 changed test perplexity by {-expected.improvement_pct:+.1f}%" in lines[0]
     assert f"{-expected.improvement_pct:+.1f}%" == f"{100 * (math.exp(0.08) - 1):+.1f}%"
     assert "the CI excludes 0" in lines[0].split(" and noise 0.1")[0]
     assert "10.0-10.0x" in lines[1]  # the CV is 10x higher without the loss at every noise level
-    assert "one of 15 tests" in lines[1] and "no correction" in lines[1]
+    family = noise.verdict_tests(study)
+    holm = holm_adjusted(family.p)
+    kept = [t for t, q in zip(family.index, holm) if q < 0.05]
+    assert f"of the 15 tests in this notebook's verdicts, {len(kept)} stay" in lines[1] and "; ".join(kept) in lines[1]
+    assert f"{int(((family.p < 0.05) & (holm >= 0.05)).sum())} more have p < 0.05 only uncorrected" in lines[1]
     assert "No gpu results" in lines[2] and "cpu profile only" in lines[2]
 
 
@@ -87,12 +92,24 @@ def test_noise_findings_with_both_scales_say_what_changed():
     assert "noise 0.5 from higher to inconclusive" in lines[-1]
     assert "no load balancing from inconclusive to lower" in lines[-1]
     anova, _ = noise.noise_factorial_analysis(gpu)
-    assert f"ANOVA p = {anova.loc['noise_std:load_balancing_weight', 'PR(>F)']:.3f}" in lines[3]
+    p = anova.loc["noise_std:load_balancing_weight", "PR(>F)"]
+    holm = dict(zip(noise.verdict_tests(gpu).index, holm_adjusted(noise.verdict_tests(gpu).p)))["ANOVA: noise x lb"]
+    assert f"ANOVA p = {p:.3f} (Holm {holm:.3f})" in lines[3]
 
 
-def test_noise_findings_metric_is_the_compared_one():
-    assert inspect.signature(noise.findings).parameters["metric"].default == comparison.COMPARED_METRIC["noise"]
-    assert inspect.signature(zloss.findings).parameters["metric"].default == comparison.COMPARED_METRIC["zloss"]
+def test_findings_compare_the_one_verdict_metric():
+    """Notebook 01 decides it: every verdict compares the final model's test perplexity, whatever the original reported."""
+    from moe_lib.studies import modern
+    from moe_lib.studies.verdicts import VERDICT_METRIC
+
+    assert VERDICT_METRIC == "test_perplexity" and comparison.COMPARED_METRIC["noise"] != VERDICT_METRIC
+    assert inspect.signature(noise.findings).parameters["metric"].default == VERDICT_METRIC
+    assert inspect.signature(zloss.findings).parameters["metric"].default == VERDICT_METRIC
+    for function in (modern.verdict, modern.comparison_table, modern.effect_phrase):
+        assert inspect.signature(function).parameters["metric"].default == VERDICT_METRIC, function
+    study = study_of("noise", noise_ppl(0.08, 0.0), "cpu", expert_usage_cv=cv)
+    study.results["best_val_perplexity"] = 100.0  # a different metric with no effect: the findings must not read it
+    assert "the CI excludes 0" in noise.findings(study)[0].split(" and noise 0.1")[0]
 
 
 # --------------------------------------------------------------------------- notebook 04

@@ -6,8 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
-from moe_lib.stats import holm_adjusted
+import pandas as pd
+from scipy import stats
+
+from moe_lib.stats import factorial_contrasts, holm_adjusted, one_sample_p
 from moe_lib.studies.verdicts import family_table
 
 
@@ -34,3 +38,21 @@ def test_family_table_shows_raw_and_corrected_p_and_what_each_says():
     assert table.loc["too few seeds"].tolist() == ["–", "–", "no test (too few seeds)"]
     strong = family_table([("strong", 0.001), ("weak", 0.2)])
     assert strong.loc["strong"].tolist() == ["0.001", "0.002", "significant after correction"]
+
+
+def test_one_sample_p_is_the_paired_t_test_and_nan_without_a_test():
+    treatment, baseline = np.array([3.0, 5.0, 4.5]), np.array([2.0, 2.5, 4.0])
+    assert one_sample_p(treatment - baseline) == stats.ttest_rel(treatment, baseline).pvalue
+    assert math.isnan(one_sample_p([0.5])) and math.isnan(one_sample_p([0.2, 0.2, 0.2]))
+    assert one_sample_p([0.1, float("nan"), 0.3, 0.2]) == stats.ttest_1samp([0.1, 0.3, 0.2], 0.0).pvalue  # NaN dropped
+
+
+def test_factorial_contrasts_carry_the_p_of_each_per_seed_contrast():
+    """The interaction contrast (a - b at level 1 minus the same at level 0) per seed, tested against 0."""
+    effect = {42: 0.10, 43: 0.30, 44: 0.25}
+    rows = [{"seed": s, "f": f, "g": g, "y": math.exp(0.5 * f + 0.2 * g + effect[s] * f * g + 0.01 * s)}
+            for s in effect for f in (0, 1) for g in (0, 1)]
+    contrasts = factorial_contrasts(pd.DataFrame(rows), "y", "f", "g", baseline=0).set_index("effect")
+    interaction = contrasts.loc["f x g interaction (g 0 minus 1)"]
+    assert interaction.p_value == pytest.approx(one_sample_p([-v for v in effect.values()]), rel=1e-9)
+    assert 0 < contrasts.loc["f main effect"].p_value < 1

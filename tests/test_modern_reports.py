@@ -224,3 +224,21 @@ def test_loss_vs_compute_draws_a_t_interval_band_only_with_several_seeds():
     fig1 = modern.plot_loss_vs_compute(hist1, res1, flops, conditions=("classic", "dense (same active)"))
     assert not [c for ax in fig1.axes for c in ax.collections if isinstance(c, PolyCollection)]
     assert "one seed" in fig1._suptitle.get_text()
+
+
+def test_verdict_family_holds_each_printed_test_once_with_its_paired_p():
+    """Notebook 07's family for Holm: every condition vs classic on test perplexity, plus the balance tests of
+    sections 3 and 4, each once (classic vs no balancing on perplexity is the table's row, not a second test)."""
+    from moe_lib.stats import paired_comparison
+
+    r = _findings_results()
+    family = dict(modern.verdict_family(r))
+    assert list(family) == [
+        "dense (same active) vs classic, test perplexity", "aux-loss-free vs classic, test perplexity",
+        "no balancing vs classic, test perplexity", "aux-loss-free vs classic, MaxVio",
+        "aux-loss-free vs no balancing, test perplexity", "aux-loss-free vs no balancing, MaxVio", "classic vs no balancing, MaxVio",
+    ]  # usage CV needs expert_usage_cv rows: the conditions are present, the column is not, so it is absent below
+    expected = paired_comparison(r, baseline="no balancing", metric="expert_maxvio").set_index("condition").loc["aux-loss-free", "p_value"]
+    assert family["aux-loss-free vs no balancing, MaxVio"] == pytest.approx(expected)
+    full = dict(modern.verdict_family(results().assign(condition=lambda d: d.condition.replace({"better": "sigmoid"}))))
+    assert set(full) == {"sigmoid vs classic, test perplexity", "sigmoid vs classic, MaxVio"}

@@ -45,3 +45,50 @@ def test_utilization_is_a_heatmap_of_experts_by_step_per_layer():
     mesh = panels[1].collections[0]
     assert mesh.get_array().shape == (4, len(steps))  # experts x steps
     assert isinstance(mesh.norm, LogNorm) and mesh.norm.vmax == pytest.approx(plots.UTILIZATION_MAX_RATIO)
+
+
+def test_interaction_plot_names_its_factors_in_words_not_column_names():
+    summary = pd.DataFrame({"noise_std": [0.0, 0.5, 0.0, 0.5], "load_balancing_weight": [0.01, 0.01, 0.0, 0.0],
+                            "test_perplexity_mean": [90.0, 95.0, 91.0, 96.0], "test_perplexity_ci_low": [88.0, 93.0, 89.0, 94.0],
+                            "test_perplexity_ci_high": [92.0, 97.0, 93.0, 98.0]})
+    fig = plots.plot_interaction(summary, "noise_std", "load_balancing_weight", "test_perplexity", "test perplexity", "")
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert ax.get_xlabel() == "router noise std" and legend.get_title().get_text() == "load-balancing weight"
+    assert [t.get_text() for t in legend.get_texts()] == ["0.01", "0"]
+    assert "_" not in ax.get_xlabel() + legend.get_title().get_text()
+    assert plots.column_label("some_other_column") == "some other column"
+
+
+def test_layer_metric_names_coinciding_conditions_together_instead_of_hiding_them():
+    """Random routers all sit at ln E: drawn one by one, the last line hides the others. They get one line and one
+    legend entry that names them all; a learned condition that only starts at ln E keeps its own."""
+    steps = [1, 2, 3]
+    rows = []
+    for condition, curve in (("top-1", [1.38, 1.2, 1.0]), ("top-1 random", [1.386] * 3), ("top-2 random", [1.386] * 3),
+                             ("top-2 random + shared", [1.3862] * 3)):
+        for seed in (42, 43):
+            rows += [{"condition": condition, "seed": seed, "step": s, "entropy_L0": v, "entropy_L1": v} for s, v in zip(steps, curve)]
+    fig = plots.plot_routing_entropy(pd.DataFrame(rows), num_experts=4)
+    labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert labels == ["top-1", "top-1 random = top-2 random = top-2 random + shared (coincide)", "uniform: ln 4"]
+    assert len([l for l in fig.axes[0].lines if len(l.get_xdata()) == len(steps)]) == 2  # two curves, no hidden ones
+
+
+def _heatmap_limits(fig):
+    mesh = fig.axes[0].collections[0]
+    return mesh.norm.vmin, mesh.norm.vmax
+
+
+def test_coactivation_colour_scale_is_not_stretched_by_pairs_never_chosen():
+    rng = np.random.default_rng(0)
+    lift = np.exp2(rng.uniform(-1, 1, size=(8, 8)))  # lifts between 0.5 and 2
+    np.fill_diagonal(lift, np.nan)
+    with_zeros = lift.copy()
+    with_zeros[0, 5] = with_zeros[5, 0] = 0.0  # a pair never chosen together: log2 lift = -inf
+    spread = plots.coactivation_spread([lift])
+    assert plots.coactivation_spread([with_zeros]) == pytest.approx(spread, rel=0.05)  # 2 of 56 cells do not move it
+    assert 0.8 < spread <= 1.0  # the 95th percentile of |log2 lift| of uniform(-1, 1)
+    low, high = _heatmap_limits(plots.plot_coactivation([with_zeros, lift]))
+    assert low == pytest.approx(-plots.coactivation_spread([with_zeros, lift])) and high == -low  # centred at log2 1 = 0
+    assert plots.coactivation_spread([np.full((2, 2), 1.0)]) == pytest.approx(np.log2(1.25))  # a floor, never a zero-width scale

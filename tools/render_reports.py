@@ -85,7 +85,7 @@ def render(out, scratch: Path) -> None:
                 show(out, f"{tag} routing_verdicts", lambda: api("routing_verdicts")(s))
             if name == "noise":
                 show(out, f"{tag} noise_condition_table", lambda: api("noise_condition_table")(s))
-                show(out, f"{tag} per_seed_table", lambda: api("per_seed_table")(s, ["best_val_perplexity", "expert_usage_cv"]))
+                show(out, f"{tag} per_seed_table", lambda: api("per_seed_table")(s, ["test_perplexity", "expert_usage_cv"]))
                 show(out, f"{tag} noise_verdicts", lambda: api("noise_verdicts")(s))
                 show(out, f"{tag} noise_factorial_analysis", lambda: api("noise_factorial_analysis")(s))
                 show(out, f"{tag} noise_factorial_verdicts", lambda: api("noise_factorial_verdicts")(s))

@@ -40,7 +40,7 @@ from ..metrics import router_saturation
 from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile
 from ..stats import condition_differences, mean_ci, mean_std_text, paired_comparison, sign_consistency
-from .verdicts import ci_side, inconclusive, seeds_text
+from .verdicts import VERDICT_METRIC, ci_side, inconclusive, seeds_text
 
 GRANULARITY = 4
 BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's u
@@ -154,7 +154,7 @@ def per_layer_balance(results: pd.DataFrame, conditions: Sequence[str]) -> pd.Da
     return pd.DataFrame(rows).set_index("condition")
 
 
-def comparison_table(results: pd.DataFrame, metric: str = "test_perplexity", baseline: str = BASELINE) -> pd.DataFrame:
+def comparison_table(results: pd.DataFrame, metric: str = VERDICT_METRIC, baseline: str = BASELINE) -> pd.DataFrame:
     """Every condition against ``baseline``, paired by seed: mean difference, its 95% t interval,
     the % change (positive = better) and "k/n seeds" in which the condition is better."""
     cmp = paired_comparison(results, baseline=baseline, metric=metric)
@@ -172,7 +172,7 @@ def comparison_table(results: pd.DataFrame, metric: str = "test_perplexity", bas
     return pd.DataFrame(rows).set_index("condition")
 
 
-def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
+def verdict(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = VERDICT_METRIC,
             what: str = "test perplexity") -> str:
     """One sentence on ``condition`` vs ``baseline`` (lower ``metric`` is better), computed from the paired seeds."""
     row = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition")
@@ -213,7 +213,7 @@ def moe_vs_dense_summary(results: pd.DataFrame, flops: Mapping[str, int], condit
     for dense in DENSE_BASELINES:
         if dense not in ms.index or condition not in ms.index:
             continue
-        state = ci_side(paired_comparison(results, baseline=dense, metric="test_perplexity").set_index("condition").loc[condition])
+        state = ci_side(paired_comparison(results, baseline=dense, metric=VERDICT_METRIC).set_index("condition").loc[condition])
         flop_ratio, time_ratio = flops[condition] / flops[dense], ms[condition] / ms[dense]
         ppl = {"lower": "lower test perplexity (the CI excludes 0)", "higher": "higher test perplexity (the CI excludes 0)",
                "inconclusive": f"a test perplexity that cannot be told apart from it at n = {n}"}[state]
@@ -344,7 +344,7 @@ def earlier_output_change(model: MoETransformer, x: torch.Tensor, replacements: 
 
 
 # --------------------------------------------------------------------------- what we found
-def effect_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = "test_perplexity",
+def effect_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELINE, metric: str = VERDICT_METRIC,
                   what: str = "test perplexity") -> str:
     """``"3.8% lower test perplexity than classic (95% CI of the difference [-9.41, +1.68] includes 0: inconclusive at n = 3)"``."""
     c = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition").loc[condition]
@@ -356,6 +356,28 @@ def effect_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELIN
     side = ci_side(c)
     state = "includes 0: inconclusive" if side == "inconclusive" else "excludes 0"
     return f"{change} (95% CI of the difference [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}] {state} at n = {int(c.n_pairs)})"
+
+
+# Every test notebook 07's verdicts make, once each: (condition, baseline, metric). A sentence that repeats a table
+# row (classic vs a dense model, or vs no balancing, on test perplexity) is the same test with the roles swapped.
+VERDICT_TESTS = (
+    *((c, BASELINE, VERDICT_METRIC) for c in MODERN_GRID_CONDITIONS if c != BASELINE),
+    ("aux-loss-free", BASELINE, "expert_maxvio"), ("aux-loss-free", BASELINE, "expert_usage_cv"),
+    ("aux-loss-free", "no balancing", VERDICT_METRIC), ("aux-loss-free", "no balancing", "expert_maxvio"),
+    (BASELINE, "no balancing", "expert_maxvio"), ("sigmoid", BASELINE, "expert_maxvio"),
+)
+FAMILY_MEASURES = {VERDICT_METRIC: "test perplexity", "expert_maxvio": "MaxVio", "expert_usage_cv": "usage CV"}
+
+
+def verdict_family(results: pd.DataFrame) -> list[tuple[str, float]]:
+    """``(label, p)`` of every :data:`VERDICT_TESTS` test whose conditions and metric ``results`` has, for
+    :func:`~moe_lib.studies.verdicts.family_table` (Holm): the seed-paired t-test of :func:`~moe_lib.stats.paired_comparison`."""
+    present, family = set(results.condition), []
+    for condition, baseline, metric in VERDICT_TESTS:
+        if {condition, baseline} <= present and metric in results:
+            p = paired_comparison(results, baseline=baseline, metric=metric).set_index("condition").loc[condition, "p_value"]
+            family.append((f"{condition} vs {baseline}, {FAMILY_MEASURES[metric]}", float(p)))
+    return family
 
 
 def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: float = 0.01) -> list[str]:
@@ -373,7 +395,7 @@ def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: floa
         lines.append(f"{lead}Fine-grained + shared experts reached {effect_phrase(results, 'fine-grained + shared')}, "
                      f"at {ms['fine-grained + shared'] / ms[BASELINE]:.2f}x its time per step.")
     if {"aux-loss-free", "no balancing", BASELINE} <= present:
-        vs_control = paired_comparison(results, baseline="no balancing", metric="test_perplexity").set_index("condition")
+        vs_control = paired_comparison(results, baseline="no balancing", metric=VERDICT_METRIC).set_index("condition")
         balance = paired_comparison(results, baseline="no balancing", metric="expert_maxvio").set_index("condition")
         ppl_side, balance_side = ci_side(vs_control.loc["aux-loss-free"]), ci_side(balance.loc["aux-loss-free"])
         reading = (f"so the perplexity gain comes from removing the {load_balancing_weight:g} auxiliary loss, and what the bias buys is "

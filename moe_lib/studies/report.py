@@ -15,6 +15,7 @@ from .dispatch import dispatch_table
 from .noise import noise_condition_table
 from .result import StudyResult
 from .routing import routing_table
+from .verdicts import VERDICT_METRIC
 from .zloss import zloss_table
 
 
@@ -36,9 +37,9 @@ def report_study(study: StudyResult, show: bool = False) -> StudyReport:
     }
     if name == "noise_factorial":
         summary = noise_condition_table(study)
-        s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=["best_val_perplexity"])
+        s = summarize(study.results, by=["noise_std", "load_balancing_weight"], metrics=[VERDICT_METRIC])
         figures[f"{name}_interaction"] = plots.plot_interaction(
-            s, "noise_std", "load_balancing_weight", "best_val_perplexity", "best validation perplexity", "Noise x load balancing"
+            s, "noise_std", "load_balancing_weight", VERDICT_METRIC, plots.column_label(VERDICT_METRIC), "Noise x load balancing"
         )
     elif name == "zloss":
         summary = zloss_table(study)

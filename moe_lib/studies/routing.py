@@ -5,15 +5,12 @@ layers had one: does it explain why random routing came close?). Its grid, table
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ..runs import Grid
 from ..profiles import Profile
-from ..stats import mean_ci, mean_std_text, sign_consistency
+from ..stats import mean_ci, mean_std_text, one_sample_p, sign_consistency
 from . import originals
 from .result import StudyResult, conditions, layer_means, pair_series, pair_values, paired_table, per_layer
 from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, seeds_text, significance
@@ -166,23 +163,14 @@ def shared_expert_arms(study: StudyResult) -> dict[str, pd.Series]:
 def verdict_family(study: StudyResult) -> list[tuple[str, float]]:
     """``(label, p)`` of every test :func:`routing_verdicts` makes, for :func:`~moe_lib.studies.verdicts.family_table`:
     paired t-tests (``scipy.stats.ttest_1samp`` of the per-seed differences, the same as ``ttest_rel``)."""
-    family = [(label, _one_sample_p(differences)) for label, differences in _comparisons(study).items()]
+    family = [(label, one_sample_p(differences)) for label, differences in _comparisons(study).items()]
     if set(SHARED_EXPERT_CONDITIONS) <= set(study.results.condition):
         # learned routing's advantage (random - learned loss) with the shared expert minus without it, per seed
         with_shared = pair_series(study, "test_loss", "top-2 + shared", "top-2 random + shared")
         without = pair_series(study, "test_loss", "top-2", "top-2 random")
-        family.append(("shared expert's change of learned routing's advantage", _one_sample_p((with_shared - without).dropna())))
+        family.append(("shared expert's change of learned routing's advantage", one_sample_p((with_shared - without).dropna())))
     return family
 
-
-def _one_sample_p(differences: pd.Series) -> float:
-    """Two-sided p of a one-sample t-test of mean 0 (NaN with fewer than 2 values or no spread)."""
-    d = pd.Series(differences, dtype=float).dropna()
-    if len(d) < 2 or d.std(ddof=1) == 0:
-        return float("nan")
-    with warnings.catch_warnings():  # scipy warns on nearly identical values; the p it returns is still the test's
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
 def _side(differences: pd.Series) -> str:

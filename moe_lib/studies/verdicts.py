@@ -16,10 +16,16 @@ from ..metrics import OVERFIT_MARGIN_NATS
 from ..stats import holm_adjusted, mean_ci, minimum_detectable_effect, sign_consistency
 
 __all__ = [
-    "anova_lines", "ci_side", "family_table", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
+    "VERDICT_METRIC", "anova_lines", "ci_side", "family_table", "overfit_lines", "ci_text", "contrast_mde_pct", "contrast_text", "inconclusive", "inconclusive_text", "interval_cell",
     "interval_text", "lower_is_better_phrase", "p_text", "seed_interval", "seeds_text", "sign_consistency", "significance",
     "interval_side", "change_text", "scale_sentence",
 ]
+
+# The course's one verdict metric (notebook 01, "How to read the studies"): the final model's perplexity on the
+# whole test split. Every study's verdicts, tables and findings compare it (notebook 02 states its differences in
+# test loss, ln of it, in nats, as its original did); the metric each original reported is compared with it
+# separately, in comparison.COMPARED_METRIC.
+VERDICT_METRIC = "test_perplexity"
 
 
 def seeds_text(k: int, n: int) -> str:

@@ -11,7 +11,7 @@ from ..profiles import Profile
 from ..stats import mean_std_text, paired_comparison
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import change_text, ci_text, interval_cell, interval_side, overfit_lines, p_text, scale_sentence, significance
+from .verdicts import VERDICT_METRIC, change_text, ci_text, interval_cell, interval_side, overfit_lines, p_text, scale_sentence, significance
 
 
 ZLOSS_CONDITIONS = {
@@ -42,7 +42,7 @@ def zloss_grid(profile: Profile, seeds=None) -> Grid:
 
 def zloss_table(study: StudyResult) -> pd.DataFrame:
     """Test PPL, paired improvement vs baseline with its CI and p-value, ms/step, router entropy and logsumexp."""
-    paired = paired_table(study, "test_perplexity", study.grid.baseline)
+    paired = paired_table(study, VERDICT_METRIC, study.grid.baseline)
     rows = []
     for condition in conditions(study):
         part = study.results[study.results.condition == condition]
@@ -78,7 +78,7 @@ def _versus_reported(inside: bool, below: bool, improvement: float) -> str:
 
 
 def zloss_verdicts(study: StudyResult) -> list[str]:
-    paired = paired_table(study, "test_perplexity", study.grid.baseline)
+    paired = paired_table(study, VERDICT_METRIC, study.grid.baseline)
     r = study.results
     base_lse = r[r.condition == study.grid.baseline].router_logsumexp.mean()
     base_h = r[r.condition == study.grid.baseline].router_entropy.mean()
@@ -89,7 +89,7 @@ def zloss_verdicts(study: StudyResult) -> list[str]:
             f"{condition}: test PPL {abs(c.improvement_pct):.2f}% {'lower' if c.improvement_pct > 0 else 'higher'} than the baseline's "
             f"(improvement {c.improvement_pct:+.2f}%, {ci_text(c.improvement_pct_ci_low, c.improvement_pct_ci_high, 2, '%')}, "
             f"p = {p_text(c.p_value)}, {int(c.n_pairs)} paired seeds): "
-            f"{significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high, pair_values(study, 'test_perplexity', study.grid.baseline, condition, 'improvement_pct'), 2, '%')}. Router logsumexp {part.router_logsumexp.mean():.3f} "
+            f"{significance(c.improvement_pct_ci_low, c.improvement_pct_ci_high, pair_values(study, VERDICT_METRIC, study.grid.baseline, condition, 'improvement_pct'), 2, '%')}. Router logsumexp {part.router_logsumexp.mean():.3f} "
             f"vs baseline {base_lse:.3f}; entropy {part.router_entropy.mean():.3f} vs {base_h:.3f} nats."
         )
     # "Confidence": does z-loss lower the routing entropy (the original's claim) or raise it (the gradient's direction)?
@@ -150,7 +150,7 @@ def same_design(study: StudyResult, noise_study: StudyResult | None) -> bool:
     return not mine.empty and mine.index.equals(theirs.index.intersection(mine.index)) and (theirs.reindex(mine.index) == mine).all()
 
 
-def no_noise_sentence(study: StudyResult, noise_study: StudyResult | None, metric: str = "test_perplexity") -> str:
+def no_noise_sentence(study: StudyResult, noise_study: StudyResult | None, metric: str = VERDICT_METRIC) -> str:
     """z = 0.001 without router noise, against the right baseline (no noise, no z-loss) where the noise study has it,
     else the confound stated: against this grid's baseline it changes two factors at once."""
     name, label = study.profile.name, metric.replace("_", " ")
@@ -193,7 +193,7 @@ def _scale_findings(study: StudyResult, noise_study: StudyResult | None, metric:
 
 
 def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None, cpu_noise: StudyResult | None = None,
-             gpu_noise: StudyResult | None = None, metric: str = "test_perplexity") -> list[str]:
+             gpu_noise: StudyResult | None = None, metric: str = VERDICT_METRIC) -> list[str]:
     """Notebook 04's "What we found": at most 6 plain sentences with their numbers, computed from the z-loss studies'
     results (cpu and, where stored, gpu) and, for the right baseline of the no-noise condition, the noise studies'."""
     cpu_lines, cpu_sides = _scale_findings(cpu_study, cpu_noise, metric)
