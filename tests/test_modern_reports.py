@@ -166,12 +166,25 @@ def _findings_results(alf_ppl=(9.0, 10.0, 11.0), alf_maxvio=(0.5, 0.6, 0.4)):
 
 def test_findings_say_where_the_aux_loss_free_gain_comes_from():
     lines = modern.findings(_findings_results(), scale="cpu profile")
-    assert len(lines) == 2 and all(line.startswith("cpu profile: ") for line in lines)  # dense (same active), aux-loss-free
+    assert len(lines) == 3 and all(line.startswith("cpu profile: ") for line in lines)  # dense (same active), aux-loss-free, Holm
     assert "0.4% lower test perplexity than dense (same active)" in lines[0] and "at 2.00x its time per step" in lines[0]
     alf = lines[1]
     assert "9.1% lower test perplexity than classic (95% CI of the difference [-1.00, -1.00] excludes 0 at n = 3)" in alf
     assert "lower MaxVio than no balancing" in alf and "includes 0: inconclusive" in alf
     assert alf.endswith("so the perplexity gain comes from removing the 0.01 auxiliary loss, and what the bias buys is balance, not perplexity.")
+    family = modern.verdict_family(_findings_results())
+    assert lines[2].startswith(f"cpu profile: Of the {len(family)} tests above, ")
+    assert lines[2].endswith("read every other CI that excludes 0 as a lead, not a finding.")
+
+
+def test_findings_call_a_balance_gain_that_fails_holm_a_lead():
+    """Three seeds whose MaxVio gap is clear uncorrected (p ~ 0.02) but not after Holm over the family."""
+    results = _findings_results(alf_maxvio=(1.5, 1.4, 1.5))
+    lines, family = modern.findings(results), modern.verdict_family(results)
+    holm = dict(zip((label for label, _ in family), modern.holm_adjusted([p for _, p in family])))
+    q = holm["aux-loss-free vs no balancing, MaxVio"]
+    assert q >= 0.05
+    assert lines[1].endswith(f"balance, not perplexity (a lead: the balance gain is significant only uncorrected, Holm p = {q:.2f}).")
 
 
 def test_findings_do_not_credit_the_loss_when_the_bias_also_changes_perplexity():

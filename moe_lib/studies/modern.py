@@ -39,7 +39,7 @@ from ..runs import Grid, Run
 from ..metrics import router_saturation
 from ..moe.model import MoETransformer, flops_per_token
 from ..profiles import Profile
-from ..stats import condition_differences, mean_ci, mean_std_text, paired_comparison, sign_consistency
+from ..stats import condition_differences, holm_adjusted, mean_ci, mean_std_text, paired_comparison, sign_consistency
 from .verdicts import VERDICT_METRIC, ci_side, inconclusive, seeds_text
 
 GRANULARITY = 4
@@ -382,11 +382,14 @@ def verdict_family(results: pd.DataFrame) -> list[tuple[str, float]]:
 
 def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: float = 0.01) -> list[str]:
     """Notebook 07's conclusions in at most 6 sentences, each with its numbers, from the grid's results table
-    (paired by seed against ``classic`` unless said otherwise); conditions the table lacks are left out.
+    (paired by seed against ``classic`` unless said otherwise); conditions the table lacks are left out. The last
+    sentence names the tests of :func:`verdict_family` that survive Holm's correction.
     ``scale`` (e.g. ``"cpu profile"``) opens every sentence; ``load_balancing_weight`` is classic's auxiliary-loss weight."""
     present = set(results.condition)
     ms = results.groupby("condition").ms_per_step.mean()
     lead = f"{scale}: " if scale else ""
+    family = verdict_family(results)
+    holm_by_label = dict(zip((label for label, _ in family), holm_adjusted([p for _, p in family])))
     lines = []
     for dense in (d for d in DENSE_BASELINES if {BASELINE, d} <= present):
         lines.append(f"{lead}The classic MoE reached {effect_phrase(results, BASELINE, dense)}, "
@@ -398,10 +401,12 @@ def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: floa
         vs_control = paired_comparison(results, baseline="no balancing", metric=VERDICT_METRIC).set_index("condition")
         balance = paired_comparison(results, baseline="no balancing", metric="expert_maxvio").set_index("condition")
         ppl_side, balance_side = ci_side(vs_control.loc["aux-loss-free"]), ci_side(balance.loc["aux-loss-free"])
-        reading = (f"so the perplexity gain comes from removing the {load_balancing_weight:g} auxiliary loss, and what the bias buys is "
-                   "balance, not perplexity"
-                   if ppl_side == "inconclusive" and balance_side == "lower" else
-                   "so these runs do not separate what removing the loss and adding the bias each buy")
+        balance_holm = holm_by_label.get("aux-loss-free vs no balancing, MaxVio", float("nan"))
+        reading = ("so these runs do not separate what removing the loss and adding the bias each buy"
+                   if not (ppl_side == "inconclusive" and balance_side == "lower") else
+                   f"so the perplexity gain comes from removing the {load_balancing_weight:g} auxiliary loss, and what the bias buys is "
+                   "balance, not perplexity" + ("" if balance_holm < 0.05 else
+                                                f" (a lead: the balance gain is significant only uncorrected, Holm p = {balance_holm:.2f})"))
         lines.append(f"{lead}Auxiliary-loss-free balancing reached {effect_phrase(results, 'aux-loss-free')}, and no balancing at all "
                      f"{effect_phrase(results, 'no balancing')}; against no balancing, the bias gave "
                      f"{effect_phrase(results, 'aux-loss-free', 'no balancing')} but "
@@ -411,4 +416,8 @@ def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: floa
         lines.append(f"{lead}" + "; ".join(f"{c.capitalize() if i == 0 else c} reached {effect_phrase(results, c)}"
                                            for i, c in enumerate(other))
                      + ("; expert choice's evaluation sees later tokens of its batch, a leak, not a gain." if "expert choice" in other else "."))
+    if family and lines:
+        kept = [label for label, q in holm_by_label.items() if q < 0.05]
+        lines.append(f"{lead}Of the {len(family)} tests above, {len(kept)} stay significant after Holm's correction"
+                     + (f" ({'; '.join(kept)})" if kept else "") + "; read every other CI that excludes 0 as a lead, not a finding.")
     return lines
