@@ -1,4 +1,4 @@
-"""The benchmark's stored results (``benchmarks/RESULTS.json``), read as tables for notebook 06."""
+"""The benchmark's stored results (``benchmarks/RESULTS.json``), read as tables for notebook 07."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class ModelConfig(_ConfigBase):
     longer depends on which other tokens share its batch, so validation loss measures what
     the model learned, independent of the evaluation batch size and order.
 
-    Modern options (notebook 07; each off by default, so older configs mean what they meant):
+    Modern options (notebook 08; each off by default, so older configs mean what they meant):
 
     * ``num_shared_experts`` (DeepSeekMoE, Qwen-MoE): dense SwiGLU experts of width ``d_ff``
       that every token passes through, added to the routed output.

@@ -1,5 +1,5 @@
 """Figures for the notebooks: training curves, routing per layer, expert usage, grid summaries,
-and the specialization and capacity figures of notebook 05.
+the specialization figures of notebook 05 and the capacity figures of notebook 06.
 
 Every function takes tidy pandas data (histories with ``condition``, ``seed`` and ``step``
 columns, or a results table with one row per run), draws on matplotlib axes with seaborn
@@ -330,7 +330,7 @@ def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor swe
     return fig
 
 
-# --------------------------------------------------------------------------- dispatch speed (notebook 06)
+# --------------------------------------------------------------------------- dispatch speed (notebook 07)
 def plot_dispatch_benchmark(layer: pd.DataFrame, tokens: int, title: str = "MoE layer, forward + backward, fp32") -> plt.Figure:
     """One panel per layer shape: achieved GFLOP/s of each implementation at ``tokens`` tokens,
     with the machine's measured fp32 matmul peak (same run) as a dashed line.

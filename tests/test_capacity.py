@@ -1,6 +1,6 @@
 """Capacity factor and token dropping (GShard/Switch): ``C = ceil(cf * N * k / E)`` slots per expert.
 
-The hand-computed case is the one notebook 05 walks through: 6 tokens, top-2, 3 experts.
+The hand-computed case is the one notebook 06 walks through: 6 tokens, top-2, 3 experts.
 Queue order (GShard / ST-MoE): all first choices in token order, then all second choices.
 """
 

@@ -1,4 +1,4 @@
-"""Notebook 06's "What we found": `studies.dispatch.findings` on hand-made results, histories and benchmark tables."""
+"""Notebook 07's "What we found": `studies.dispatch.findings` on hand-made results, histories and benchmark tables."""
 
 from __future__ import annotations
 

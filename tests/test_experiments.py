@@ -223,7 +223,7 @@ def test_a_run_made_on_another_device_or_precision_is_trained_not_reused(tmp_pat
 
 
 def test_a_grid_whose_verdicts_compare_time_trains_every_run(tmp_path):
-    """Notebook 06's grouped-vs-loop timing must not take "grouped" from another study's run made at another time."""
+    """Notebook 07's grouped-vs-loop timing must not take "grouped" from another study's run made at another time."""
     conditions = {"grouped": {"dispatch": "grouped"}, "loop": {"dispatch": "loop"}}
     run_grid(Grid.from_conditions("earlier", BASE, {"grouped": {"dispatch": "grouped"}}, (42,)), tmp_path, train_fn=FakeTrainer(), progress=False)
     timed = Grid.from_conditions("dispatch", BASE, conditions, (42,), compares_time=True)

@@ -218,7 +218,7 @@ def test_loads_accumulate_over_training_forwards_and_the_update_consumes_them():
 
 @pytest.mark.parametrize("num_experts", [2, 8, 64])
 def test_a_centred_bias_moves_at_most_2_minus_2_over_E_times_u_per_step(num_experts):
-    """Notebook 07's bound: |delta b_i| = u |s_i - mean(s)| <= (2 - 2/E) u, reached by the only under-loaded expert
+    """Notebook 08's bound: |delta b_i| = u |s_i - mean(s)| <= (2 - 2/E) u, reached by the only under-loaded expert
     among overloaded ones (not u, as an uncentred update would give)."""
     u = 1e-3
     router = TopKRouter(8, num_experts, 1, bias_update_rate=u)
@@ -415,7 +415,7 @@ def test_routing_trace_refuses_expert_choice():
         trace_routing(MoETransformer(tiny(router="expert_choice")), None, annotation=object())
 
 
-# --------------------------------------------------------------------------- notebook 07's grid
+# --------------------------------------------------------------------------- notebook 08's grid
 def test_modern_grid_matches_what_each_comparison_holds_equal():
     from moe_lib.studies.modern import modern_conditions, modern_grid
     from moe_lib.profiles import get_profile

@@ -1,4 +1,4 @@
-"""Notebook 07's tables and verdicts on a hand-made results table whose answers are known."""
+"""Notebook 08's tables and verdicts on a hand-made results table whose answers are known."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def test_loss_vs_compute_draws_a_t_interval_band_only_with_several_seeds():
 
 
 def test_verdict_family_holds_each_printed_test_once_with_its_paired_p():
-    """Notebook 07's family for Holm: every condition vs classic on test perplexity, plus the balance tests of
+    """Notebook 08's family for Holm: every condition vs classic on test perplexity, plus the balance tests of
     sections 3 and 4, each once (classic vs no balancing on perplexity is the table's row, not a second test)."""
     from moe_lib.stats import paired_comparison
 

@@ -127,7 +127,7 @@ def test_colab_profile_is_sized_for_about_an_hour_on_a_t4():
 
     colab = get_profile("colab")
     assert colab.base.train.precision == "auto"  # fp16 + GradScaler on a T4 (no native bf16), by choose_precision
-    assert 0.5 <= budget.course_hours(colab) <= 1.1  # about an hour, notebook 07 and issue 12's extra runs included (batch 24)
+    assert 0.5 <= budget.course_hours(colab) <= 1.1  # about an hour, notebook 08 and issue 12's extra runs included (batch 24)
 
 
 def test_flops_per_token_by_hand():

@@ -39,7 +39,7 @@ def test_sign_consistency_counts_the_seeds_that_agree_with_the_mean():
 
 
 def test_sign_consistency_counts_the_seeds_that_favour_a_named_side():
-    # "lower in k/n seeds" (notebook 07) and "k/n seeds point the same way" are one count with a side
+    # "lower in k/n seeds" (notebook 08) and "k/n seeds point the same way" are one count with a side
     differences = [1.0, 2.0, -1.0, 0.0]
     assert sign_consistency(differences, favours="lower") == (1, 4)
     assert sign_consistency(differences, favours="higher") == (2, 4)

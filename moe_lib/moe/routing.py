@@ -16,7 +16,7 @@ Gate weights of the learned router (see ``ModelConfig.gate``):
 * ``renormalized`` (Mixtral): ``g_i = p_i / sum_{j in topk} p_j``. With k = 1 this is
   identically 1.0 and the router gets NO gradient from the LM loss.
 
-Modern options (notebook 07), in torchtitan's style:
+Modern options (notebook 08), in torchtitan's style:
 
 * Sigmoid scoring (DeepSeek-V3, ``score_func="sigmoid"``): each expert's score
   ``s_i = sigmoid(logit_i)`` is independent of the others; the gates are the chosen scores

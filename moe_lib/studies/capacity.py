@@ -1,4 +1,4 @@
-"""Notebook 05's capacity study: capacity factor {1.0, 1.25, dropless} x load balancing {0.01, 0} on the
+"""Notebook 06's capacity study: capacity factor {1.0, 1.25, dropless} x load balancing {0.01, 0} on the
 profile's seeds, the token-dropping trade-off of GShard and Switch, lb on/off paired by seed.
 Its grid, table and verdicts.
 """

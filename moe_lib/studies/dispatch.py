@@ -1,4 +1,4 @@
-"""Notebook 06's study: the same model trained with the sort + grouped-GEMM dispatch and with the
+"""Notebook 07's study: the same model trained with the sort + grouped-GEMM dispatch and with the
 reference loop over experts. Its grid and table.
 """
 
@@ -56,7 +56,7 @@ FAST, LOOP, FLOOR = "moe_lib fast path", "moe_lib reference loop", "grouped matm
 
 
 def findings(study: StudyResult, benchmark: dict | None = None, tokens: int = 4096) -> list[str]:
-    """Notebook 06's conclusions, each with its number: the training runs' ms/step (grouped vs loop) and,
+    """Notebook 07's conclusions, each with its number: the training runs' ms/step (grouped vs loop) and,
     given the benchmark's results (``perf.load_benchmark_results()``), per layer shape at ``tokens``
     tokens (else the largest measured) how much of the fast path's time is outside the grouped matmuls
     (``1 - floor ms / fast ms``: the dispatch's share) and how long the loop takes against the fast path."""

@@ -1,4 +1,4 @@
-"""Notebook 07's study: what modern MoE changes, each variant against the classic one. Its grid, tables,
+"""Notebook 08's study: what modern MoE changes, each variant against the classic one. Its grid, tables,
 verdicts and figures (loss per token, FLOP and second; router saturation; the expert-choice leak).
 
 One grid, so the shared baseline is trained once per seed and every comparison is paired
@@ -15,13 +15,13 @@ by seed. Conditions (all from the profile's base model, 8 experts top-2 on the c
   and total expert parameters equal the classic model's.
 * ``sigmoid`` - DeepSeek-V3's scoring, everything else classic.
 * ``aux-loss-free`` - no load-balancing loss; the selection bias with u = 1e-3 (Wang et al.).
-* ``no balancing`` - neither the loss nor the bias: the control for both, so that notebook 07
+* ``no balancing`` - neither the loss nor the bias: the control for both, so that notebook 08
   can say what each mechanism buys over doing nothing.
 * ``expert choice`` - each expert takes its top C = N k / E tokens. Its validation loss is
   computed in batches like every other, so it benefits from the future tokens it can see:
   read it as a leak, not a win.
 
-Router saturation (OLMoE) needs checkpoints from inside a run: notebook 07 trains those runs
+Router saturation (OLMoE) needs checkpoints from inside a run: notebook 08 trains those runs
 with ``TrainConfig.checkpoint_steps``, outside this grid.
 """
 
@@ -358,7 +358,7 @@ def effect_phrase(results: pd.DataFrame, condition: str, baseline: str = BASELIN
     return f"{change} (95% CI of the difference [{c.difference_ci_low:+.2f}, {c.difference_ci_high:+.2f}] {state} at n = {int(c.n_pairs)})"
 
 
-# Every test notebook 07's verdicts make, once each: (condition, baseline, metric). A sentence that repeats a table
+# Every test notebook 08's verdicts make, once each: (condition, baseline, metric). A sentence that repeats a table
 # row (classic vs a dense model, or vs no balancing, on test perplexity) is the same test with the roles swapped.
 VERDICT_TESTS = (
     *((c, BASELINE, VERDICT_METRIC) for c in MODERN_GRID_CONDITIONS if c != BASELINE),
@@ -381,7 +381,7 @@ def verdict_family(results: pd.DataFrame) -> list[tuple[str, float]]:
 
 
 def findings(results: pd.DataFrame, scale: str = "", load_balancing_weight: float = 0.01) -> list[str]:
-    """Notebook 07's conclusions in at most 6 sentences, each with its numbers, from the grid's results table
+    """Notebook 08's conclusions in at most 6 sentences, each with its numbers, from the grid's results table
     (paired by seed against ``classic`` unless said otherwise); conditions the table lacks are left out. The last
     sentence names the tests of :func:`verdict_family` that survive Holm's correction.
     ``scale`` (e.g. ``"cpu profile"``) opens every sentence; ``load_balancing_weight`` is classic's auxiliary-loss weight."""

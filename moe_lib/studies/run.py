@@ -12,7 +12,7 @@
 * ``capacity`` - capacity factor {1.0, 1.25, dropless} x load balancing {0.01, 0} on the
   profile's seeds: the token-dropping trade-off of GShard and Switch, lb on/off paired by seed.
 * ``dispatch`` - the same model with the grouped-GEMM and the loop dispatch.
-* ``modern`` - notebook 07's grid (:mod:`moe_lib.studies.modern`).
+* ``modern`` - notebook 08's grid (:mod:`moe_lib.studies.modern`).
 
 :func:`run_study` trains what is missing, appends each finished run to
 ``results/<profile>/<grid>.csv`` and returns the results with their histories. Each study's grid,
