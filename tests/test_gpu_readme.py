@@ -50,7 +50,7 @@ def test_holm_over_the_noise_verdicts_fifteen_tests():
         p += [pc.loc[f"noise={n}, lb={lb}", "p_value"] for n in (0.1, 0.5)]
     for n in (0.0, 0.1, 0.5):
         p.append(paired_comparison(r, f"noise={n}, lb=0.01", "best_val_perplexity").set_index("condition").loc[f"noise={n}, lb=0.0", "p_value"])
-    anova, contrasts = noise.noise_factorial_analysis(study)
+    anova, contrasts = noise.noise_factorial_analysis(study, metric="best_val_perplexity")  # the metric of this README section
     terms = list(anova.index.drop(["Residual", "seed"]))
     p += [anova.loc[t, "PR(>F)"] for t in terms]
     shown = contrasts[contrasts.effect.str.endswith("main effect") | contrasts.effect.str.startswith("noise_std x")]
