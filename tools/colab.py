@@ -6,7 +6,7 @@ with the tag a release is published under, into every notebook and the README::
     python tasks.py colab --repo https://github.com/OWNER/REPO --ref v1.0
 
 * every notebook gets an "Open in Colab" badge (a first markdown cell) and a setup cell whose
-  one guarded line, in Colab only, pip-installs ``moe_lib`` from the repository at that tag into the
+  guarded pip line, in Colab only, pip-installs ``moe_lib`` from the repository at that tag into the
   running kernel, pinning Colab's own torch; the library's ``setup()`` then fetches the stored results
   and checkpoints at the same tag (:mod:`moe_lib.course.colab`);
 * the README's table of notebooks gets the same badges.
