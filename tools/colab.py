@@ -5,9 +5,10 @@ with the tag a release is published under, into every notebook and the README::
 
     python tasks.py colab --repo https://github.com/OWNER/REPO --ref v1.0
 
-* every notebook gets an "Open in Colab" badge (a first markdown cell) and a setup cell that,
-  in Colab, fetches the course at that tag (the code, the stored results and checkpoints) and
-  installs ``moe_lib`` from it into the running kernel, pinning Colab's own torch;
+* every notebook gets an "Open in Colab" badge (a first markdown cell) and a setup cell whose
+  guarded pip line, in Colab only, pip-installs ``moe_lib`` from the repository at that tag into the
+  running kernel, pinning Colab's own torch; the library's ``setup()`` then fetches the stored results
+  and checkpoints at the same tag (:mod:`moe_lib.course.colab`);
 * the README's table of notebooks gets the same badges.
 
 Stamping is idempotent: running it again with another tag replaces the old stamp.
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import nbformat
 
+from moe_lib.course.colab import STAMP_COMMAND, UNSTAMPED
 from moe_lib.profiles import project_root
 
-STAMP_COMMAND = "python tasks.py colab --repo URL --ref TAG"
 SETUP_MARKER = "# Setup: works from a clone of the course and in Colab"
+# on the import line, so a traceback outside Colab (where the cell installs nothing) shows what to do
+NOT_INSTALLED = "not found? Install the course where this kernel runs: `pip install -e .` in the course folder (README)"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 BADGE_CELL_ID = "colab-badge"
 _BADGE = re.compile(r" ?\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
@@ -76,48 +79,38 @@ def badge(link: str) -> str:
 
 
 def setup_block(repo: str = "", ref: str = "") -> str:
-    """The install part of every notebook's first cell; with no ``repo`` it names the stamp command in Colab.
+    """The bootstrap part of every notebook's first cell, up to ``import moe_lib.course.notebook``.
 
-    In Colab: fetch the course at ``ref`` (a shallow git fetch works for tags, branches and commits),
-    pip-install it into this kernel with torch pinned to the version Colab ships (so pip keeps it): the
-    installed distribution's metadata version, which is what pip matches; ``torch.__version__`` may carry
-    a local label that the metadata lacks (PyPI's CUDA wheel: ``2.14.1+cu130`` against ``2.14.1``),
-    then work from the notebooks folder so the stored ``results/`` and ``saved_models/`` are found.
+    In Colab only, it pip-installs the course from ``git+repo@ref`` into this kernel, with torch pinned
+    to the version Colab ships, so pip keeps it: the installed distribution's metadata version, which is
+    what pip matches; ``torch.__version__`` may carry a local label that the metadata lacks (PyPI's CUDA
+    wheel: ``2.14.1+cu130`` against ``2.14.1``). Elsewhere it does nothing (no network): a clone runs the
+    notebooks in an environment where the course is installed (``python tasks.py``), and the import line
+    says so where the traceback shows it. With no ``repo`` it stops in Colab with the stamp command.
     """
-    return f'''{SETUP_MARKER} (Colab lines stamped by `python tasks.py colab`).
-import importlib, importlib.metadata, importlib.util, os, subprocess, sys, tempfile
-COURSE_REPO, COURSE_REF = {repo!r}, {ref!r}  # the course's git URL and the tag these notebooks belong to
-if "google.colab" in sys.modules:
-    if not COURSE_REPO:
-        raise RuntimeError("This notebook has no course URL yet. A maintainer stamps it with: {STAMP_COMMAND}")
-    COURSE_DIR = os.environ.get("COURSE_DIR", "/content/moe-course")
-    if not os.path.isdir(os.path.join(COURSE_DIR, ".git")):  # code, stored results and checkpoints at COURSE_REF
-        for args in (["init", "-q", COURSE_DIR], ["-C", COURSE_DIR, "fetch", "-q", "--depth", "1", COURSE_REPO, COURSE_REF],
-                     ["-C", COURSE_DIR, "checkout", "-q", "FETCH_HEAD"]):
-            subprocess.run(["git", *args], check=True)
-    if importlib.util.find_spec("moe_lib") is None:  # = %pip install into this kernel, keeping Colab's torch
-        pin = os.path.join(tempfile.gettempdir(), "keep-colab-torch.txt")
-        with open(pin, "w") as f:  # the installed version as pip sees it (PyPI's CUDA wheel: 2.x, not 2.x+cu130)
-            f.write(f"torch=={{importlib.metadata.version('torch')}}\\n")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", pin, COURSE_DIR], check=True)
-        importlib.invalidate_caches()
-    os.environ.setdefault("MOE_PROFILE", "cpu")  # the stored results; "colab" trains every run on the GPU (~1 h on a T4, estimated)
-    os.chdir(os.path.join(COURSE_DIR, "notebooks"))
-elif importlib.util.find_spec("moe_lib") is None:  # a clone: install it
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", ".."], check=True)
-    sys.path.insert(0, "..")
-'''
+    if repo:
+        comment = f"{SETUP_MARKER}; only in Colab does it pip-install the course (at {ref}, keeping Colab's torch)."
+        imports = "importlib.metadata, subprocess, sys"
+        action = (f'subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+{repo}@{ref}", '
+                  '"torch==" + importlib.metadata.version("torch")], check=True)')
+    else:
+        comment = f"{SETUP_MARKER}; Colab needs it stamped first (`python tasks.py colab`)."
+        imports = "sys"
+        action = f"raise RuntimeError({UNSTAMPED!r})"
+    return (f"{comment}\n"
+            f"import {imports}\n"
+            f'if "google.colab" in sys.modules: {action}\n'
+            f"import moe_lib.course.notebook  # {NOT_INSTALLED}\n")
 
 
 def stamp_setup_cell(source: str, repo: str, ref: str) -> str:
-    """Replace the install block of a setup cell (marker line up to ``import moe_lib...``), keep the rest."""
+    """Replace the bootstrap of a setup cell (marker line through ``import moe_lib...``), keep the rest."""
     lines = source.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.startswith(SETUP_MARKER)), None)
     end = next((i for i, line in enumerate(lines) if line.startswith(("import moe_lib", "from moe_lib"))), None)
     if start is None or end is None or end < start:
         raise ValueError(f"not a setup cell: expected a line starting {SETUP_MARKER!r} followed by `import moe_lib...`")
-    block = setup_block(repo, ref)
-    return "".join(lines[:start]) + block + ("\n" if not block.endswith("\n\n") else "") + "".join(lines[end:])
+    return "".join(lines[:start]) + setup_block(repo, ref) + "".join(lines[end + 1:])
 
 
 def stamp_notebook(path: Path, slug: str, repo: str, ref: str, root: Path) -> None:

@@ -1,4 +1,7 @@
-"""The first cell of every notebook: choose the profile and corpus, and say what is in use."""
+"""The first cell of every notebook: choose the profile and corpus, and say what is in use.
+
+In Colab it first fetches the course's files and works from its notebooks (:mod:`~moe_lib.course.colab`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import platform
 
 import torch
 
-from ..training.precision import resolve_precision
 from ..profiles import Profile, get_profile
+from ..training.precision import resolve_precision
 from ..training.system import resolve_device
 from ..versions import library_versions
+from . import colab
 
 
 def _inline_figures() -> None:
@@ -28,8 +32,11 @@ def setup(corpus: str = "shakespeare", tokenizer: str | None = None, profile: st
     """Return the active profile on ``corpus`` and print profile, device, corpus and versions.
 
     ``corpus="shakespeare"`` is embedded and works offline; ``"tinystories"`` and
-    ``"smollm"`` need the Hugging Face hub.
+    ``"smollm"`` need the Hugging Face hub. In Colab, the course's notebooks, stored results and
+    checkpoints are fetched first (:func:`~moe_lib.course.colab.enter_course`).
     """
+    if colab.in_colab():
+        colab.enter_course()
     _inline_figures()
     prof = get_profile(profile)
     if corpus != prof.base.data.corpus or tokenizer:
