@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -184,6 +185,93 @@ def test_genre_controls_separate_genre_following_experts_from_play_clustering():
     assert row.mi_bits == pytest.approx(trace_counts.expert_label_mi(trace, trace.labels("genre"), 0), abs=1e-12)
     assert (controls[controls.condition == "learned top-2"].p_value <= 0.01).all()
     table = specialization.genre_control_table(controls)
-    assert table.loc[0, "learned top-2: seeds p < 0.05"] == "3/3"
+    assert table.loc[0, "I(E; genre), learned top-2: seeds p < 0.05"] == "3/3"
+    assert table.loc[0, "I(E; genre), random top-2: seeds p < 0.05"] == "0/3"
     lines = specialization.genre_control_verdicts(controls)
-    assert "3 of 3 layer-seed pairs" in lines[0] and "in 1 of 1 layers" in lines[2]
+    assert "3 of 3 layer-seed pairs" in lines[0] and "3 survive Holm's correction over those 3" in lines[0]
+    # the expert follows the play's genre whatever the token: beyond the token too, by the within-model null
+    assert (controls[controls.condition == "learned top-2"].cmi_p_value <= 0.01).all()
+    assert "beats that null in 3 of 3 layer-seed pairs" in lines[2] and "no null for this quantity" in lines[2]
+
+
+# --------------------------------------------------------------------------- I(E; genre | token) against play shuffles
+def _genre_plays(rng, plays=12, tokens_per_play=400, vocabulary=30):
+    genres = np.array(["comedy", "tragedy"] * (plays // 2))
+    documents = [{"play": f"play{i}", "genre": g} for i, g in enumerate(genres)]
+    doc = np.repeat(np.arange(plays), tokens_per_play)
+    # genres use different words (a token-level router carries "genre information"), plays share most of them
+    tokens = np.where(genres[doc] == "comedy", rng.integers(0, vocabulary, doc.size), rng.integers(vocabulary // 3, vocabulary + 10, doc.size))
+    return documents, doc, tokens, genres[doc]
+
+
+def test_conditional_permutation_test_is_the_plug_in_cmi_with_a_play_level_null():
+    rng = np.random.default_rng(3)
+    documents, doc, tokens, genre = _genre_plays(rng)
+    # the expert is a noisy function of the token only: genre independent of the expert given the token
+    by_token = np.where(rng.random(doc.size) < 0.8, tokens % 4, rng.integers(0, 4, doc.size))
+    trace = _trace(doc, documents, by_token, tokens)
+    null = trace_counts.conditional_permutation_test(trace, 0, permutations=199, seed=0)
+    assert null["cmi_bits"] == pytest.approx(information.conditional_mutual_information(by_token, genre, tokens), abs=1e-12)
+    assert null["cmi_bits"] > 0  # the plug-in bias alone
+    assert null["cmi_p_value"] > 0.2
+    assert null == trace_counts.conditional_permutation_test(trace, 0, permutations=199, seed=0)  # seeded
+    # the expert also encodes the play's genre, beyond the token
+    encodes = np.where(rng.random(doc.size) < 0.3, np.where(genre == "comedy", 0, 3), by_token)
+    real = trace_counts.conditional_permutation_test(_trace(doc, documents, encodes, tokens), 0, permutations=199, seed=0)
+    # beyond every relabelling of the plays but itself and its mirror (comedy <-> tragedy), 2 of the 924 possible
+    assert real["cmi_p_value"] <= 3 / 200
+    assert real["cmi_bits"] > real["cmi_null_q95_bits"]
+
+
+def test_the_random_router_is_no_null_for_the_plug_in_cmi():
+    """The old comparison: neither router knows genre, yet the random router's CMI is the larger, because the
+    plug-in bias grows with how many experts each token is spread over. The within-model null sees neither."""
+    rng = np.random.default_rng(4)
+    documents, doc, tokens, genre = _genre_plays(rng, tokens_per_play=300)
+    learned_like = (tokens + rng.integers(0, 2, doc.size)) % 4  # each token over 2 experts: H(E | token) = 1 bit
+    random_router = rng.integers(0, 4, doc.size)  # every token over all 4 experts: 2 bits
+    cmi = {name: information.conditional_mutual_information(e, genre, tokens) for name, e in
+           (("learned", learned_like), ("random", random_router))}
+    assert cmi["random"] > 2 * cmi["learned"] > 0  # "learned < random" is what the bias alone predicts
+    for experts in (learned_like, random_router):
+        assert trace_counts.conditional_permutation_test(_trace(doc, documents, experts, tokens), 0, permutations=99, seed=1)["cmi_p_value"] > 0.05
+
+
+# --------------------------------------------------------------------------- verdicts, stored tables and findings
+def _play_clustered_analysis(seeds=(42, 43, 44)):
+    """Experts that favour plays, not genres: a large token-level genre lift with nothing at play level."""
+    from moe_lib.studies import specialization
+
+    rng = np.random.default_rng(5)
+    genres = ["comedy"] * 6 + ["tragedy"] * 6
+    documents = [{"play": f"play{i}", "genre": g} for i, g in enumerate(genres)]
+    doc = np.repeat(np.arange(12), 300)
+    tokens = rng.integers(0, 20, doc.size)
+    traces_, frames = {}, []
+    for seed in seeds:
+        favourite = rng.permutation(np.arange(12) % 4)  # each expert the favourite of 3 plays, of either genre
+        clustered = np.where(rng.random(doc.size) < 0.5, favourite[doc], rng.integers(0, 4, doc.size))
+        for condition, experts in (("learned top-2", clustered), ("random top-2", rng.integers(0, 4, doc.size))):
+            traces_[(condition, seed)] = trace = _trace(doc, documents, experts, tokens)
+            frame = trace_counts.mi_by_layer(trace, ("genre",))
+            frame.insert(0, "seed", seed)
+            frame.insert(0, "condition", condition)
+            frames.append(frame)
+    return specialization.SpecializationAnalysis(None, "test", None, traces_, pd.concat(frames, ignore_index=True))
+
+
+def test_a_genre_lift_is_judged_at_play_level_not_against_token_level_chance():
+    """The bug: a genre lift above the random router's largest was called 'beyond what chance produced',
+    while the play-level test found nothing beyond what differences between plays produce."""
+    from moe_lib.studies import specialization
+
+    analysis = _play_clustered_analysis()
+    controls = specialization.genre_controls(analysis, permutations=99)
+    assert (controls[controls.condition == "learned top-2"].p_value > 0.05).sum() >= 2
+    lines = specialization.specialization_verdicts(analysis, controls)
+    genre = next(line for line in lines if line.startswith("Strongest genre preference"))
+    assert "beyond what chance produced" not in genre
+    k = int((controls[controls.condition == "learned top-2"].p_value < 0.05).sum())
+    assert f"At play level, I(expert; genre) beats the play-shuffled null in {k} of 3 layer-seed pairs" in genre
+    assert "only the play-level test" in next(
+        line for line in specialization.specialization_verdicts(analysis) if line.startswith("Strongest genre preference"))
