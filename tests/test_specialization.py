@@ -275,3 +275,92 @@ def test_a_genre_lift_is_judged_at_play_level_not_against_token_level_chance():
     assert f"At play level, I(expert; genre) beats the play-shuffled null in {k} of 3 layer-seed pairs" in genre
     assert "only the play-level test" in next(
         line for line in specialization.specialization_verdicts(analysis) if line.startswith("Strongest genre preference"))
+
+
+def _hand_tables(profile="cpu"):
+    """Stored analysis tables written by hand: token class far above chance in both layers (seed differences
+    0.5 +- 0.0001 and 0.3 +- 0.0001), genre not; play-level p-values chosen per (layer, seed)."""
+    from moe_lib.studies import specialization
+
+    rows = []
+    for s, seed in enumerate((42, 43, 44)):
+        jitter = (0.0, 0.0001, -0.0001)[s]
+        for layer, gain in ((0, 0.5), (1, 0.3)):
+            for condition, extra in (("learned top-2", 1.0), ("random top-2", 0.0)):
+                tc = 0.0002 + extra * (gain + jitter)
+                genre = 0.0001 + extra * (0.001, -0.0005, 0.002)[s]
+                rows.append({"condition": condition, "seed": seed, "layer": layer, "variable": "token_class", "mi_bits": tc,
+                             "label_entropy_bits": 2.0, "mi_fraction": tc / 2.0, "miller_madow_bits": 0.0002})
+                rows.append({"condition": condition, "seed": seed, "layer": layer, "variable": "genre", "mi_bits": genre,
+                             "label_entropy_bits": 1.5, "mi_fraction": genre / 1.5, "miller_madow_bits": 0.0001})
+    mi = pd.DataFrame(rows)
+    p_learned = {(0, 42): 0.01, (0, 43): 0.3, (0, 44): 0.5, (1, 42): 0.6, (1, 43): 0.7, (1, 44): 0.04}
+    cmi_p_learned = {(0, 42): 0.5, (0, 43): 0.001, (0, 44): 0.5, (1, 42): 0.5, (1, 43): 0.5, (1, 44): 0.5}
+    controls = pd.DataFrame([
+        {"condition": condition, "seed": seed, "layer": layer, "mi_bits": 0.001, "null_mean_bits": 0.001, "null_q95_bits": 0.002,
+         "p_value": p_learned[layer, seed] if condition == "learned top-2" else 0.5, "units": 24,
+         "cmi_bits": 0.03 if condition == "learned top-2" else 0.1, "cmi_null_mean_bits": 0.02 if condition == "learned top-2" else 0.1,
+         "cmi_null_q95_bits": 0.04, "cmi_p_value": cmi_p_learned[layer, seed] if condition == "learned top-2" else 0.5, "permutations": 999}
+        for condition in ("learned top-2", "random top-2") for seed in (42, 43, 44) for layer in (0, 1)])
+    return specialization.AnalysisTables(profile, mi, controls)
+
+
+def test_verdict_family_holds_every_test_the_notebook_reads():
+    from moe_lib.studies import specialization
+
+    family = specialization.verdict_family(_hand_tables())
+    labels = [label for label, _ in family]
+    assert len(family) == 2 * 2 + 6 + 6 and len(set(labels)) == len(labels)
+    assert labels[0] == "I(E; token_class) vs random, layer 0 (paired t)"
+    assert dict(family)["I(E; genre | token) vs play shuffles, layer 0, seed 43"] == 0.001
+    assert dict(family)["I(E; genre) vs play shuffles, layer 1, seed 44"] == 0.04
+    assert dict(family)["I(E; token_class) vs random, layer 0 (paired t)"] < 1e-4
+
+
+def test_findings_state_the_play_level_results_and_the_holm_count():
+    from moe_lib.studies import specialization
+
+    lines = specialization.findings(_hand_tables())
+    assert len(lines) == 5
+    assert lines[0].startswith("At the cpu profile, the experts sort tokens by class: at layer 0, I(expert; token class) is 0.5002 [")
+    assert "bits for the learned router (25% of H(class)) against 0.0002" in lines[0]
+    assert lines[0].endswith("the seed-paired 95% CI of the difference (3 seeds) lies above 0 in 2 of 2 layers.")
+    assert lines[1] == (
+        "Genre, tested at play level (24 plays, 999 shuffles of genres across plays): I(expert; genre) of the learned router beats "
+        "the shuffled null in 2 of 6 layer-seed pairs (about 5% would by chance); none survives Holm's correction over those 6, "
+        "the random router's in 0 of 6.")
+    assert lines[2] == (
+        "Beyond the token itself, I(expert; genre | token) of the learned router averages 0.0300 bits against 0.0200 for its "
+        "play-shuffled null and beats that null in 1 of 6 layer-seed pairs (about 5% would by chance); 1 survives Holm's "
+        "correction over those 6.")
+    # Holm over 16: the two token-class tests (p ~ 1e-6) and the CMI test at p = 0.001 (x 14) survive; genre's 0.01 (x 13) does not
+    assert lines[3] == (
+        "Of the 16 tests behind these numbers, 3 stay significant after Holm's correction: 2 of 2 I(E; token_class) vs random; "
+        "0 of 2 I(E; genre) vs random; 0 of 6 I(E; genre) vs play shuffles; 1 of 6 I(E; genre | token) vs play shuffles.")
+    assert lines[4] == ("The gpu runs are missing: results/gpu holds no analysis of the specialization study, so these findings "
+                        "hold at the cpu profile only.")
+    both = specialization.findings(_hand_tables(), _hand_tables("gpu"))
+    assert len(both) == 6 and both[3].startswith("At the gpu profile") and "; given the token, I(expert; genre | token)" in both[4]
+    missing = specialization.findings(None)
+    assert len(missing) == 2 and "No analysis of the specialization study is stored" in missing[0]
+
+
+def test_analysis_tables_are_stored_and_read_back(tmp_path, monkeypatch):
+    from moe_lib.profiles import get_profile
+    from moe_lib.studies import specialization
+
+    monkeypatch.setenv("MOE_PROJECT_ROOT", str(tmp_path))
+    assert specialization.stored_analysis("cpu") is None
+    tables = _hand_tables()
+    analysis = specialization.SpecializationAnalysis(None, "test", None, {}, tables.mi)
+    specialization.save_analysis_tables(analysis, get_profile("cpu"), tables.controls)
+    folder = tmp_path / "results" / "cpu" / "specialization"
+    assert sorted(p.name for p in folder.iterdir()) == ["analysis_genre_controls.csv", "analysis_mi.csv"]  # no temp left behind
+    back = specialization.stored_analysis("cpu")
+    pd.testing.assert_frame_equal(back.mi, tables.mi)
+    pd.testing.assert_frame_equal(back.controls, tables.controls)
+    assert specialization.findings(back) == specialization.findings(tables)
+    # a corpus without genres stores no genre tables, and a stale one is removed
+    specialization.save_analysis_tables(specialization.SpecializationAnalysis(None, "test", None, {}, tables.mi[tables.mi.variable != "genre"]),
+                                        "cpu")
+    assert specialization.stored_analysis("cpu").controls is None

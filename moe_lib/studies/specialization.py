@@ -200,7 +200,7 @@ def play_level_text(controls: pd.DataFrame, condition: str, column: str = "p_val
     p = controls.loc[controls.condition == condition, column].to_numpy(dtype=float)
     kept = int((holm_adjusted(p) < 0.05).sum())
     return (f"{_beating(controls[controls.condition == condition], column, ' of ')} layer-seed pairs (about 5% would by chance); "
-            f"{'none survives' if not kept else f'{kept} survive'} Holm's correction over those {len(p)}")
+            f"{'none survives' if not kept else f'{kept} survives' if kept == 1 else f'{kept} survive'} Holm's correction over those {len(p)}")
 
 
 def genre_control_verdicts(controls: pd.DataFrame, learned: str = "learned top-2", control: str = "random top-2") -> list[str]:
