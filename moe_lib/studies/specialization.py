@@ -215,8 +215,8 @@ def genre_control_verdicts(controls: pd.DataFrame, learned: str = "learned top-2
     lines.append(
         f"Given the token, I(expert; genre | token) of the {learned} router averages {ours.cmi_bits.mean():.4f} bits against "
         f"{ours.cmi_null_mean_bits.mean():.4f} for the same trace with genres shuffled across plays; it beats that null in "
-        f"{play_level_text(controls, learned, 'cmi_p_value')} (the {control} router: "
-        f"{play_level_text(controls, control, 'cmi_p_value')}). The {control} router is no null for this quantity: "
+        f"{play_level_text(controls, learned, 'cmi_p_value')}; the {control} router's beats it in "
+        f"{_beating(controls[controls.condition == control], 'cmi_p_value', ' of ')}. The {control} router is no null for this quantity: "
         "the plug-in CMI's upward bias grows with how many experts each token is spread over, and it spreads every token over all of them."
     )
     return lines
@@ -377,8 +377,11 @@ def _scale_findings(tables: AnalysisTables, compact: bool, learned: str, control
     kinds: dict[str, list[int]] = {}
     for (label, _), q in zip(family, holm):
         kinds.setdefault(label.split(", layer")[0], []).append(int(q < 0.05))
-    lines.append(f"Of the {len(family)} tests behind these numbers, {int(sum(q < 0.05 for q in holm))} stay significant after Holm's "
-                 f"correction: " + "; ".join(f"{sum(v)} of {len(v)} {kind}" for kind, v in kinds.items()) + ".")
+    kept = int(sum(q < 0.05 for q in holm))
+    lines.append(f"Of the {len(family)} tests behind these numbers, {kept} {'stays' if kept == 1 else 'stay'} significant after Holm's "
+                 f"correction: " + "; ".join(f"{sum(v)} of {len(v)} {kind}" for kind, v in kinds.items())
+                 + ("; the random router corrects the estimator's bias only, so for genre the play-level tests are the ones that count."
+                    if tables.controls is not None else "."))
     return lines
 
 
