@@ -366,3 +366,31 @@ def test_analysis_tables_are_stored_and_read_back(tmp_path, monkeypatch):
     specialization.save_analysis_tables(specialization.SpecializationAnalysis(None, "test", None, {}, tables.mi[tables.mi.variable != "genre"]),
                                         "cpu")
     assert specialization.stored_analysis("cpu").controls is None
+
+
+# --------------------------------------------------------------------------- notebook 05's build-it blank and exercise solutions
+def test_notebook_blank_and_solutions_run_and_check(capsys):
+    """The cells that need no trained model: the worked MI, the learner's blank ("not written yet"), its solution
+    ("correct") and the exercises' solutions, run in the notebook's order."""
+    import nbformat
+    from pathlib import Path
+
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "05_what_experts_learn.ipynb", as_version=4)
+    cells = {c.id: c.source for c in nb.cells}
+    order = [c.id for c in nb.cells]
+    ids = ["nb05-build-worked", "nb05-build-blank", "nb05-build-solution", "nb05-exercises-solution"]
+    assert [order.index(i) for i in ids] == sorted(order.index(i) for i in ids)
+    assert "return None  # YOUR CODE" in cells["nb05-build-blank"]
+    assert cells["nb05-build-solution"].startswith("# Solution (runs under the tests)")
+    assert cells["nb05-exercises-solution"].startswith("# Solution (runs under the tests)")
+    namespace: dict = {}
+    for i in ids:
+        exec(compile(cells[i], i, "exec"), namespace)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:4] == ["worked: the plug-in MI from three entropies: correct", "exercise: the plug-in MI from a count table: not written yet",
+                        "exercise (solution): correct"]
+    assert out[4] == "exercise 1 (solution): correct" and out[5].startswith("lifts: [[1.5, ")
+    ratios = [float(line.rsplit("= ", 1)[1]) for line in out[6:8]]
+    assert all(0.8 < r < 1.2 for r in ratios)  # the plug-in MI of independent labels is about the Miller-Madow term
+    token_p, play_p = (float(part.rsplit(": ", 1)[1]) for part in out[8].split("; "))
+    assert token_p < 0.01 and play_p > 0.05  # the solution's text: the token-level shuffle is fooled, the play-level one is not
