@@ -343,6 +343,9 @@ def test_findings_state_the_play_level_results_and_the_holm_count():
                         "hold at the cpu profile only.")
     both = specialization.findings(_hand_tables(), _hand_tables("gpu"))
     assert len(both) == 6 and both[3].startswith("At the gpu profile") and "; given the token, I(expert; genre | token)" in both[4]
+    flat = _hand_tables()
+    flat.mi.loc[(flat.mi.variable == "token_class") & (flat.mi.condition == "learned top-2") & (flat.mi.seed == 42), "mi_bits"] = 0.0
+    assert specialization.findings(flat)[0].startswith("At the cpu profile, whether the experts sort tokens by class is inconclusive at n = 3: ")
     missing = specialization.findings(None)
     assert len(missing) == 2 and "No analysis of the specialization study is stored" in missing[0]
 

@@ -356,7 +356,8 @@ def _scale_findings(tables: AnalysisTables, compact: bool, learned: str, control
     if len(part):
         best, above = part.loc[part.difference.idxmax()], int((part.difference_ci_low > 0).sum())
         lines.append(
-            f"At the {tables.profile} profile, {'the experts sort tokens by class' if above else 'the experts are not shown to sort tokens by class'}: "
+            f"At the {tables.profile} profile, "
+            f"{'the experts sort tokens by class' if above else f'whether the experts sort tokens by class is inconclusive at n = {int(best.n_pairs)}'}: "
             f"at layer {int(best.layer)}, I(expert; token class) is {interval_text(best.learned_mean, best.learned_ci_low, best.learned_ci_high)} "
             f"bits for the learned router ({100 * best.learned_fraction:.0f}% of H(class)) against "
             f"{interval_text(best.random_mean, best.random_ci_low, best.random_ci_high)} for the random-router control, and the seed-paired "
