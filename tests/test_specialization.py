@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -184,6 +185,215 @@ def test_genre_controls_separate_genre_following_experts_from_play_clustering():
     assert row.mi_bits == pytest.approx(trace_counts.expert_label_mi(trace, trace.labels("genre"), 0), abs=1e-12)
     assert (controls[controls.condition == "learned top-2"].p_value <= 0.01).all()
     table = specialization.genre_control_table(controls)
-    assert table.loc[0, "learned top-2: seeds p < 0.05"] == "3/3"
+    assert table.loc[0, "I(E; genre), learned top-2: seeds p < 0.05"] == "3/3"
+    assert table.loc[0, "I(E; genre), random top-2: seeds p < 0.05"] == "0/3"
     lines = specialization.genre_control_verdicts(controls)
-    assert "3 of 3 layer-seed pairs" in lines[0] and "in 1 of 1 layers" in lines[2]
+    assert "3 of 3 layer-seed pairs" in lines[0] and "3 survive Holm's correction over those 3" in lines[0]
+    # the expert follows the play's genre whatever the token: beyond the token too, by the within-model null
+    assert (controls[controls.condition == "learned top-2"].cmi_p_value <= 0.01).all()
+    assert "beats that null in 3 of 3 layer-seed pairs" in lines[2] and "no null for this quantity" in lines[2]
+    assert "random top-2 router's beats it in 0 of 3." in lines[2]
+
+
+# --------------------------------------------------------------------------- I(E; genre | token) against play shuffles
+def _genre_plays(rng, plays=12, tokens_per_play=400, vocabulary=30):
+    genres = np.array(["comedy", "tragedy"] * (plays // 2))
+    documents = [{"play": f"play{i}", "genre": g} for i, g in enumerate(genres)]
+    doc = np.repeat(np.arange(plays), tokens_per_play)
+    # genres use different words (a token-level router carries "genre information"), plays share most of them
+    tokens = np.where(genres[doc] == "comedy", rng.integers(0, vocabulary, doc.size), rng.integers(vocabulary // 3, vocabulary + 10, doc.size))
+    return documents, doc, tokens, genres[doc]
+
+
+def test_conditional_permutation_test_is_the_plug_in_cmi_with_a_play_level_null():
+    rng = np.random.default_rng(3)
+    documents, doc, tokens, genre = _genre_plays(rng)
+    # the expert is a noisy function of the token only: genre independent of the expert given the token
+    by_token = np.where(rng.random(doc.size) < 0.8, tokens % 4, rng.integers(0, 4, doc.size))
+    trace = _trace(doc, documents, by_token, tokens)
+    null = trace_counts.conditional_permutation_test(trace, 0, permutations=199, seed=0)
+    assert null["cmi_bits"] == pytest.approx(information.conditional_mutual_information(by_token, genre, tokens), abs=1e-12)
+    assert null["cmi_bits"] > 0  # the plug-in bias alone
+    assert null["cmi_p_value"] > 0.2
+    assert null == trace_counts.conditional_permutation_test(trace, 0, permutations=199, seed=0)  # seeded
+    # the expert also encodes the play's genre, beyond the token
+    encodes = np.where(rng.random(doc.size) < 0.3, np.where(genre == "comedy", 0, 3), by_token)
+    real = trace_counts.conditional_permutation_test(_trace(doc, documents, encodes, tokens), 0, permutations=199, seed=0)
+    # beyond every relabelling of the plays but itself and its mirror (comedy <-> tragedy), 2 of the 924 possible
+    assert real["cmi_p_value"] <= 3 / 200
+    assert real["cmi_bits"] > real["cmi_null_q95_bits"]
+
+
+def test_the_random_router_is_no_null_for_the_plug_in_cmi():
+    """The old comparison: neither router knows genre, yet the random router's CMI is the larger, because the
+    plug-in bias grows with how many experts each token is spread over. The within-model null sees neither."""
+    rng = np.random.default_rng(4)
+    documents, doc, tokens, genre = _genre_plays(rng, tokens_per_play=300)
+    learned_like = (tokens + rng.integers(0, 2, doc.size)) % 4  # each token over 2 experts: H(E | token) = 1 bit
+    random_router = rng.integers(0, 4, doc.size)  # every token over all 4 experts: 2 bits
+    cmi = {name: information.conditional_mutual_information(e, genre, tokens) for name, e in
+           (("learned", learned_like), ("random", random_router))}
+    assert cmi["random"] > 2 * cmi["learned"] > 0  # "learned < random" is what the bias alone predicts
+    for experts in (learned_like, random_router):
+        assert trace_counts.conditional_permutation_test(_trace(doc, documents, experts, tokens), 0, permutations=99, seed=1)["cmi_p_value"] > 0.05
+
+
+# --------------------------------------------------------------------------- verdicts, stored tables and findings
+def _play_clustered_analysis(seeds=(42, 43, 44)):
+    """Experts that favour plays, not genres: a large token-level genre lift with nothing at play level."""
+    from moe_lib.studies import specialization
+
+    rng = np.random.default_rng(5)
+    genres = ["comedy"] * 6 + ["tragedy"] * 6
+    documents = [{"play": f"play{i}", "genre": g} for i, g in enumerate(genres)]
+    doc = np.repeat(np.arange(12), 300)
+    tokens = rng.integers(0, 20, doc.size)
+    traces_, frames = {}, []
+    for seed in seeds:
+        favourite = rng.permutation(np.arange(12) % 4)  # each expert the favourite of 3 plays, of either genre
+        clustered = np.where(rng.random(doc.size) < 0.5, favourite[doc], rng.integers(0, 4, doc.size))
+        for condition, experts in (("learned top-2", clustered), ("random top-2", rng.integers(0, 4, doc.size))):
+            traces_[(condition, seed)] = trace = _trace(doc, documents, experts, tokens)
+            frame = trace_counts.mi_by_layer(trace, ("genre",))
+            frame.insert(0, "seed", seed)
+            frame.insert(0, "condition", condition)
+            frames.append(frame)
+    return specialization.SpecializationAnalysis(None, "test", None, traces_, pd.concat(frames, ignore_index=True))
+
+
+def test_a_genre_lift_is_judged_at_play_level_not_against_token_level_chance():
+    """The bug: a genre lift above the random router's largest was called 'beyond what chance produced',
+    while the play-level test found nothing beyond what differences between plays produce."""
+    from moe_lib.studies import specialization
+
+    analysis = _play_clustered_analysis()
+    controls = specialization.genre_controls(analysis, permutations=99)
+    assert (controls[controls.condition == "learned top-2"].p_value > 0.05).sum() >= 2
+    lines = specialization.specialization_verdicts(analysis, controls)
+    genre = next(line for line in lines if line.startswith("Strongest genre preference"))
+    assert "beyond what chance produced" not in genre
+    k = int((controls[controls.condition == "learned top-2"].p_value < 0.05).sum())
+    assert f"At play level, I(expert; genre) beats the play-shuffled null in {k} of 3 layer-seed pairs" in genre
+    assert "only the play-level test" in next(
+        line for line in specialization.specialization_verdicts(analysis) if line.startswith("Strongest genre preference"))
+
+
+def _hand_tables(profile="cpu"):
+    """Stored analysis tables written by hand: token class far above chance in both layers (seed differences
+    0.5 +- 0.0001 and 0.3 +- 0.0001), genre not; play-level p-values chosen per (layer, seed)."""
+    from moe_lib.studies import specialization
+
+    rows = []
+    for s, seed in enumerate((42, 43, 44)):
+        jitter = (0.0, 0.0001, -0.0001)[s]
+        for layer, gain in ((0, 0.5), (1, 0.3)):
+            for condition, extra in (("learned top-2", 1.0), ("random top-2", 0.0)):
+                tc = 0.0002 + extra * (gain + jitter)
+                genre = 0.0001 + extra * (0.001, -0.0005, 0.002)[s]
+                rows.append({"condition": condition, "seed": seed, "layer": layer, "variable": "token_class", "mi_bits": tc,
+                             "label_entropy_bits": 2.0, "mi_fraction": tc / 2.0, "miller_madow_bits": 0.0002})
+                rows.append({"condition": condition, "seed": seed, "layer": layer, "variable": "genre", "mi_bits": genre,
+                             "label_entropy_bits": 1.5, "mi_fraction": genre / 1.5, "miller_madow_bits": 0.0001})
+    mi = pd.DataFrame(rows)
+    p_learned = {(0, 42): 0.01, (0, 43): 0.3, (0, 44): 0.5, (1, 42): 0.6, (1, 43): 0.7, (1, 44): 0.04}
+    cmi_p_learned = {(0, 42): 0.5, (0, 43): 0.001, (0, 44): 0.5, (1, 42): 0.5, (1, 43): 0.5, (1, 44): 0.5}
+    controls = pd.DataFrame([
+        {"condition": condition, "seed": seed, "layer": layer, "mi_bits": 0.001, "null_mean_bits": 0.001, "null_q95_bits": 0.002,
+         "p_value": p_learned[layer, seed] if condition == "learned top-2" else 0.5, "units": 24,
+         "cmi_bits": 0.03 if condition == "learned top-2" else 0.1, "cmi_null_mean_bits": 0.02 if condition == "learned top-2" else 0.1,
+         "cmi_null_q95_bits": 0.04, "cmi_p_value": cmi_p_learned[layer, seed] if condition == "learned top-2" else 0.5, "permutations": 999}
+        for condition in ("learned top-2", "random top-2") for seed in (42, 43, 44) for layer in (0, 1)])
+    return specialization.AnalysisTables(profile, mi, controls)
+
+
+def test_verdict_family_holds_every_test_the_notebook_reads():
+    from moe_lib.studies import specialization
+
+    family = specialization.verdict_family(_hand_tables())
+    labels = [label for label, _ in family]
+    assert len(family) == 2 * 2 + 6 + 6 and len(set(labels)) == len(labels)
+    assert labels[0] == "I(E; token_class) vs random, layer 0 (paired t)"
+    assert dict(family)["I(E; genre | token) vs play shuffles, layer 0, seed 43"] == 0.001
+    assert dict(family)["I(E; genre) vs play shuffles, layer 1, seed 44"] == 0.04
+    assert dict(family)["I(E; token_class) vs random, layer 0 (paired t)"] < 1e-4
+
+
+def test_findings_state_the_play_level_results_and_the_holm_count():
+    from moe_lib.studies import specialization
+
+    lines = specialization.findings(_hand_tables())
+    assert len(lines) == 5
+    assert lines[0].startswith("At the cpu profile, the experts sort tokens by class: at layer 0, I(expert; token class) is 0.5002 [")
+    assert "bits for the learned router (25% of H(class)) against 0.0002" in lines[0]
+    assert lines[0].endswith("the seed-paired 95% CI of the difference (3 seeds) lies above 0 in 2 of 2 layers.")
+    assert lines[1] == (
+        "Genre, tested at play level (24 plays, 999 shuffles of genres across plays): I(expert; genre) of the learned router beats "
+        "the shuffled null in 2 of 6 layer-seed pairs (about 5% would by chance); none survives Holm's correction over those 6, "
+        "the random router's in 0 of 6.")
+    assert lines[2] == (
+        "Beyond the token itself, I(expert; genre | token) of the learned router averages 0.0300 bits against 0.0200 for its "
+        "play-shuffled null and beats that null in 1 of 6 layer-seed pairs (about 5% would by chance); 1 survives Holm's "
+        "correction over those 6.")
+    # Holm over 16: the two token-class tests (p ~ 1e-6) and the CMI test at p = 0.001 (x 14) survive; genre's 0.01 (x 13) does not
+    assert lines[3] == (
+        "Of the 16 tests behind these numbers, 3 stay significant after Holm's correction: 2 of 2 I(E; token_class) vs random; "
+        "0 of 2 I(E; genre) vs random; 0 of 6 I(E; genre) vs play shuffles; 1 of 6 I(E; genre | token) vs play shuffles; the random "
+        "router corrects the estimator's bias only, so for genre the play-level tests are the ones that count.")
+    assert lines[4] == ("The gpu runs are missing: results/gpu holds no analysis of the specialization study, so these findings "
+                        "hold at the cpu profile only.")
+    both = specialization.findings(_hand_tables(), _hand_tables("gpu"))
+    assert len(both) == 6 and both[3].startswith("At the gpu profile") and "; given the token, I(expert; genre | token)" in both[4]
+    flat = _hand_tables()
+    flat.mi.loc[(flat.mi.variable == "token_class") & (flat.mi.condition == "learned top-2") & (flat.mi.seed == 42), "mi_bits"] = 0.0
+    assert specialization.findings(flat)[0].startswith("At the cpu profile, whether the experts sort tokens by class is inconclusive at n = 3: ")
+    missing = specialization.findings(None)
+    assert len(missing) == 2 and "No analysis of the specialization study is stored" in missing[0]
+
+
+def test_analysis_tables_are_stored_and_read_back(tmp_path, monkeypatch):
+    from moe_lib.profiles import get_profile
+    from moe_lib.studies import specialization
+
+    monkeypatch.setenv("MOE_PROJECT_ROOT", str(tmp_path))
+    assert specialization.stored_analysis("cpu") is None
+    tables = _hand_tables()
+    analysis = specialization.SpecializationAnalysis(None, "test", None, {}, tables.mi)
+    specialization.save_analysis_tables(analysis, get_profile("cpu"), tables.controls)
+    folder = tmp_path / "results" / "cpu" / "specialization"
+    assert sorted(p.name for p in folder.iterdir()) == ["analysis_genre_controls.csv", "analysis_mi.csv"]  # no temp left behind
+    back = specialization.stored_analysis("cpu")
+    pd.testing.assert_frame_equal(back.mi, tables.mi)
+    pd.testing.assert_frame_equal(back.controls, tables.controls)
+    assert specialization.findings(back) == specialization.findings(tables)
+    # a corpus without genres stores no genre tables, and a stale one is removed
+    specialization.save_analysis_tables(specialization.SpecializationAnalysis(None, "test", None, {}, tables.mi[tables.mi.variable != "genre"]),
+                                        "cpu")
+    assert specialization.stored_analysis("cpu").controls is None
+
+
+# --------------------------------------------------------------------------- notebook 05's build-it blank and exercise solutions
+def test_notebook_blank_and_solutions_run_and_check(capsys):
+    """The cells that need no trained model: the worked MI, the learner's blank ("not written yet"), its solution
+    ("correct") and the exercises' solutions, run in the notebook's order."""
+    import nbformat
+    from pathlib import Path
+
+    nb = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "05_what_experts_learn.ipynb", as_version=4)
+    cells = {c.id: c.source for c in nb.cells}
+    order = [c.id for c in nb.cells]
+    ids = ["nb05-build-worked", "nb05-build-blank", "nb05-build-solution", "nb05-exercises-solution"]
+    assert [order.index(i) for i in ids] == sorted(order.index(i) for i in ids)
+    assert "return None  # YOUR CODE" in cells["nb05-build-blank"]
+    assert cells["nb05-build-solution"].startswith("# Solution (runs under the tests)")
+    assert cells["nb05-exercises-solution"].startswith("# Solution (runs under the tests)")
+    namespace: dict = {}
+    for i in ids:
+        exec(compile(cells[i], i, "exec"), namespace)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:4] == ["worked: the plug-in MI from three entropies: correct", "exercise: the plug-in MI from a count table: not written yet",
+                        "exercise (solution): correct"]
+    assert out[4] == "exercise 1 (solution): correct" and out[5].startswith("lifts: [[1.5, ")
+    ratios = [float(line.rsplit("= ", 1)[1]) for line in out[6:8]]
+    assert all(0.8 < r < 1.2 for r in ratios)  # the plug-in MI of independent labels is about the Miller-Madow term
+    token_p, play_p = (float(part.rsplit(": ", 1)[1]) for part in out[8].split("; "))
+    assert token_p < 0.01 and play_p > 0.05  # the solution's text: the token-level shuffle is fooled, the play-level one is not

@@ -1,6 +1,6 @@
 """Counting over a routing trace (:mod:`moe_lib.studies.traces`): the mutual information of the expert
-choice and a label per layer with its play-shuffled permutation null, token x expert lift, label
-utilization, expert co-activation, and a passage coloured by expert. The formulas are in
+choice and a label per layer, and given the token, each with its play-shuffled permutation null; token x
+expert lift, label utilization, expert co-activation, and a passage coloured by expert. The formulas are in
 :mod:`moe_lib.studies.traces`' docstring.
 """
 
@@ -22,6 +22,25 @@ def expert_label_mi(trace: RoutingTrace, labels, layer: int) -> float:
     return mutual_information(trace.experts[layer].ravel(), np.repeat(labels, trace.top_k))
 
 
+def unit_labelling(trace: RoutingTrace, label: str = "genre", unit: str = "play") -> tuple[np.ndarray, np.ndarray, int]:
+    """``(unit_codes, unit_label_codes, units)``: each token's unit (play) as a code 0..U-1, each unit's
+    label (genre) as a code, and U. Raises if ``label`` is not constant within a ``unit``."""
+    unit_of_token = trace.labels(unit)
+    label_of_token = trace.labels(label)
+    units, unit_codes = np.unique(unit_of_token.astype(str), return_inverse=True)
+    unit_label = {}
+    for u, lab in zip(unit_codes, label_of_token):
+        if unit_label.setdefault(u, lab) != lab:
+            raise ValueError(f"label {label!r} is not constant within {unit!r} {units[u]!r}: permute a coarser unit")
+    unit_label_codes, _ = label_codes(np.array([unit_label[u] for u in range(len(units))], dtype=object))
+    return unit_codes, unit_label_codes, len(units)
+
+
+def permutation_p(observed: float, null: np.ndarray) -> float:
+    """``(1 + #{null >= observed}) / (1 + P)``: the permutation p-value, never 0 (the observed labelling is one of them)."""
+    return float((1 + (np.asarray(null) >= observed).sum()) / (1 + len(null)))
+
+
 def label_permutation_test(
     trace: RoutingTrace, layer: int, label: str = "genre", unit: str = "play", permutations: int = 200, seed: int = 0
 ) -> dict[str, float]:
@@ -31,22 +50,15 @@ def label_permutation_test(
     anything that differs between plays (their vocabulary, their characters' names) shows up as
     "genre information". The null keeps each play's tokens together and shuffles the labels *across
     plays* (each permutation keeps how many plays carry each label). Returns the observed MI, the
-    null's mean and 95th percentile, and the permutation p-value ``(1 + #{null >= observed}) / (1 + P)``.
+    null's mean and 95th percentile, and the permutation p-value :func:`permutation_p`.
     """
-    unit_of_token = trace.labels(unit)
-    label_of_token = trace.labels(label)
-    units, unit_codes = np.unique(unit_of_token.astype(str), return_inverse=True)
-    unit_label = {}
-    for u, lab in zip(unit_codes, label_of_token):
-        if unit_label.setdefault(u, lab) != lab:
-            raise ValueError(f"label {label!r} is not constant within {unit!r} {units[u]!r}: permute a coarser unit")
-    labels_per_unit = np.array([unit_label[u] for u in range(len(units))], dtype=object)
-    unit_label_codes, num_labels = label_codes(labels_per_unit)
+    unit_codes, unit_label_codes, units = unit_labelling(trace, label, unit)
+    num_labels = int(unit_label_codes.max()) + 1
     # Counts of each unit's slots at each expert, [units, E]; a labelling of the units then gives
     # the label x expert table as a sum of rows, so each permutation costs O(units x E).
     slots_unit = np.repeat(unit_codes, trace.top_k)
     unit_expert = np.bincount(slots_unit * trace.num_experts + trace.experts[layer].ravel(),
-                              minlength=len(units) * trace.num_experts).reshape(len(units), trace.num_experts)
+                              minlength=units * trace.num_experts).reshape(units, trace.num_experts)
 
     def mi_of(codes: np.ndarray) -> float:
         table = np.zeros((num_labels, trace.num_experts), dtype=np.int64)
@@ -60,8 +72,54 @@ def label_permutation_test(
         "mi_bits": observed,
         "null_mean_bits": float(null.mean()),
         "null_q95_bits": float(np.quantile(null, 0.95)),
-        "p_value": float((1 + (null >= observed).sum()) / (1 + permutations)),
-        "units": len(units),
+        "p_value": permutation_p(observed, null),
+        "units": units,
+    }
+
+
+def conditional_permutation_test(
+    trace: RoutingTrace, layer: int, label: str = "genre", unit: str = "play", given: str = "token",
+    permutations: int = 200, seed: int = 0,
+) -> dict[str, float]:
+    """Is ``I(expert; label | given)`` larger than for an arbitrary labelling of whole ``unit``s?
+
+    The within-model null for the plug-in CMI: the same trace, the labels shuffled across plays as in
+    :func:`label_permutation_test`. Another model is no null for it, because the plug-in CMI's upward
+    bias, about ``sum_t (|E_t| - 1)(|Y_t| - 1) / (2 M ln 2)`` over the values ``t`` of ``given``, grows
+    with how many experts each token is spread over (``H(E | T)``): a random router, which spreads
+    every token over all experts, has the larger bias without carrying any label information.
+    ``I = H(E,T) + H(Y,T) - H(E,Y,T) - H(T)``; only the terms with ``Y`` change under a relabelling, and
+    each is an entropy of counts summed over (unit, token, expert) triples, so a permutation costs
+    O(triples). Returns ``cmi_bits``, the null's mean and 95th percentile and :func:`permutation_p`.
+    """
+    unit_codes, unit_label_codes, units = unit_labelling(trace, label, unit)
+    given_codes, num_given = label_codes(trace.labels(given))
+    E, k = trace.num_experts, trace.top_k
+    slots = (np.repeat(unit_codes, k) * num_given + np.repeat(given_codes, k)) * E + trace.experts[layer].ravel()
+    triples, triple_counts = np.unique(slots, return_counts=True)  # (unit, given, expert) with their slot counts
+    t_unit, rest = np.divmod(triples, num_given * E)
+    t_given, t_expert = np.divmod(rest, E)
+    total = float(triple_counts.sum())
+
+    def entropy(keys: np.ndarray) -> float:
+        counts = np.bincount(keys, weights=triple_counts)
+        counts = counts[counts > 0]
+        return float(np.log2(total) - (counts * np.log2(counts)).sum() / total)
+
+    fixed = entropy(t_given * E + t_expert) - entropy(t_given)  # H(E,T) - H(T)
+
+    def cmi_of(codes: np.ndarray) -> float:
+        y = codes[t_unit]
+        return max(0.0, fixed + entropy(y * num_given + t_given) - entropy((y * num_given + t_given) * E + t_expert))
+
+    observed = cmi_of(unit_label_codes)
+    rng = np.random.default_rng(seed)
+    null = np.array([cmi_of(rng.permutation(unit_label_codes)) for _ in range(permutations)])
+    return {
+        "cmi_bits": observed,
+        "cmi_null_mean_bits": float(null.mean()),
+        "cmi_null_q95_bits": float(np.quantile(null, 0.95)),
+        "cmi_p_value": permutation_p(observed, null),
     }
 
 

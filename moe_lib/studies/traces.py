@@ -19,7 +19,10 @@ slot. With ``n_{t,e}`` slots of token ``t`` at expert ``e``, ``n_t`` occurrences
   variables give ``I > 0`` from sampling noise, about ``(|E| - 1)(|Y| - 1) / (2 M ln 2)`` bits
   for ``M`` independent samples (Miller-Madow). We therefore never read an MI on its own: the
   chance level is the MI of a **random router** trained and traced the same way (and the
-  Miller-Madow term is reported beside it as a cross-check).
+  Miller-Madow term is reported beside it as a cross-check). For a label of whole documents
+  (genre) and for the MI given the token, the null is the same trace with the label shuffled
+  across documents (:mod:`moe_lib.studies.trace_counts`): the plug-in bias of ``I(E; Y | token)``
+  grows with how many experts each token is spread over, so another router is no null for it.
 * **co-activation** (k >= 2): ``C_{ij}`` = tokens that chose both ``i`` and ``j``, and its lift
   over what the experts' usage alone predicts, ``u_i u_j / sum_{a != b} u_a u_b`` of all pairs.
 
