@@ -1,9 +1,9 @@
 """The course's studies: one module per study, each holding its grid, tables and verdicts.
 
 * :mod:`~moe_lib.studies.routing` (notebook 02), :mod:`~moe_lib.studies.noise` (03),
-  :mod:`~moe_lib.studies.zloss` (04), :mod:`~moe_lib.studies.specialization` and
-  :mod:`~moe_lib.studies.capacity` (05), :mod:`~moe_lib.studies.dispatch` (06),
-  :mod:`~moe_lib.studies.modern` (07);
+  :mod:`~moe_lib.studies.zloss` (04), :mod:`~moe_lib.studies.specialization` (05),
+  :mod:`~moe_lib.studies.capacity` (06), :mod:`~moe_lib.studies.dispatch` (07),
+  :mod:`~moe_lib.studies.modern` (08);
 * :mod:`~moe_lib.studies.run` - the registry of grids, :func:`build_grid` and :func:`run_study`;
   :mod:`~moe_lib.studies.result` - :class:`StudyResult` and :func:`checkpoint_dir`;
 * :mod:`~moe_lib.studies.verdicts` - the one language of the verdicts;
