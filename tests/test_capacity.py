@@ -339,6 +339,8 @@ def test_findings_say_what_load_balancing_and_capacity_did_in_at_most_six_senten
     with_gpu = study_module.findings(cpu, hand_study(ppl_gap=20.0))
     assert len(with_gpu) == 6 and with_gpu[5].startswith("At the smoke profile (18 runs)") and "survive Holm's correction" in with_gpu[5]
     assert not any("gpu runs of this study are missing" in line for line in with_gpu)
+    one_seed = study_module.findings(hand_study((42,)))
+    assert "too few seeds for an interval" in one_seed[0] and one_seed[3].startswith("With one seed none of the 9 tests")
 
 
 def test_table_and_figure_use_the_verdict_metric():

@@ -367,6 +367,8 @@ def holm_counts(study: StudyResult, metric: str) -> tuple[int, list[str], int]:
 def holm_sentence(study: StudyResult, metric: str) -> str:
     """How many of :func:`verdict_family`'s tests survive Holm's correction, and which."""
     tests, kept, uncorrected = holm_counts(study, metric)
+    if study.results.seed.nunique() < 2:
+        return f"With one seed none of the {tests} tests in this notebook's verdicts has a p-value, so Holm's correction has nothing to correct."
     return (f"Of the {tests} tests in this notebook's verdicts, {len(kept)} {'stays' if len(kept) == 1 else 'stay'} "
             f"significant after Holm's correction{' (' + '; '.join(kept) + ')' if kept else ''} and {uncorrected} more "
             f"{'has' if uncorrected == 1 else 'have'} p < 0.05 only uncorrected.")
