@@ -309,14 +309,14 @@ def plot_coactivation(lifts: Sequence[np.ndarray], title: str = "Expert co-activ
     return fig
 
 
-def plot_capacity_sweep(results: pd.DataFrame, title: str = "Capacity factor sweep") -> plt.Figure:
-    """Dropped fraction in training (left) and validation perplexity (right) against the capacity
-    factor (dropless last), one line per load-balancing weight; several seeds give mean and 95% CI."""
+def plot_capacity_sweep(results: pd.DataFrame, metric: str, title: str = "Capacity factor sweep") -> plt.Figure:
+    """Dropped fraction in training (left) and ``metric`` (right; the verdict metric, test perplexity) against the
+    capacity factor (dropless last), one line per load-balancing weight; several seeds give mean and 95% CI."""
     finite = sorted(results.capacity_factor.dropna().unique())
     order = [capacity_label(c) for c in finite] + (["dropless"] if results.capacity_factor.isna().any() else [])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (metric, ylabel, scale) in zip(
-        axes, [("train_dropped_fraction", "dropped slots (% of routed, training)", 100.0), ("val_perplexity", "validation perplexity", 1.0)]
+        axes, [("train_dropped_fraction", "dropped slots (% of routed, training)", 100.0), (metric, column_label(metric), 1.0)]
     ):
         for i, (lb, part) in enumerate(results.groupby("load_balancing_weight", sort=False)):
             labels = part.capacity_factor.map(capacity_label)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +108,43 @@ def test_numbers_in_a_verdict_are_short_and_unpadded():
     x = torch.tensor([1.0, 2.0])
     verdict = compare(lambda v: v + 2e-5, lambda v: v, x, rtol=0.0, atol=1e-6)
     assert verdict == "the output differs: max |difference| = 2e-5 (allowed: 1e-6 + 0 x |expected|)"
+
+
+# --------------------------------------------------------------------------- the notebooks' real blanks
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+BLANK_MARK = "return None  # YOUR CODE"
+SOLUTION_MARK = "# Solution (runs under the tests)"
+# Notebooks whose blanks run here, with the ids of the cells that define the blanks' inputs (run first, in order).
+RUNNABLE_BLANKS = {"06_capacity_and_token_dropping.ipynb": ["1bf9cd32"]}
+
+
+def blanks_with_solutions(cells: list[dict]) -> list[tuple[str, str, str]]:
+    """``(blank, solution markdown, solution code)`` sources for each code cell holding a real blank, from the two
+    cells after it."""
+    source = ["".join(cell["source"]) for cell in cells]
+    return [(source[i], source[i + 1], source[i + 2]) for i, cell in enumerate(cells)
+            if cell["cell_type"] == "code" and BLANK_MARK in source[i]]
+
+
+def printed_by(code: str, namespace: dict) -> list[str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "<notebook cell>", "exec"), namespace)
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("name", sorted(RUNNABLE_BLANKS))
+def test_a_notebook_blank_is_not_written_yet_and_its_solution_cell_is_correct(name):
+    cells = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    by_id = {cell.get("id"): "".join(cell["source"]) for cell in cells}
+    namespace: dict = {}
+    for cell_id in RUNNABLE_BLANKS[name]:
+        printed_by(by_id[cell_id], namespace)
+    found = blanks_with_solutions(cells)
+    assert found, f"{name} has no {BLANK_MARK!r} blank"
+    for blank, solution_md, solution in found:
+        assert "<details><summary>Solution</summary>" in solution_md and solution.startswith(SOLUTION_MARK)
+        unwritten = printed_by(blank, namespace)
+        assert unwritten and all(line.endswith(": not written yet") for line in unwritten), unwritten
+        solved = printed_by(solution, namespace)
+        assert len(solved) == len(unwritten) and all(line.endswith(": correct") for line in solved), solved

@@ -348,7 +348,7 @@ def _capacity_study(seeds=None) -> studies.StudyResult:
         cf, lb = run.config.model.capacity_factor, run.config.model.load_balancing_weight
         rows.append({"run_id": run.run_id, "condition": run.condition, **run.factors, "seed": run.seed,
                      "train_dropped_fraction": 0.0 if cf is None else (0.1 if lb else 0.4) / cf + 0.01 * (run.seed - 43),
-                     "val_perplexity": 100 + (0 if cf is None else 2) + 0.5 * (run.seed - 43) * (1 if lb else -1), "ms_per_step": 200.0})
+                     "test_perplexity": 100 + (0 if cf is None else 2) + 0.5 * (run.seed - 43) * (1 if lb else -1), "ms_per_step": 200.0})
     return studies.StudyResult(grid, SMOKE, pd.DataFrame(rows), None, None)
 
 
@@ -356,20 +356,20 @@ def test_capacity_verdicts_pair_lb_on_and_off_by_seed_at_each_capacity_factor():
     lines = capacity.capacity_verdicts(_capacity_study((42, 43, 44)))
     drops = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: dropped slots"))
     assert "40.0 without load balancing vs 10.0 with it" in drops and "the CI excludes 0" in drops
-    ppl = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: val PPL"))
+    ppl = next(l for l in lines if l.startswith("cf=1.0, lb 0.01 vs 0: test PPL"))
     assert "inconclusive at n = 3" in ppl
-    assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: val PPL 102.00 vs 100.00") for l in lines)
+    assert any(l.startswith("lb=0.01, cf=1.0 vs dropless: test PPL 102.00 vs 100.00") for l in lines)
     assert len([l for l in lines if "must drop" in l]) == 0  # no cf < 1 in the sweep: nothing is forced to drop
     assert "lb=0.01: every finite capacity factor in the sweep drops 1% of slots or more (seed mean); the fewest, 8.0%, at cf=1.25." in lines
     loose = capacity.capacity_verdicts(_capacity_study((42, 43, 44)), threshold=0.09)
     assert "lb=0.01: the smallest capacity factor in the sweep that drops fewer than 9% of slots (seed mean) is cf=1.25." in loose
-    dropless = next(l for l in lines if l.startswith("cf=dropless, lb 0.01 vs 0: val PPL"))
+    dropless = next(l for l in lines if l.startswith("cf=dropless, lb 0.01 vs 0: test PPL"))
     assert "100.00 without load balancing vs 100.00 with it" in dropless and "inconclusive at n = 3" in dropless
     assert not any(l.startswith("cf=dropless, lb 0.01 vs 0: dropped") for l in lines)  # dropless drops nothing
     # analysed as the 3 x 2 factorial it is: +2 PPL off dropless at every lb is a capacity main effect, no interaction
     anova = {l.split(":")[0]: l for l in lines if l.startswith("ANOVA")}
-    assert set(anova) == {f"ANOVA on log val_perplexity, {t}" for t in ("capacity factor", "load_balancing_weight", "capacity factor x load_balancing_weight")}
-    assert "p < 0.001" in anova["ANOVA on log val_perplexity, capacity factor"]
+    assert set(anova) == {f"ANOVA on log test_perplexity, {t}" for t in ("capacity factor", "load_balancing_weight", "capacity factor x load_balancing_weight")}
+    assert "p < 0.001" in anova["ANOVA on log test_perplexity, capacity factor"]
     one_seed = capacity.capacity_verdicts(_capacity_study((42,)), seed_std=1.0)
     assert any("too few seeds for an interval" in l for l in one_seed)
     assert any("2 seed-std (2.00 PPL)" in l for l in one_seed)

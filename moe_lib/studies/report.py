@@ -48,7 +48,7 @@ def report_study(study: StudyResult, show: bool = False) -> StudyReport:
         summary = dispatch_table(study)
     elif name == "capacity":
         summary = capacity_table(study)
-        figures[f"{name}_sweep"] = plots.plot_capacity_sweep(study.results, title="Capacity factor: dropped slots and validation perplexity")
+        figures[f"{name}_sweep"] = plots.plot_capacity_sweep(study.results, VERDICT_METRIC, title=f"Capacity factor: dropped slots and {plots.column_label(VERDICT_METRIC)}")
     else:
         summary = routing_table(study)
     paths = [plots.save_figure(f, n, study.profile) for n, f in figures.items()]  # a temp folder under smoke

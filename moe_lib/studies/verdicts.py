@@ -195,11 +195,12 @@ def interval_side(low: float, high: float) -> str:
     return "higher" if low > 0 else "lower"
 
 
-def change_text(pct: float, low: float, high: float, n: int) -> str:
-    """``"+6.6% (95% CI [+4.0%, +9.2%]: the CI excludes 0)"``, or ``"... inconclusive at n = 3)"``: a % change in a findings sentence."""
+def change_text(pct: float, low: float, high: float, n: int, unit: str = "%") -> str:
+    """``"+6.6% (95% CI [+4.0%, +9.2%]: the CI excludes 0)"``, or ``"... inconclusive at n = 3)"``: a % change (or a
+    change in another ``unit``, e.g. ``" points"``) in a findings sentence."""
     verdict = "too few seeds for an interval" if pd.isna(low) or pd.isna(high) else (
         f"inconclusive at n = {n}" if interval_side(low, high) == "inconclusive" else "the CI excludes 0")
-    return f"{pct:+.1f}% ({ci_text(low, high, 1, '%')}: {verdict})"
+    return f"{pct:+.1f}{unit} ({ci_text(low, high, 1, unit)}: {verdict})"
 
 
 def scale_sentence(sides: dict[str, tuple[str, str]], small: str, large: str) -> str:
