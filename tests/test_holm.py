@@ -56,3 +56,14 @@ def test_factorial_contrasts_carry_the_p_of_each_per_seed_contrast():
     interaction = contrasts.loc["f x g interaction (g 0 minus 1)"]
     assert interaction.p_value == pytest.approx(one_sample_p([-v for v in effect.values()]), rel=1e-9)
     assert 0 < contrasts.loc["f main effect"].p_value < 1
+
+
+def test_holm_sentence_counts_survivors_and_uncorrected_leads_at_each_scale():
+    from moe_lib.studies.verdicts import holm_sentence
+
+    # Holm over 3: 0.001 * 3 = 0.003 (kept), 0.03 * 2 = 0.06 (only uncorrected), 0.5 (not significant)
+    cpu = [("strong", 0.001), ("lead", 0.03), ("nothing", 0.5)]
+    gpu = [("strong", 0.2), ("lead", 0.3), ("nothing", 0.5)]
+    text = holm_sentence({"cpu": cpu, "gpu": gpu})
+    assert text.startswith("After Holm's correction over this notebook's tests, significant: "
+                           "cpu 1 of 3 (strong), 1 more only uncorrected; gpu 0 of 3; ")

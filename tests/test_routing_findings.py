@@ -12,6 +12,7 @@ from scipy import stats
 from moe_lib import studies
 from moe_lib.profiles import get_profile
 from moe_lib.studies import routing
+from moe_lib.studies.verdicts import holm_sentence
 
 SEEDS = (42, 43, 44)
 
@@ -52,7 +53,7 @@ def cpu_loss(condition: str, seed: int) -> float:
 def test_findings_quote_the_paired_differences_of_the_table():
     lines = routing.findings(study_with_losses("cpu", cpu_loss))
     assert len(lines) <= 6
-    first, top2_vs_top1, arms, shared, scale = lines
+    first, top2_vs_top1, arms, shared, holm, scale = lines
     learned_minus_random = [cpu_loss("top-1", s) - 2.2 for s in SEEDS]
     assert f"top-1 cpu -0.100 nats ({ci(learned_minus_random)}, 3/3 seeds): CI below 0" in first
     assert "top-2 cpu -0.100 nats" in first
@@ -62,6 +63,8 @@ def test_findings_quote_the_paired_differences_of_the_table():
     with_shared = [cpu_loss("top-2 + shared", s) - cpu_loss("top-2 random + shared", s) for s in SEEDS]
     assert f"learned minus random top-2: cpu {sum(with_shared) / 3:+.3f} nats ({ci(with_shared)}" in shared
     assert "cpu-scale findings only" in scale and "gpu" not in first
+    assert holm == holm_sentence({"cpu": routing.verdict_family(study_with_losses("cpu", cpu_loss))})
+    assert holm.startswith("After Holm's correction over this notebook's tests, significant: cpu ")
 
 
 def test_verdicts_report_both_arms_of_the_shared_expert_effect():
@@ -89,7 +92,8 @@ def test_findings_without_the_shared_expert_runs_leave_out_its_sentences():
     study = study_with_losses("cpu", cpu_loss)
     study.results = study.results[~study.results.condition.isin(list(routing.SHARED_EXPERT_CONDITIONS))]
     lines = routing.findings(study)
-    assert len(lines) == 3 and not any("shared" in line for line in lines)
+    assert len(lines) == 4 and not any("shared" in line for line in lines)
+    assert lines[2].startswith("After Holm's correction") and "of 3" in lines[2]
 
 
 def test_verdict_family_holds_a_paired_t_test_per_comparison():

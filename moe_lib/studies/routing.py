@@ -13,7 +13,7 @@ from ..profiles import Profile
 from ..stats import mean_ci, mean_std_text, one_sample_p, sign_consistency
 from . import originals
 from .result import StudyResult, conditions, layer_means, pair_series, pair_values, paired_table, per_layer
-from .verdicts import ci_text, lower_is_better_phrase, overfit_lines, seeds_text, significance
+from .verdicts import ci_text, holm_sentence, lower_is_better_phrase, overfit_lines, seeds_text, significance
 
 
 SHARED_EXPERT_CONDITIONS = {"top-2 + shared": "topk", "top-2 random + shared": "random"}
@@ -231,6 +231,7 @@ def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None) -> li
             "With the shared expert, learned minus random top-2: "
             f"{at_each_scale('learned minus random, top-2 with the shared expert')}."
         )
+    lines.append(holm_sentence({s.profile.name: verdict_family(s) for s in studies}))
     if gpu_study is None:
         lines.append("No gpu-profile results for this study were found, so these are cpu-scale findings only.")
     else:

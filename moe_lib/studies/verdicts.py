@@ -188,6 +188,21 @@ def family_table(tests, alpha: float = 0.05) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- plain findings ("What we found")
+def holm_sentence(families: dict[str, list[tuple[str, float]]], alpha: float = 0.05) -> str:
+    """One plain sentence on a notebook's family of tests at each scale: how many of its tests stay significant after
+    Holm's correction (:func:`family_table`), which ones, and how many more pass only uncorrected. ``families`` maps a
+    scale (``"cpu"``) to its ``[(label, p), ...]``."""
+    parts = []
+    for scale, tests in families.items():
+        table = family_table(tests, alpha)
+        kept = list(table.index[table.reading == "significant after correction"])
+        leads = int((table.reading == f"p < {alpha:g} only uncorrected").sum())
+        parts.append(f"{scale} {len(kept)} of {len(tests)}" + (f" ({'; '.join(kept)})" if kept else "")
+                     + (f", {leads} more only uncorrected" if leads else ""))
+    return ("After Holm's correction over this notebook's tests, significant: " + "; ".join(parts)
+            + "; a CI that excludes 0 but does not survive the correction is a lead to test with more seeds, not a finding.")
+
+
 def interval_side(low: float, high: float) -> str:
     """``"higher"`` or ``"lower"`` when a difference's 95% CI lies above or below 0, else ``"inconclusive"`` (no interval included)."""
     if pd.isna(low) or pd.isna(high) or low <= 0 <= high:
