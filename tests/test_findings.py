@@ -14,6 +14,7 @@ import pytest
 from moe_lib import studies
 from moe_lib.profiles import get_profile
 from moe_lib.stats import holm_adjusted
+from moe_lib.studies.verdicts import holm_sentence
 from moe_lib.studies import comparison, noise, zloss
 from moe_lib.studies.verdicts import change_text, interval_side, scale_sentence
 
@@ -140,7 +141,11 @@ def test_zloss_findings_compare_no_noise_with_the_right_baseline_when_the_design
     assert "2.50 at the baseline" in lines[0] and "z=0.01: 1.50" in lines[0]
     assert f"by {pct(0.05)}" in lines[1] and "two factors" in lines[1]
     assert f"the z-loss alone changed test perplexity by {pct(0.05 - 0.04)}" in lines[1]
-    assert len(lines) == 3 and "No gpu results" in lines[2]
+    assert len(lines) == 4 and "No gpu results" in lines[3]
+    family = zloss.verdict_family(cpu, twin)
+    assert len(family) == 7 and family[-1][0].startswith("the z-loss alone")  # 3 on perplexity, 3 on entropy, the twin
+    assert lines[2] == holm_sentence({"cpu": family}) and "of 7" in lines[2]
+    assert len(zloss.verdict_family(cpu)) == 6  # without the twin runs, no z-loss-alone test
 
 
 def test_zloss_findings_state_the_confound_without_a_matching_noise_study():
@@ -155,7 +160,7 @@ def test_zloss_findings_name_an_older_design_and_missing_conditions_at_gpu():
     gpu = zloss_study("gpu")
     gpu.results = gpu.results[gpu.results.condition != "z=0.01"].assign(train_tokens=123)
     lines = zloss.findings(cpu, gpu)
-    assert len(lines) == 5
+    assert len(lines) == 6 and lines[4].startswith("After Holm's correction") and "gpu " in lines[4]
     assert "trained 123 tokens each, an older design" in lines[2] and "z=0.01 was not run" in lines[2]
     assert "z=0.01 from inconclusive to not run" in lines[-1] or "z=0.01 from higher to not run" in lines[-1]
     assert not any(re.search(r"\bnan\b|\binf\b", line) for line in lines)

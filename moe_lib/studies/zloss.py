@@ -11,7 +11,8 @@ from ..profiles import Profile
 from ..stats import mean_std_text, paired_comparison
 from . import originals
 from .result import StudyResult, conditions, pair_values, paired_table
-from .verdicts import VERDICT_METRIC, change_text, ci_text, interval_cell, interval_side, overfit_lines, p_text, scale_sentence, significance
+from .verdicts import (VERDICT_METRIC, change_text, ci_text, holm_sentence, interval_cell, interval_side, overfit_lines, p_text,
+                       scale_sentence, significance)
 
 
 ZLOSS_CONDITIONS = {
@@ -150,6 +151,28 @@ def same_design(study: StudyResult, noise_study: StudyResult | None) -> bool:
     return not mine.empty and mine.index.equals(theirs.index.intersection(mine.index)) and (theirs.reindex(mine.index) == mine).all()
 
 
+def _twin_rows(study: StudyResult, noise_study: StudyResult) -> pd.DataFrame:
+    """The no-noise z-loss runs beside the noise study's runs with the same settings and no z-loss, for pairing by seed."""
+    twin = NOISE_STUDY_TWIN[NO_NOISE]
+    return pd.concat([study.results[study.results.condition == NO_NOISE],
+                      noise_study.results[noise_study.results.condition == twin].assign(condition=twin)], ignore_index=True)
+
+
+def verdict_family(study: StudyResult, noise_study: StudyResult | None = None, metric: str = VERDICT_METRIC) -> list[tuple[str, float]]:
+    """``(label, p)`` of every paired t-test this notebook's verdicts and findings make, for Holm's correction: each
+    condition vs the baseline on ``metric`` and on the routing entropy, and the z-loss alone against the noise study's
+    twin runs where :func:`same_design` holds."""
+    family = [(f"{c} vs baseline, {what}", row.p_value)
+              for column, what in ((metric, metric.replace("_", " ")), ("router_entropy", "routing entropy"))
+              for c, row in paired_table(study, column, study.grid.baseline).iterrows()]
+    if same_design(study, noise_study):
+        twin = NOISE_STUDY_TWIN[NO_NOISE]
+        paired = paired_comparison(_twin_rows(study, noise_study), baseline=twin, metric=metric).set_index("condition")
+        if NO_NOISE in paired.index:
+            family.append((f"the z-loss alone ({NO_NOISE} vs {twin}), {metric.replace('_', ' ')}", paired.loc[NO_NOISE].p_value))
+    return family
+
+
 def no_noise_sentence(study: StudyResult, noise_study: StudyResult | None, metric: str = VERDICT_METRIC) -> str:
     """z = 0.001 without router noise, against the right baseline (no noise, no z-loss) where the noise study has it,
     else the confound stated: against this grid's baseline it changes two factors at once."""
@@ -160,11 +183,7 @@ def no_noise_sentence(study: StudyResult, noise_study: StudyResult | None, metri
     if not same_design(study, noise_study):
         return f"{head}, and no stored run differs from it in the z-loss alone, so that change mixes both."
     twin = NOISE_STUDY_TWIN[NO_NOISE]
-    rows = pd.concat([
-        study.results[study.results.condition == NO_NOISE],
-        noise_study.results[noise_study.results.condition == twin].assign(condition=twin),
-    ], ignore_index=True)
-    right = _change(rows, twin, NO_NOISE, metric)
+    right = _change(_twin_rows(study, noise_study), twin, NO_NOISE, metric)
     versus = change_text(*right) if right else "no seed run on both sides"
     return (f"{head}; against the noise study's {twin} runs (the same settings without the z-loss: its {NOISE_STUDY_TWIN['baseline']} "
             f"runs are this grid's baseline runs), the z-loss alone changed {label} by {versus}.")
@@ -197,8 +216,11 @@ def findings(cpu_study: StudyResult, gpu_study: StudyResult | None = None, cpu_n
     """Notebook 04's "What we found": at most 6 plain sentences with their numbers, computed from the z-loss studies'
     results (cpu and, where stored, gpu) and, for the right baseline of the no-noise condition, the noise studies'."""
     cpu_lines, cpu_sides = _scale_findings(cpu_study, cpu_noise, metric)
+    families = {cpu_study.profile.name: verdict_family(cpu_study, cpu_noise, metric)}
     if gpu_study is None:
-        return cpu_lines + [f"No gpu results are stored for this study, so this holds at the {cpu_study.profile.name} profile only."]
+        return cpu_lines + [holm_sentence(families),
+                            f"No gpu results are stored for this study, so this holds at the {cpu_study.profile.name} profile only."]
     gpu_lines, gpu_sides = _scale_findings(gpu_study, gpu_noise, metric)
+    families[gpu_study.profile.name] = verdict_family(gpu_study, gpu_noise, metric)
     sides = {c: (cpu_sides[c], gpu_sides[c]) for c in cpu_sides}
-    return cpu_lines + gpu_lines + [scale_sentence(sides, cpu_study.profile.name, gpu_study.profile.name)]
+    return cpu_lines + gpu_lines + [holm_sentence(families), scale_sentence(sides, cpu_study.profile.name, gpu_study.profile.name)]
