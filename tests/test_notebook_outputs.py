@@ -146,3 +146,14 @@ def test_every_cell_with_outputs_has_an_execution_count(path):
     nb = nbformat.read(path, as_version=4)
     unnumbered = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.outputs and cell.execution_count is None]
     assert not unnumbered, f"{path.name}: code cells {unnumbered} have stored outputs but no execution_count"
+
+
+
+def test_every_figure_a_notebook_saves_carries_its_own_number():
+    """After a renumbering, a notebook that still saves ``images/07_...`` writes over another notebook's figures."""
+    for path in NOTEBOOKS:
+        sources = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        names = re.findall(r'save_figure\([^,]+, f?"(\d\d)_', sources) + re.findall(r'"(\d\d)_[a-z_]+\.html"', sources)
+        assert names or not path.name.startswith(("0",)) or "save_figure" not in sources, path.name
+        wrong = [n for n in names if n != path.name[:2]]
+        assert not wrong, f"{path.name} saves figures numbered {wrong}"
