@@ -33,6 +33,19 @@ def test_tidy_outputs_drops_cleared_progress_bars_and_merges_the_text_around_the
     assert [(o.name, o.text) for o in outputs] == [("stdout", "run 1/2\nrun 2/2\n"), ("stderr", "100%|###| 30/30\n")]
 
 
+def test_tidy_outputs_keeps_a_newline_the_kernel_sent_as_its_own_message():
+    """A busy kernel can send print's text and its newline as two stream messages: the line keeps its newline."""
+    import nbformat
+
+    from moe_lib.course.runner import tidy_outputs
+
+    cell = nbformat.v4.new_code_cell("check(...)")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="exercise 3: not written yet"),
+                    nbformat.v4.new_output("stream", name="stdout", text="\n")]
+    nb = tidy_outputs(nbformat.v4.new_notebook(cells=[cell]))
+    assert [(o.name, o.text) for o in nb.cells[0].outputs] == [("stdout", "exercise 3: not written yet\n")]
+
+
 def test_kernel_environment_puts_this_checkout_first_and_keeps_the_rest():
     from pathlib import Path
 

@@ -33,9 +33,11 @@ def notebook_paths(notebooks_dir: Path | None = None, only: list[str] | None = N
 
 
 def tidy_outputs(nb):
-    """Stored outputs as a live notebook shows them: stream outputs that are blank once carriage
-    returns are applied (a progress bar that cleared itself) are dropped, then consecutive streams
-    are merged and carriage-return overwrites applied (``CoalesceStreamsPreprocessor``)."""
+    """Stored outputs as a live notebook shows them: consecutive streams are merged and carriage-return
+    overwrites applied (``CoalesceStreamsPreprocessor``), stream outputs left blank (a progress bar that
+    cleared itself) are dropped, and the streams that dropping made neighbours are merged again. Merging
+    comes first because a kernel can send one ``print``'s text and its newline as two messages; dropping
+    the lone newline first would store the line without it."""
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     def shown(line: str) -> str:  # a terminal shows a line's last segment after a carriage return
@@ -45,6 +47,7 @@ def tidy_outputs(nb):
     def blank(text: str) -> bool:
         return not any(shown(line).strip() for line in text.split("\n"))
 
+    nb, _ = CoalesceStreamsPreprocessor().preprocess(nb, {})
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and blank(o.text))]
